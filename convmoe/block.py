@@ -1,0 +1,199 @@
+"""MoEConv2d: a sparse Mixture-of-Experts block that is a drop-in for nn.Conv2d."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convmoe.config import MoEConfig
+from convmoe.dispatch import create_dispatcher
+from convmoe.dropout import create_dropout
+from convmoe.experts import create_experts
+from convmoe.geometry import ConvGeometry
+from convmoe.losses import BalancingLoss
+from convmoe.routers import create_router
+from convmoe.tokens import create_tokens
+from convmoe.types import AuxOutput, Routing
+
+
+def _detached(routing: Routing) -> Routing:
+    return dataclasses.replace(routing, **{
+        f.name: getattr(routing, f.name).detach()
+        for f in dataclasses.fields(routing) if isinstance(getattr(routing, f.name), Tensor)
+    })
+
+
+class MoEConv2d(nn.Module):
+    """A Mixture-of-Experts convolution with the call and output shape of ``nn.Conv2d``.
+
+    The forward pass, B batch, N tokens, E experts, k experts per token::
+
+        x (B, C_in, H, W) -> pad -> tokens.split          which output regions route together
+                          -> router(tokens)               which experts, with what weight (float32)
+                          -> dispatcher(experts)          dense reference or sparse gather/scatter
+                          (+ shared expert)               -> y (B, C_out, H_out, W_out)
+        on the side: last_aux (balancing losses), last_routing (for routing_stats)
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode:
+            As in ``nn.Conv2d`` (padding may be an int, a pair, "same" or "valid").
+        config: The MoE settings (default ``MoEConfig()``).
+        **overrides: Fields of ``config`` to change, e.g. ``num_experts=4``.
+
+    Raises:
+        ValueError: Invalid geometry or config; an input with the wrong channels or a spatial size
+            too small for the kernel or the token grid.
+
+    Example:
+        >>> block = MoEConv2d(8, 16, kernel_size=3, padding=1, num_experts=4, top_k=2, tokens="grid:3x3")
+        >>> y = block(torch.randn(2, 8, 9, 9))
+        >>> y.shape, block.last_aux.total.shape
+        (torch.Size([2, 16, 9, 9]), torch.Size([]))
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
+                 dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", config: MoEConfig | dict[str, Any] | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **overrides: Any) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = MoEConfig.from_dict(config)
+        config = config or MoEConfig()
+        if overrides:
+            config = config.replace(**overrides)
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be >= 1.")
+        self.config = config
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.name: str | None = None  # set by convmoe.patch to name the replaced module in errors
+        geometry = ConvGeometry.create(kernel_size, stride, padding, dilation, padding_mode)
+        self.kernel_size, self.stride, self.dilation = geometry.kernel_size, geometry.stride, geometry.dilation
+        self.padding = padding
+
+        factory = {"device": device, "dtype": dtype}
+        expert_kwargs = {"groups": groups, "bias": bias, "norm": config.expert_norm, "act": config.expert_act,
+                         **config.expert_kwargs, **factory}
+        self.experts = create_experts(config.experts, in_channels, out_channels, config.num_experts, geometry,
+                                      **expert_kwargs)
+        self.shared_expert = (create_experts(config.experts, in_channels, out_channels, 1, geometry, **expert_kwargs)
+                              if config.shared_expert else None)
+        self.tokens = create_tokens(config.tokens)
+        router_kwargs = {"noise_std": config.noise_std, "temperature": config.temperature,
+                         "capacity_factor": config.capacity_factor, **config.router_kwargs, **factory}
+        if config.gate is not None:
+            router_kwargs["gate"] = config.gate
+        self.router = create_router(config.router, in_channels, config.num_experts, config.top_k, **router_kwargs)
+        self.dropout = create_dropout(config.dropout, drop_rate=config.drop_rate)
+        self.dispatcher = create_dispatcher(config.dispatcher)
+        self.balancing = BalancingLoss(config.losses)
+        self.last_aux: AuxOutput | None = None
+        self.last_routing: Routing | None = None
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        """Geometry the dispatcher works with (the experts' view of the padded input)."""
+        return self.experts.geometry
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, config: MoEConfig | dict[str, Any] | None = None, upcycle: bool = True,
+                  **overrides: Any) -> MoEConv2d:
+        """Build a block with ``conv``'s geometry; with ``upcycle`` every expert starts as a copy of it.
+
+        Upcycled, the combine weights sum to 1 and a shared expert starts at zero, so the block
+        computes exactly what ``conv`` computed (up to float rounding) until training changes it.
+
+        Args:
+            conv: The convolution to replace (an ``nn.Conv2d``).
+            config: MoE settings.
+            upcycle: Copy the dense weights into every expert.
+            **overrides: Fields of ``config`` to change.
+
+        Example:
+            >>> conv = nn.Conv2d(4, 8, 3, padding=1)
+            >>> block = MoEConv2d.from_conv(conv, num_experts=4).eval()
+            >>> x = torch.randn(2, 4, 7, 7)
+            >>> bool((block(x) - conv(x)).abs().max() < 1e-5)
+            True
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"MoEConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}.")
+        block = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, config=config, device=conv.weight.device,
+                    dtype=conv.weight.dtype, **overrides)
+        if upcycle:
+            block.upcycle_from(conv.weight, conv.bias)
+        return block
+
+    @torch.no_grad()
+    def upcycle_from(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Make every expert a copy of a dense conv's weights and zero the shared expert.
+
+        Raises:
+            TypeError: The experts cannot be initialised from a dense conv (e.g. residual experts).
+        """
+        if not hasattr(self.experts, "load_dense"):
+            raise TypeError(f"experts {type(self.experts).__name__} cannot be upcycled from a conv; use experts='conv' "
+                            "or upcycle=False.")
+        self.experts.load_dense(weight, bias, self.config.upcycle_noise_std)
+        if self.shared_expert is not None:
+            for parameter in self.shared_expert.parameters():
+                parameter.zero_()
+
+    def _check_input(self, x: Tensor) -> tuple[int, int]:
+        where = f" (replacing {self.name!r})" if self.name else ""
+        if x.dim() != 4:
+            raise ValueError(f"MoEConv2d{where} expects a (B, C, H, W) input, got shape {tuple(x.shape)}.")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"MoEConv2d{where} got {x.shape[1]} input channels, expected in_channels={self.in_channels}.")
+        out_size = self.geometry.output_size(*x.shape[-2:])
+        if min(out_size) < 1:
+            raise ValueError(f"MoEConv2d{where}: input of spatial size {tuple(x.shape[-2:])} is smaller than the "
+                             f"kernel's reach {self.geometry.span} after padding; use a larger input or more padding.")
+        return out_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_size = self._check_input(x)
+        geometry = self.geometry
+
+        # Where to route: tokens are regions of the output; each is summarised by the input at the
+        # centre of its positions' receptive fields.
+        x_pad = geometry.pad(x)
+        tokens = self.tokens.split(geometry.centre_sample(x_pad, out_size))
+
+        # Which experts, with what weight (float32); MEDoE removes experts before the choice.
+        expert_mask = None
+        if self.dropout is not None and self.training:
+            expert_mask = self.dropout(self.config.num_experts, self.router.top_k, x.device)
+        routing = self.router(tokens, expert_mask)
+
+        # Dispatch -> experts -> combine, plus the shared expert on every position.
+        y = self.dispatcher(x_pad, tokens, routing, self.experts, out_size)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
+
+        # Losses and statistics on the side, where convmoe.aux_loss / routing_stats find them.
+        self.last_aux = self.balancing(routing)
+        self.last_routing = _detached(routing)
+        return y
+
+    def extra_repr(self) -> str:
+        c = self.config
+        parts = [f"{self.in_channels}, {self.out_channels}", f"kernel_size={self.kernel_size}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        if self.padding not in (0, (0, 0)):
+            parts.append(f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        parts += [f"experts={c.num_experts}", f"top_k={c.top_k}", f"tokens={self.tokens}",
+                  f"router={c.router if isinstance(c.router, str) else type(self.router).__name__}",
+                  f"dispatcher={c.dispatcher if isinstance(c.dispatcher, str) else type(self.dispatcher).__name__}"]
+        return ", ".join(parts)

@@ -1,0 +1,162 @@
+"""Aux losses and routing statistics of a whole model, collected from its MoE blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from convmoe.types import Routing, RoutingStats
+
+
+def moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, block) for every MoE block in ``model`` (anything with ``last_aux``).
+
+    Example:
+        >>> from convmoe import MoEConv2d
+        >>> model = nn.Sequential(MoEConv2d(3, 4, 1), nn.ReLU(), MoEConv2d(4, 4, 1))
+        >>> [name for name, _ in moe_blocks(model)]
+        ['0', '2']
+    """
+    for name, module in model.named_modules():
+        if hasattr(module, "last_aux") and hasattr(module, "last_routing"):
+            yield name, module
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Weighted sum of every MoE block's balancing losses from the last forward pass.
+
+    A differentiable scalar to add to the task loss; ``0`` when the model has no MoE block or its
+    blocks have no losses.
+
+    Example:
+        >>> from convmoe import MoEConv2d
+        >>> model = nn.Sequential(MoEConv2d(3, 4, 3, padding=1), MoEConv2d(4, 4, 3, padding=1))
+        >>> _ = model(torch.randn(2, 3, 8, 8))
+        >>> aux_loss(model).requires_grad
+        True
+    """
+    terms = [block.last_aux.total for _, block in moe_blocks(model) if block.last_aux is not None]
+    if not terms:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def _normalized_entropy(distribution: Tensor, size: int) -> float:
+    if size < 2:
+        return 1.0
+    p = distribution[distribution > 0]
+    return float(-(p * p.log()).sum() / math.log(size))
+
+
+def compute_stats(routing: Routing) -> RoutingStats:
+    """Statistics of one routing decision.
+
+    Example:
+        >>> r = Routing.from_top_k(torch.zeros(1, 4, 2), torch.full((1, 4, 2), 0.5),
+        ...                        torch.tensor([[[0], [1], [0], [1]]]), torch.ones(1, 4, 1))
+        >>> s = compute_stats(r)
+        >>> s.utilization, s.imbalance, s.dead_experts
+        ([0.5, 0.5], 1.0, [])
+    """
+    E = routing.num_experts
+    load = routing.expert_load().cpu()
+    total = float(load.sum())
+    utilization = load / total if total > 0 else torch.zeros(E)
+    probs = routing.probs.reshape(-1, E).float()
+    router_entropy = -(probs.clamp_min(1e-12).log() * probs).sum(-1).mean() / math.log(E) if E > 1 else probs.new_ones(())
+    mean_load = total / E
+    capacity_ratio = None
+    if routing.capacity is not None:
+        capacity_ratio = total / (E * routing.capacity * routing.capacity_groups)
+    medoe_utilization = medoe_entropy = None
+    if routing.expert_mask is not None:
+        kept = routing.expert_mask.cpu()
+        kept_load = load[kept]
+        medoe_utilization = float((kept_load > 0).float().mean())
+        kept_total = float(kept_load.sum())
+        medoe_entropy = _normalized_entropy(kept_load / kept_total, int(kept.sum())) if kept_total > 0 else 0.0
+    return RoutingStats(
+        num_experts=E,
+        tokens=int(routing.dropped.numel()),
+        utilization=[round(float(u), 6) for u in utilization],
+        utilization_entropy=_normalized_entropy(utilization, E) if total > 0 else 0.0,
+        router_entropy=float(router_entropy),
+        imbalance=float(load.max()) / mean_load if mean_load > 0 else 0.0,
+        dropped_rate=float(routing.dropped.float().mean()),
+        capacity_ratio=capacity_ratio,
+        dead_experts=[e for e in range(E) if load[e] == 0],
+        active_experts=[e for e in range(E) if load[e] > 0],
+        medoe_expert_utilization=medoe_utilization,
+        medoe_expert_entropy=medoe_entropy,
+    )
+
+
+@dataclass(frozen=True)
+class ModelRoutingStats:
+    """Routing statistics of every MoE block, and their aggregate.
+
+    Attributes:
+        blocks: Block name -> its :class:`~convmoe.types.RoutingStats`.
+    """
+
+    blocks: dict[str, RoutingStats]
+
+    def summary(self) -> dict[str, float]:
+        """Means over blocks of the scalar statistics, the total of dead experts, and the worst imbalance.
+
+        Example:
+            >>> ModelRoutingStats({}).summary()
+            {}
+        """
+        if not self.blocks:
+            return {}
+        stats = list(self.blocks.values())
+        mean = lambda values: float(sum(values) / len(values))  # noqa: E731
+        out = {
+            "blocks": len(stats),
+            "utilization_entropy": mean([s.utilization_entropy for s in stats]),
+            "router_entropy": mean([s.router_entropy for s in stats]),
+            "imbalance_mean": mean([s.imbalance for s in stats]),
+            "imbalance_max": max(s.imbalance for s in stats),
+            "dropped_rate": mean([s.dropped_rate for s in stats]),
+            "dead_experts": sum(len(s.dead_experts) for s in stats),
+            "active_experts": mean([len(s.active_experts) for s in stats]),
+        }
+        medoe = [s for s in stats if s.medoe_expert_utilization is not None]
+        if medoe:
+            out["medoe_expert_utilization"] = mean([s.medoe_expert_utilization for s in medoe])
+            out["medoe_expert_entropy"] = mean([s.medoe_expert_entropy for s in medoe])
+        return out
+
+    def table(self) -> str:
+        """A plain-text table, one row per block."""
+        header = f"{'block':<32} {'experts':>7} {'util.entropy':>12} {'router.entropy':>14} {'imbalance':>9} " \
+                 f"{'dropped':>7} {'dead':>4}"
+        rows = [header, "-" * len(header)]
+        for name, s in self.blocks.items():
+            rows.append(f"{name:<32} {len(s.active_experts):>3}/{s.num_experts:<3} {s.utilization_entropy:>12.3f} "
+                        f"{s.router_entropy:>14.3f} {s.imbalance:>9.2f} {s.dropped_rate:>7.1%} {len(s.dead_experts):>4}")
+        return "\n".join(rows)
+
+    def __getitem__(self, name: str) -> RoutingStats:
+        return self.blocks[name]
+
+
+def routing_stats(model: nn.Module) -> ModelRoutingStats:
+    """Per-block and aggregated routing statistics of the last forward pass.
+
+    Example:
+        >>> from convmoe import MoEConv2d
+        >>> model = nn.Sequential(MoEConv2d(3, 4, 3, padding=1, num_experts=4))
+        >>> _ = model(torch.randn(2, 3, 8, 8))
+        >>> stats = routing_stats(model)
+        >>> list(stats.blocks), stats["0"].num_experts
+        (['0'], 4)
+    """
+    return ModelRoutingStats({name: compute_stats(block.last_routing)
+                              for name, block in moe_blocks(model) if block.last_routing is not None})

@@ -1,0 +1,35 @@
+"""Dispatchers: send tokens to experts and combine the results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from convmoe.dispatch.assignments import Assignments, every_pair, routed
+from convmoe.dispatch.base import Dispatcher
+from convmoe.dispatch.dense import DenseDispatcher
+from convmoe.dispatch.sparse import SparseDispatcher
+from convmoe.registry import Registry
+
+DISPATCHERS: Registry[nn.Module] = Registry("dispatcher")
+DISPATCHERS.register("dense")(DenseDispatcher)
+DISPATCHERS.register("sparse")(SparseDispatcher)
+
+
+def create_dispatcher(spec: str | type[nn.Module] | nn.Module, **kwargs: Any) -> nn.Module:
+    """Build a dispatcher from ``"dense"``, ``"sparse"`` (or ``"sparse:pixels"`` etc. to force a path),
+    a class or an instance.
+
+    Example:
+        >>> create_dispatcher("sparse:regions")
+        SparseDispatcher(path=regions)
+    """
+    if isinstance(spec, str) and ":" in spec:
+        name, _, path = spec.partition(":")
+        return DISPATCHERS.create(name, path=path, **kwargs)
+    return DISPATCHERS.create(spec, **kwargs)
+
+
+__all__ = ["DISPATCHERS", "Assignments", "DenseDispatcher", "Dispatcher", "SparseDispatcher", "create_dispatcher",
+           "every_pair", "routed"]

@@ -1,0 +1,32 @@
+"""The reference dispatcher: every expert on every token, combined by the routing weights."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from convmoe.dispatch.assignments import every_pair
+from convmoe.dispatch.regions import run_regions
+from convmoe.types import Routing, Tokens
+
+
+class DenseDispatcher(nn.Module):
+    """Compute all E experts everywhere and weight them: simple, obviously correct, E/k times the work.
+
+    For conv experts this is one conv with E * C_out output channels over the whole map, and each
+    output position takes the combine weights of its token. Patch-local experts run on every region.
+
+    Example:
+        >>> import torch
+        >>> from convmoe import MoEConv2d, MoEConfig
+        >>> block = MoEConv2d(4, 4, 3, padding=1, config=MoEConfig(num_experts=4, dispatcher="dense"))
+        >>> block(torch.randn(1, 4, 6, 6)).shape
+        torch.Size([1, 4, 6, 6])
+    """
+
+    def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts, out_size: tuple[int, int]) -> Tensor:
+        if experts.patch_local:
+            return run_regions(x_pad, tokens, every_pair(routing), experts, out_size)
+        all_outputs = experts.forward_all(x_pad)  # (B, E, C_out, H_out, W_out)
+        weight = routing.dense_weights()[:, tokens.token_map]  # (B, H_out * W_out, E)
+        weight = weight.transpose(1, 2).reshape(*weight.shape[:1], -1, *out_size).to(all_outputs.dtype)
+        return (all_outputs * weight[:, :, None]).sum(dim=1)

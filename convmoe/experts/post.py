@@ -1,0 +1,63 @@
+"""Per-position operations applied after an expert's convolution (norm, activation)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu}
+NORMS = ("layer",)
+
+
+class ExpertPostOps(nn.Module):
+    """An optional channel LayerNorm (per-expert affine) and activation after each expert's conv.
+
+    Both act on each output position alone, so they commute with the spatial gather of any
+    dispatcher and keep dense and sparse dispatch exact.
+
+    Args:
+        num_experts: E.
+        channels: C_out.
+        norm: None or "layer".
+        act: None, "relu", "silu" or "gelu".
+
+    Example:
+        >>> post = ExpertPostOps(2, 4, act="relu")
+        >>> post(torch.tensor([-1.0, 2.0]).view(1, 2, 1, 1).expand(1, 4, 1, 1).reshape(1, 4, 1, 1), 0).min()
+        tensor(0.)
+    """
+
+    def __init__(self, num_experts: int, channels: int, norm: str | None = None, act: str | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if norm is not None and norm not in NORMS:
+            raise ValueError(f"unknown expert norm {norm!r}; available: {', '.join(NORMS)} (or None).")
+        if act is not None and act not in ACTIVATIONS:
+            raise ValueError(f"unknown expert activation {act!r}; available: {', '.join(sorted(ACTIVATIONS))} (or None).")
+        self.norm, self.act = norm, act
+        if norm == "layer":
+            self.norm_weight = nn.Parameter(torch.ones(num_experts, channels, device=device, dtype=dtype))
+            self.norm_bias = nn.Parameter(torch.zeros(num_experts, channels, device=device, dtype=dtype))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.norm is None and self.act is None
+
+    def forward(self, y: Tensor, expert: int | None = None) -> Tensor:
+        """Apply expert ``expert``'s ops to (M, C, h, w), or every expert's to (B, E, C, h, w) when None."""
+        if self.norm == "layer":
+            channel_dim = 1 if expert is not None else 2
+            mean = y.mean(dim=channel_dim, keepdim=True)
+            var = y.var(dim=channel_dim, keepdim=True, unbiased=False)
+            y = (y - mean) * torch.rsqrt(var + 1e-5)
+            if expert is not None:
+                y = y * self.norm_weight[expert, :, None, None] + self.norm_bias[expert, :, None, None]
+            else:
+                y = y * self.norm_weight[None, :, :, None, None] + self.norm_bias[None, :, :, None, None]
+        if self.act is not None:
+            y = ACTIVATIONS[self.act](y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm}, act={self.act}"

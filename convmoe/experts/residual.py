@@ -1,0 +1,91 @@
+"""Residual conv experts: conv3x3-GN-SiLU-conv3x3-GN with an internal residual, one patch at a time."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convmoe.geometry import ConvGeometry
+
+
+def _norm_groups(channels: int, preferred: int) -> int:
+    return max(g for g in range(1, min(preferred, channels) + 1) if channels % g == 0)
+
+
+class ResidualConvExperts(nn.Module):
+    """E residual blocks, each ``x + GN(conv3x3(SiLU(GN(conv3x3(x)))))`` (1x1 projection on the skip
+    when channels change), the experts of positional-convolution-expert layers.
+
+    Every token's region is processed as an image of its own (zero padding at its border, group
+    norm statistics over the region), so the bank is ``patch_local`` and keeps the spatial size:
+    it replaces only stride-1 convs whose output has the input's size.
+
+    Args:
+        in_channels: C_in.
+        out_channels: C_out.
+        num_experts: E.
+        geometry: Geometry of the replaced conv; must keep the spatial size.
+        norm_groups: Preferred GroupNorm groups (the largest divisor of C_out not above it is used).
+
+    Example:
+        >>> experts = ResidualConvExperts(8, 8, num_experts=2, geometry=ConvGeometry.create(3, padding=1))
+        >>> experts.forward_segments(torch.randn(3, 8, 4, 4), [2, 1]).shape
+        torch.Size([3, 8, 4, 4])
+    """
+
+    patch_local = True
+    is_linear = False
+
+    def __init__(self, in_channels: int, out_channels: int, num_experts: int, geometry: ConvGeometry,
+                 norm_groups: int = 8, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **unused: object) -> None:
+        super().__init__()
+        spans = [s - 1 for s in geometry.span]
+        keeps_size = geometry.stride == (1, 1) and spans == [
+            geometry.padding[0] + geometry.padding[1], geometry.padding[2] + geometry.padding[3]]
+        if not keeps_size:
+            raise ValueError("residual experts keep the spatial size: the replaced conv needs stride 1 and 'same' "
+                             f"padding, got stride={geometry.stride}, padding={geometry.padding}; use experts='conv'.")
+        bad = {k: v for k, v in unused.items() if k in ("norm", "act") and v is not None}
+        if bad or unused.get("groups", 1) != 1:
+            raise ValueError(f"residual experts have their own norm and activation and no conv groups; got {bad or unused}.")
+        self.in_channels, self.out_channels, self.num_experts = in_channels, out_channels, num_experts
+        self.geometry = ConvGeometry.create(1)
+        self.groups = _norm_groups(out_channels, norm_groups)
+        kw = {"device": device, "dtype": dtype}
+        self.conv1 = nn.Parameter(torch.empty(num_experts, out_channels, in_channels, 3, 3, **kw))
+        self.conv2 = nn.Parameter(torch.empty(num_experts, out_channels, out_channels, 3, 3, **kw))
+        self.norm1_weight = nn.Parameter(torch.ones(num_experts, out_channels, **kw))
+        self.norm1_bias = nn.Parameter(torch.zeros(num_experts, out_channels, **kw))
+        self.norm2_weight = nn.Parameter(torch.ones(num_experts, out_channels, **kw))
+        self.norm2_bias = nn.Parameter(torch.zeros(num_experts, out_channels, **kw))
+        self.skip = (nn.Parameter(torch.empty(num_experts, out_channels, in_channels, 1, 1, **kw))
+                     if in_channels != out_channels else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.conv1, self.conv2, self.skip):
+            if weight is not None:
+                for e in range(self.num_experts):
+                    nn.init.kaiming_uniform_(weight[e], a=math.sqrt(5))
+
+    def forward_segments(self, windows: Tensor, counts: list[int]) -> Tensor:
+        """Expert e on the e-th consecutive segment of regions, (M, C_out, h, w)."""
+        outputs = []
+        for e, x in enumerate(windows.split(counts)):
+            if x.shape[0] == 0:
+                continue
+            h = F.conv2d(x, self.conv1[e], padding=1)
+            h = F.silu(F.group_norm(h, self.groups, self.norm1_weight[e], self.norm1_bias[e]))
+            h = F.group_norm(F.conv2d(h, self.conv2[e], padding=1), self.groups, self.norm2_weight[e], self.norm2_bias[e])
+            skip = x if self.skip is None else F.conv2d(x, self.skip[e])
+            outputs.append(skip + h)
+        if not outputs:
+            return windows.new_zeros(0, self.out_channels, *windows.shape[2:])
+        return torch.cat(outputs)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, experts={self.num_experts}, norm_groups={self.groups}"

@@ -1,0 +1,102 @@
+"""Convolution geometry: padding, output size, and the input window behind an output region."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value!r}.")
+    return int(value[0]), int(value[1])
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The spatial geometry of a 2-D convolution, with padding made explicit.
+
+    Padding is stored per side, (top, bottom, left, right), so the asymmetric padding of
+    ``padding="same"`` with even kernels is exact.
+
+    Example:
+        >>> g = ConvGeometry.create(kernel_size=3, stride=2, padding=1)
+        >>> g.output_size(9, 8)
+        (5, 4)
+    """
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def create(cls, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+               padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
+               padding_mode: str = "zeros") -> ConvGeometry:
+        """Build from ``nn.Conv2d``-style arguments (``padding`` may be an int, a pair, "same" or "valid")."""
+        kernel, step, dil = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation, "dilation")
+        if min(kernel) < 1 or min(step) < 1 or min(dil) < 1:
+            raise ValueError(f"kernel_size, stride and dilation must be >= 1, got {kernel}, {step}, {dil}.")
+        if padding_mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode {padding_mode!r} is not supported; use one of {sorted(_PAD_MODES)}.")
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = (0, 0, 0, 0)
+            elif padding == "same":
+                if step != (1, 1):
+                    raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d); "
+                                     "give the padding as numbers.")
+                total_h, total_w = dil[0] * (kernel[0] - 1), dil[1] * (kernel[1] - 1)
+                pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+            else:
+                raise ValueError(f"padding {padding!r} is not understood; use an int, a pair, 'same' or 'valid'.")
+        else:
+            pad_h, pad_w = _pair(padding, "padding")
+            if min(pad_h, pad_w) < 0:
+                raise ValueError(f"padding must be >= 0, got {padding!r}.")
+            pads = (pad_h, pad_h, pad_w, pad_w)
+        return cls(kernel, step, dil, pads, padding_mode)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Extent of the dilated kernel, d * (k - 1) + 1, per axis."""
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation, strict=True))
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        """Offset of the kernel's centre tap within its span, per axis."""
+        return tuple(d * ((k - 1) // 2) for k, d in zip(self.kernel_size, self.dilation, strict=True))
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        top, bottom, left, right = self.padding
+        return height + top + bottom, width + left + right
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output (H_out, W_out) for an input of (height, width); may be <= 0 for a too-small input."""
+        padded = self.padded_size(height, width)
+        return tuple((p - s) // st + 1 for p, s, st in zip(padded, self.span, self.stride, strict=True))
+
+    def pad(self, x: Tensor) -> Tensor:
+        """Apply the padding explicitly, so every later step is a padding-free convolution."""
+        top, bottom, left, right = self.padding
+        if not any(self.padding):
+            return x
+        return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[self.padding_mode])
+
+    def centre_sample(self, x_pad: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Input features at the centre tap of every output position, (B, C, H_out, W_out)."""
+        (ch, cw), (sh, sw), (oh, ow) = self.centre, self.stride, out_size
+        return x_pad[..., ch : ch + sh * (oh - 1) + 1 : sh, cw : cw + sw * (ow - 1) + 1 : sw]
+
+    def input_extent(self, start: int, stop: int, axis: int) -> tuple[int, int]:
+        """Padded-input window [begin, end) that output positions [start, stop) along ``axis`` read."""
+        step, span = self.stride[axis], self.span[axis]
+        return start * step, (stop - 1) * step + span

@@ -1,0 +1,49 @@
+"""The block's balancing-loss module: weights and sums the registered loss functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from convmoe.losses.functional import diversity_loss, importance_loss, switch_loss, z_loss
+from convmoe.registry import Registry
+from convmoe.types import AuxOutput, Routing
+
+LossFn = Callable[[Routing], Tensor]
+LOSSES: Registry[LossFn] = Registry("loss")
+LOSSES.register("switch")(lambda routing: switch_loss(routing.probs, routing.num_experts))
+LOSSES.register("importance")(lambda routing: importance_loss(routing.probs))
+LOSSES.register("z")(lambda routing: z_loss(routing.logits.masked_fill(routing.logits.isinf(), -1e4)))
+LOSSES.register("diversity")(lambda routing: diversity_loss(routing.probs))
+
+
+class BalancingLoss(nn.Module):
+    """Compute every configured loss on a :class:`~convmoe.types.Routing` and their weighted sum.
+
+    Args:
+        weights: Loss name (registered in ``LOSSES``) -> weight. Register your own with
+            ``LOSSES.register("name")(fn)`` where ``fn(routing) -> scalar``.
+
+    Example:
+        >>> loss = BalancingLoss({"switch": 0.01})
+        >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
+        ...                        torch.tensor([[[0], [1]]]), torch.ones(1, 2, 1))
+        >>> round(float(loss(r).total), 4)
+        0.01
+    """
+
+    def __init__(self, weights: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.weights = dict(weights or {})
+        self.functions = {name: LOSSES.get(name) for name in self.weights}
+
+    def forward(self, routing: Routing) -> AuxOutput:
+        terms = {name: fn(routing) for name, fn in self.functions.items()}
+        total = sum((self.weights[name] * value for name, value in terms.items()),
+                    start=torch.zeros((), device=routing.probs.device))
+        return AuxOutput(total=total, terms=terms, weights=dict(self.weights))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={weight}" for name, weight in self.weights.items())

@@ -1,0 +1,82 @@
+"""Named registries of built-in parts, so configs can name them and users can add their own."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> class table for one family of parts (routers, experts, ...).
+
+    A name, a registered or user class, or a ready instance is accepted wherever a part is
+    configurable; ``create`` turns any of them into an instance.
+
+    Args:
+        kind: What the entries are, used in error messages ("router").
+
+    Example:
+        >>> ROUTERS = Registry("router")
+        >>> @ROUTERS.register("mine")
+        ... class MyRouter:
+        ...     def __init__(self, num_experts: int) -> None:
+        ...         self.num_experts = num_experts
+        >>> ROUTERS.create("mine", num_experts=4).num_experts
+        4
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator that registers ``cls`` under ``name``; a duplicate name is an error."""
+
+        def decorator(cls: type[T]) -> type[T]:
+            if name in self._entries and self._entries[name] is not cls:
+                raise ValueError(f"{self.kind} name {name!r} is already registered to "
+                                 f"{self._entries[name].__qualname__}; pick another name.")
+            self._entries[name] = cls
+            return cls
+
+        return decorator
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._entries)
+
+    def get(self, name: str) -> type[T]:
+        """The class registered under ``name``.
+
+        Raises:
+            ValueError: Unknown name; the message lists the choices and the closest match.
+        """
+        if name not in self._entries:
+            hint = difflib.get_close_matches(name, self._entries, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}{suggestion}")
+        return self._entries[name]
+
+    def name_of(self, cls: type) -> str | None:
+        """The name ``cls`` is registered under, or None."""
+        for name, entry in self._entries.items():
+            if entry is cls:
+                return name
+        return None
+
+    def create(self, spec: str | type[T] | T, **kwargs: Any) -> T:
+        """Instantiate ``spec``: a registered name, a class, or an instance (returned unchanged)."""
+        if isinstance(spec, str):
+            return self.get(spec)(**kwargs)
+        if isinstance(spec, type):
+            return spec(**kwargs)
+        return spec
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
