@@ -38,9 +38,18 @@ class MoEConv2d(nn.Module):
         on the side: last_aux (balancing losses), last_routing (for routing_stats)
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode:
-            As in ``nn.Conv2d`` (padding may be an int, a pair, "same" or "valid").
-        config: The MoE settings (default ``MoEConfig()``).
+        in_channels: Input channels C_in, as in ``nn.Conv2d``.
+        out_channels: Output channels C_out.
+        kernel_size: Kernel size of every expert.
+        stride: Stride.
+        padding: An int, a pair, ``"same"`` or ``"valid"``, as in ``nn.Conv2d``.
+        dilation: Dilation.
+        groups: Conv groups (``in_channels`` for a depthwise conv).
+        bias: Whether every expert has a bias.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        config: The MoE settings (default ``MoEConfig()``); a dict is read with ``MoEConfig.from_dict``.
+        device: Device of the parameters (``"meta"`` builds the experts without memory).
+        dtype: Dtype of the parameters.
         **overrides: Fields of ``config`` to change, e.g. ``num_experts=4``.
 
     Raises:
@@ -181,6 +190,13 @@ class MoEConv2d(nn.Module):
         self.last_aux = self.balancing(routing)
         self.last_routing = _detached(routing)
         return y
+
+    def __getstate__(self) -> dict[str, Any]:
+        # last_aux holds the autograd graph of the last forward pass: it cannot be deep-copied
+        # (copy.deepcopy(model) for an EMA model after a step) and must not travel in a pickle.
+        state = super().__getstate__()
+        state["last_aux"] = None
+        return state
 
     def extra_repr(self) -> str:
         c = self.config

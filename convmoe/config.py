@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from convmoe.dispatch import DISPATCHERS
+from convmoe.dispatch import DISPATCHERS, create_dispatcher
 from convmoe.dropout import DROPOUTS
 from convmoe.experts import EXPERTS
 from convmoe.gates import GATES
@@ -24,6 +24,8 @@ _PART_REGISTRIES: dict[str, Registry] = {
     "experts": EXPERTS,
     "dropout": DROPOUTS,
 }
+_REGISTRY_NAMES = {"tokens": "TOKENS", "router": "ROUTERS", "gate": "GATES", "dispatcher": "DISPATCHERS",
+                   "experts": "EXPERTS", "dropout": "DROPOUTS"}
 
 
 @dataclass
@@ -105,6 +107,8 @@ class MoEConfig:
                 registry.get(base)  # raises with the list of choices
         if isinstance(self.tokens, str):
             create_tokens(self.tokens)  # parses the argument ("grid:3x3")
+        if isinstance(self.dispatcher, str):
+            create_dispatcher(self.dispatcher)  # checks a forced path ("sparse:regions")
         for name, weight in self.losses.items():
             LOSSES.get(name)
             if weight < 0:
@@ -124,7 +128,7 @@ class MoEConfig:
             registered = registry.name_of(value) if isinstance(value, type) else None
             if registered is None:
                 raise TypeError(f"MoEConfig.{name}={value!r} cannot be written to a config; register it with "
-                                f"{registry.kind.upper().replace(' ', '_')}S.register('name') and use the name.")
+                                f"convmoe.{_REGISTRY_NAMES[name]}.register('name') and use the name.")
             out[name] = registered
         return out
 

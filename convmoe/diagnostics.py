@@ -67,7 +67,7 @@ def compute_stats(routing: Routing) -> RoutingStats:
     load = routing.expert_load().cpu()
     total = float(load.sum())
     utilization = load / total if total > 0 else torch.zeros(E)
-    probs = routing.probs.reshape(-1, E).float()
+    probs = routing.probs.detach().reshape(-1, E).float()
     router_entropy = -(probs.clamp_min(1e-12).log() * probs).sum(-1).mean() / math.log(E) if E > 1 else probs.new_ones(())
     mean_load = total / E
     capacity_ratio = None

@@ -181,7 +181,7 @@ class AuxOutput:
 
     Example:
         >>> aux = AuxOutput(torch.tensor(0.02), {"switch": torch.tensor(2.0)}, {"switch": 0.01})
-        >>> float(aux.total)
+        >>> round(float(aux.total), 4)
         0.02
     """
 

@@ -24,8 +24,8 @@ class ExpertPostOps(nn.Module):
 
     Example:
         >>> post = ExpertPostOps(2, 4, act="relu")
-        >>> post(torch.tensor([-1.0, 2.0]).view(1, 2, 1, 1).expand(1, 4, 1, 1).reshape(1, 4, 1, 1), 0).min()
-        tensor(0.)
+        >>> post(torch.tensor([-1.0, 2.0, -3.0, 4.0]).view(1, 4, 1, 1), 0).flatten()
+        tensor([0., 2., 0., 4.])
     """
 
     def __init__(self, num_experts: int, channels: int, norm: str | None = None, act: str | None = None,

@@ -13,10 +13,29 @@ from convmoe.types import AuxOutput, Routing
 
 LossFn = Callable[[Routing], Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
-LOSSES.register("switch")(lambda routing: switch_loss(routing.probs, routing.num_experts))
-LOSSES.register("importance")(lambda routing: importance_loss(routing.probs))
-LOSSES.register("z")(lambda routing: z_loss(routing.logits.masked_fill(routing.logits.isinf(), -1e4)))
-LOSSES.register("diversity")(lambda routing: diversity_loss(routing.probs))
+
+
+# Named functions rather than lambdas: a block holds them, and torch.save(model) pickles them by name.
+def _switch(routing: Routing) -> Tensor:
+    return switch_loss(routing.probs, routing.num_experts)
+
+
+def _importance(routing: Routing) -> Tensor:
+    return importance_loss(routing.probs)
+
+
+def _z(routing: Routing) -> Tensor:
+    return z_loss(routing.logits.masked_fill(routing.logits.isinf(), -1e4))
+
+
+def _diversity(routing: Routing) -> Tensor:
+    return diversity_loss(routing.probs)
+
+
+LOSSES.register("switch")(_switch)
+LOSSES.register("importance")(_importance)
+LOSSES.register("z")(_z)
+LOSSES.register("diversity")(_diversity)
 
 
 class BalancingLoss(nn.Module):

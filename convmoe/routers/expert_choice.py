@@ -21,7 +21,10 @@ class ExpertChoiceRouter(Router):
     the rest of the batch. Combine weights are the token's chosen probabilities renormalised to sum to 1.
 
     Args:
-        capacity_factor: Default 1.25.
+        in_channels: Input channels C_in.
+        num_experts: Experts E.
+        top_k: Average experts per token k; the capacity is ``ceil(cf * T * k / E)``.
+        **kwargs: As for :class:`Router`; ``capacity_factor`` defaults to 1.25.
 
     Example:
         >>> from convmoe.tokens import create_tokens

@@ -16,8 +16,11 @@ class PositionalRouter(TokenChoiceRouter):
     positional-convolution-expert layers.
 
     Args:
-        top_k: Default 1.
-        capacity_factor: Default 1.25.
+        in_channels: Input channels C_in.
+        num_experts: Experts E.
+        top_k: Experts per token (default 1).
+        **kwargs: As for :class:`~convmoe.routers.TokenChoiceRouter`; ``capacity_factor`` defaults to 1.25
+            and the gate to ``"positional"``.
 
     Example:
         >>> import torch

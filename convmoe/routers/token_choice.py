@@ -40,7 +40,8 @@ class TokenChoiceRouter(Router):
 
     Combine weights are the chosen probabilities renormalised to sum to 1. With
     ``capacity_factor`` set, each expert takes at most ``ceil(cf * T * k / E)`` slots per image
-    (per batch for image tokens), highest router probability first, and the rest are dropped.
+    (per batch for image tokens), highest router probability first, and the rest are dropped; the
+    weights are renormalised over a token's kept slots (0 for a token that keeps none).
 
     Example:
         >>> from convmoe.tokens import create_tokens
@@ -64,7 +65,9 @@ class TokenChoiceRouter(Router):
         capacity = capacity_of(self.capacity_factor, grouped_index.shape[1], self.top_k, self.num_experts)
         keep = capacity_keep_mask(grouped_index, as_groups(top_probs, tokens), self.num_experts, capacity)
         keep = keep.reshape(expert_index.shape)
-        weight = normalized_weights(top_probs) * keep.to(top_probs.dtype)
+        # Renormalise over the kept slots, as expert choice does: a token that keeps any slot gets
+        # weights summing to 1 (an upcycled block stays exact there); a fully dropped token gets 0.
+        weight = normalized_weights(top_probs, keep)
         return Routing(logits=logits, probs=probs, expert_index=expert_index, combine_weight=weight,
                        slot_mask=keep, dropped=~keep.any(dim=-1), capacity=capacity,
                        capacity_groups=grouped_index.shape[0], expert_mask=expert_mask)

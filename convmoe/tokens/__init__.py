@@ -39,8 +39,8 @@ def create_tokens(spec: str | type[Tokenizer] | Tokenizer) -> Tokenizer:
     if not arg:
         return cls()
     if name == "grid":
-        rows, _, cols = arg.lower().partition("x")
-        return cls(_parse_int(rows, spec), _parse_int(cols or rows, spec))
+        rows, sep, cols = arg.lower().partition("x")
+        return cls(_parse_int(rows, spec), _parse_int(cols if sep else rows, spec))
     return cls(_parse_int(arg, spec))
 
 

@@ -1,0 +1,169 @@
+"""Shared fixtures and helpers for the convmoe test suite.
+
+Import helpers with ``from conftest import make_block`` (pytest puts ``tests/`` on the path).
+Shapes stay tiny (B=2, C=4..8, odd H=W=9) so the whole core suite runs in seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from convmoe import (
+    DISPATCHERS,
+    DROPOUTS,
+    EXPERTS,
+    GATES,
+    LOSSES,
+    ROUTERS,
+    TOKENS,
+    MoEConv2d,
+    create_dispatcher,
+)
+from convmoe.dispatch.sparse import PATHS as SPARSE_PATH_NAMES
+
+TOKEN_SPECS = ["pixel", "grid:3x3", "grid:2x4", "patch:4", "image"]
+# every forced sparse path ('sparse:pixels', 'sparse:regions', 'sparse:mixed', ...), from the dispatcher itself
+SPARSE_PATHS = [f"sparse:{path}" for path in SPARSE_PATH_NAMES if path != "auto"]
+DISPATCHER_SPECS = [*DISPATCHERS.names(), *SPARSE_PATHS]
+
+
+def path_applies(dispatcher: str, tokens: str, *, experts: str = "conv", linear: bool = True) -> bool:
+    """Whether ``dispatcher`` can run ``tokens`` with these experts (forced sparse paths are restricted).
+
+    'regions' runs anything; 'pixels' needs pixel tokens and conv experts; 'mixed' one token per
+    image and linear conv experts; any other forced path is taken to need conv experts.
+
+    Example:
+        >>> path_applies("sparse:pixels", "grid:3x3")
+        False
+    """
+    if dispatcher in ("dense", "sparse", "sparse:regions"):
+        return True
+    if dispatcher == "sparse:pixels":
+        return tokens == "pixel" and experts == "conv"
+    if dispatcher == "sparse:mixed":
+        return tokens == "image" and experts == "conv" and linear
+    return experts == "conv"
+
+
+def default_top_k(router: str) -> int:
+    """top_k used for ``router`` in the tests: 2, except the top-1 positional router.
+
+    Example:
+        >>> default_top_k("positional")
+        1
+    """
+    return 1 if router == "positional" else 2
+
+
+@torch.no_grad()
+def randomize_experts(block: MoEConv2d, scale: float = 0.3) -> MoEConv2d:
+    """Re-initialise every expert parameter (and the shared expert's) with independent random values.
+
+    Norm weights are drawn around 1, everything else around 0, so each expert computes a different,
+    well-scaled function: sparse/dense equivalence tests then cannot pass by symmetry.
+
+    Example:
+        >>> block = randomize_experts(MoEConv2d(4, 4, 3, padding=1, num_experts=2))
+        >>> bool((block.experts.weight[0] != block.experts.weight[1]).any())
+        True
+    """
+    banks = [block.experts] + ([block.shared_expert] if block.shared_expert is not None else [])
+    for bank in banks:
+        for name, parameter in bank.named_parameters():
+            noise = torch.randn_like(parameter) * scale
+            parameter.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
+    return block
+
+
+def make_block(in_channels: int = 4, out_channels: int = 6, kernel_size: int | tuple[int, int] = 3, *,
+               padding: Any = 1, distinct_experts: bool = True, seed: int = 0, **kwargs: Any) -> MoEConv2d:
+    """A small MoEConv2d; conv arguments and MoEConfig fields are keywords.
+
+    Args:
+        in_channels, out_channels, kernel_size, padding: As in ``nn.Conv2d``.
+        distinct_experts: Re-initialise every expert randomly (see :func:`randomize_experts`).
+        seed: Seed for the block's initialisation, so two calls give the same block.
+        **kwargs: ``stride``/``dilation``/``groups``/``bias``/``padding_mode`` or MoEConfig fields;
+            ``num_experts`` defaults to 4.
+
+    Example:
+        >>> make_block(tokens="grid:3x3")(torch.randn(2, 4, 9, 9)).shape
+        torch.Size([2, 6, 9, 9])
+    """
+    kwargs.setdefault("num_experts", 4)
+    torch.manual_seed(seed)
+    block = MoEConv2d(in_channels, out_channels, kernel_size, padding=padding, **kwargs)
+    if distinct_experts:
+        randomize_experts(block)
+    return block
+
+
+def with_dispatcher(block: MoEConv2d, dispatcher: str) -> MoEConv2d:
+    """A deep copy of ``block`` (same parameters and mode) that dispatches with ``dispatcher``.
+
+    Example:
+        >>> with_dispatcher(make_block(), "dense").dispatcher
+        DenseDispatcher()
+    """
+    other = copy.deepcopy(block)
+    other.dispatcher = create_dispatcher(dispatcher)
+    return other
+
+
+def run_seeded(block: nn.Module, x: Tensor, seed: int = 1) -> Tensor:
+    """``block(x)`` after seeding the RNG, so router noise and expert dropout repeat exactly.
+
+    Example:
+        >>> block = make_block(noise_std=1.0).train()
+        >>> x = torch.randn(2, 4, 9, 9)
+        >>> torch.equal(run_seeded(block, x), run_seeded(block, x))
+        True
+    """
+    torch.manual_seed(seed)
+    return block(x)
+
+
+def gradients(module: nn.Module) -> dict[str, Tensor]:
+    """Gradient of every parameter of ``module`` (zeros where none reached it), by name.
+
+    Example:
+        >>> sorted(gradients(nn.Linear(2, 2)))
+        ['bias', 'weight']
+    """
+    return {name: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+            for name, p in module.named_parameters()}
+
+
+def max_abs_diff(a: Tensor, b: Tensor) -> float:
+    """max |a - b| as a python float, shapes checked.
+
+    Example:
+        >>> max_abs_diff(torch.ones(2), torch.zeros(2))
+        1.0
+    """
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    return float((a - b).detach().abs().max()) if a.numel() else 0.0
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def x_small() -> Tensor:
+    """A (2, 4, 9, 9) float32 input."""
+    return torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1234))
+
+
+@pytest.fixture
+def isolated_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a test register parts without leaking them into the global registries (monkeypatch restores them)."""
+    for registry in (TOKENS, ROUTERS, GATES, DISPATCHERS, EXPERTS, DROPOUTS, LOSSES):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
