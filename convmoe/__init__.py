@@ -1,14 +1,20 @@
 """convmoe: sparse Mixture-of-Experts for convolutional networks."""
 
+from convmoe import patch  # the package, callable: convmoe.patch(model, targets=...) patches in place
 from convmoe.block import MoEConv2d
 from convmoe.config import MoEConfig
+from convmoe.describe import describe
 from convmoe.diagnostics import ModelRoutingStats, aux_loss, compute_stats, moe_blocks, routing_stats
 from convmoe.dispatch import DISPATCHERS, create_dispatcher
 from convmoe.dropout import DROPOUTS, create_dropout
 from convmoe.experts import EXPERTS, create_experts
+from convmoe.factory import BaseRecipe, create_model
+from convmoe.flops import flops
 from convmoe.gates import GATES, create_gate
 from convmoe.geometry import ConvGeometry
+from convmoe.hub import from_pretrained, save_pretrained
 from convmoe.losses import LOSSES
+from convmoe.patch import patch_spec, unpatch
 from convmoe.presets import PRESETS, get_preset, list_presets
 from convmoe.registry import Registry
 from convmoe.routers import ROUTERS, create_router
@@ -27,6 +33,7 @@ __all__ = [
     "ROUTERS",
     "TOKENS",
     "AuxOutput",
+    "BaseRecipe",
     "ConvGeometry",
     "MoEConfig",
     "MoEConv2d",
@@ -42,10 +49,18 @@ __all__ = [
     "create_dropout",
     "create_experts",
     "create_gate",
+    "create_model",
     "create_router",
     "create_tokens",
+    "describe",
+    "flops",
+    "from_pretrained",
     "get_preset",
     "list_presets",
     "moe_blocks",
+    "patch",
+    "patch_spec",
     "routing_stats",
+    "save_pretrained",
+    "unpatch",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -23,12 +24,17 @@ class ConvGeometry:
     """The spatial geometry of a 2-D convolution, with padding made explicit.
 
     Padding is stored per side, (top, bottom, left, right), so the asymmetric padding of
-    ``padding="same"`` with even kernels is exact.
+    ``padding="same"`` with even kernels is exact. ``padding="dynamic_same"`` is TensorFlow's
+    'SAME' (timm's ``Conv2dSame``): the padding is computed from each input's size so that the
+    output is ``ceil(size / stride)``, the odd pixel going to the bottom/right; ``padding`` then
+    holds zeros and :meth:`padding_for` gives the sides for a given input.
 
     Example:
         >>> g = ConvGeometry.create(kernel_size=3, stride=2, padding=1)
         >>> g.output_size(9, 8)
         (5, 4)
+        >>> ConvGeometry.create(kernel_size=3, stride=2, padding="dynamic_same").padding_for(8, 9)
+        (0, 1, 1, 1)
     """
 
     kernel_size: tuple[int, int]
@@ -36,17 +42,26 @@ class ConvGeometry:
     dilation: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
     padding_mode: str = "zeros"
+    dynamic_same: bool = False
 
     @classmethod
     def create(cls, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
                padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
                padding_mode: str = "zeros") -> ConvGeometry:
-        """Build from ``nn.Conv2d``-style arguments (``padding`` may be an int, a pair, "same" or "valid")."""
+        """Build from ``nn.Conv2d``-style arguments.
+
+        ``padding`` may be an int, a pair, "same", "valid", or "dynamic_same" (TensorFlow 'SAME',
+        computed per input size; zero padding only).
+        """
         kernel, step, dil = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation, "dilation")
         if min(kernel) < 1 or min(step) < 1 or min(dil) < 1:
             raise ValueError(f"kernel_size, stride and dilation must be >= 1, got {kernel}, {step}, {dil}.")
         if padding_mode not in _PAD_MODES:
             raise ValueError(f"padding_mode {padding_mode!r} is not supported; use one of {sorted(_PAD_MODES)}.")
+        if padding == "dynamic_same":
+            if padding_mode != "zeros":
+                raise ValueError(f"padding='dynamic_same' pads with zeros, got padding_mode={padding_mode!r}.")
+            return cls(kernel, step, dil, (0, 0, 0, 0), padding_mode, dynamic_same=True)
         if isinstance(padding, str):
             if padding == "valid":
                 pads = (0, 0, 0, 0)
@@ -57,7 +72,8 @@ class ConvGeometry:
                 total_h, total_w = dil[0] * (kernel[0] - 1), dil[1] * (kernel[1] - 1)
                 pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
             else:
-                raise ValueError(f"padding {padding!r} is not understood; use an int, a pair, 'same' or 'valid'.")
+                raise ValueError(f"padding {padding!r} is not understood; use an int, a pair, 'same', 'valid' "
+                                 "or 'dynamic_same'.")
         else:
             pad_h, pad_w = _pair(padding, "padding")
             if min(pad_h, pad_w) < 0:
@@ -75,8 +91,17 @@ class ConvGeometry:
         """Offset of the kernel's centre tap within its span, per axis."""
         return tuple(d * ((k - 1) // 2) for k, d in zip(self.kernel_size, self.dilation, strict=True))
 
+    def padding_for(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Padding (top, bottom, left, right) applied to an input of (height, width)."""
+        if not self.dynamic_same:
+            return self.padding
+        pad_h, pad_w = (max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+                        for size, k, s, d in zip((height, width), self.kernel_size, self.stride, self.dilation,
+                                                 strict=True))
+        return pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
-        top, bottom, left, right = self.padding
+        top, bottom, left, right = self.padding_for(height, width)
         return height + top + bottom, width + left + right
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -86,8 +111,8 @@ class ConvGeometry:
 
     def pad(self, x: Tensor) -> Tensor:
         """Apply the padding explicitly, so every later step is a padding-free convolution."""
-        top, bottom, left, right = self.padding
-        if not any(self.padding):
+        top, bottom, left, right = self.padding_for(*x.shape[-2:])
+        if not any((top, bottom, left, right)):
             return x
         return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[self.padding_mode])
 

@@ -1,0 +1,137 @@
+"""The ``convmoe`` command line: a thin argparse layer; the work lives in convmoe.demo and convmoe.hub.
+
+Each subcommand is one :class:`Command` in :data:`COMMANDS` (its arguments and the function that
+runs it), so a new subcommand (train, eval, zoo, analyze) is one more entry.
+
+    convmoe demo                 patch the ImageNet EfficientNet-Lite0, check predictions, train, stats
+    convmoe demo --synthetic     one MoEConv2d on synthetic data (no extra package)
+    convmoe describe PATH|ID     what a saved checkpoint replaced, experts, params, FLOPs
+    convmoe train CONFIG [k=v]   train from a YAML config (convmoe.engine)
+    convmoe eval SOURCE          evaluate a checkpoint, folder or Hub id on a config's dataset
+    convmoe analyze MODEL DATA   routing heatmaps, maps, specialisation, balance, layer redundancy (convmoe.analysis)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from convmoe.analysis import command as analysis_command
+from convmoe.engine import cli as engine_cli
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``convmoe`` subcommand.
+
+    Attributes:
+        name: The subcommand (``convmoe NAME``).
+        help: One line for ``convmoe --help``.
+        add_arguments: Adds the subcommand's arguments to its parser.
+        run: Runs it with the parsed arguments; returns the exit status.
+
+    Example:
+        >>> command = Command("hello", "say hello", lambda parser: None, lambda args: 0)
+        >>> command.run(argparse.Namespace())
+        0
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--synthetic", action="store_true",
+                        help="train one MoEConv2d on synthetic data instead (no extra package needed)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 8, synthetic 40)")
+    parser.add_argument("--targets", default="last_stage",
+                        help="convmoe.patch targets in EfficientNet-Lite0 (default: last_stage)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from convmoe import demo
+
+    options = {"seed": args.seed, "progress": not args.no_progress}
+    if args.steps is not None:
+        options["steps"] = args.steps
+    if args.synthetic:
+        demo.run_synthetic_demo(**options)
+        return 0
+    result = demo.run_demo(targets=args.targets, **options)
+    return 0 if result.top5_unchanged else 1
+
+
+def _describe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a folder written by convmoe.save_pretrained, or a Hub repo id 'org/name'")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
+
+
+def _run_describe(args: argparse.Namespace) -> int:
+    import convmoe
+    from convmoe.hub import from_pretrained
+
+    model = from_pretrained(args.path, revision=args.revision)
+    print(convmoe.describe(model))
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("demo", "patch a pretrained EfficientNet-Lite0, check its predictions, train a few steps, print "
+            "routing statistics", _demo_arguments, _run_demo),
+    Command("describe", "print what a saved checkpoint replaced, its experts, parameters and FLOPs",
+            _describe_arguments, _run_describe),
+    Command("train", "train from a YAML config (key=value overrides); under torchrun, on every process",
+            engine_cli.add_train_arguments, engine_cli.run_train),
+    Command("eval", "metrics of a training checkpoint, save_pretrained folder or Hub id on a config's dataset",
+            engine_cli.add_eval_arguments, engine_cli.run_eval),
+    Command("analyze", "routing analysis of a model on a dataset: expert x class heatmaps, routing maps, "
+            "specialisation and balance, layer redundancy", analysis_command.add_arguments, analysis_command.run),
+]
+
+
+def build_parser(commands: Sequence[Command] = tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The ``convmoe`` argument parser, one subparser per command.
+
+    Example:
+        >>> build_parser().parse_args(["demo", "--synthetic"]).synthetic
+        True
+    """
+    from convmoe import __version__
+
+    parser = argparse.ArgumentParser(prog="convmoe", description="Sparse Mixture-of-Experts for CNNs.")
+    parser.add_argument("--version", action="version", version=f"convmoe {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``convmoe`` console script; returns the exit status.
+
+    Errors that name their problem and fix (missing files, bad configs, missing optional packages)
+    are printed as one line, without a traceback, with exit status 2.
+
+    Example:
+        >>> main(["demo", "--synthetic", "--steps", "1", "--no-progress"])  # doctest: +ELLIPSIS
+        Synthetic demo: ...
+        0
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        print(f"convmoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Datasets from standard layouts and joint image/mask augmentations."""
+
+from convmoe.data import transforms
+from convmoe.data.classification import CIFAR10_CLASSES, CIFAR10Dataset, ImageFolderDataset, read_cifar_batch
+from convmoe.data.io import read_image, read_mask
+from convmoe.data.segmentation import (
+    CAMVID_CLASSES,
+    CAMVID_IGNORE_INDEX,
+    CamVidDataset,
+    RandomCropSegmentationDataset,
+    read_pairs_csv,
+    write_pairs_csv,
+)
+
+__all__ = [
+    "CAMVID_CLASSES",
+    "CAMVID_IGNORE_INDEX",
+    "CIFAR10_CLASSES",
+    "CIFAR10Dataset",
+    "CamVidDataset",
+    "ImageFolderDataset",
+    "RandomCropSegmentationDataset",
+    "read_cifar_batch",
+    "read_image",
+    "read_mask",
+    "read_pairs_csv",
+    "transforms",
+    "write_pairs_csv",
+]

@@ -1,0 +1,118 @@
+"""Classification datasets from standard layouts: an image folder and the CIFAR-10 python batches."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from convmoe.data.io import list_images, read_image
+from convmoe.data.transforms import compose, to_tensors
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class ImageFolderDataset(Dataset):
+    """Images in one folder per class: ``root/<class>/<image>`` (or ``root/<split>/<class>/<image>``).
+
+    Classes are the sorted folder names; label ``i`` is the i-th. Items are dicts
+    ``{"image": (C, H, W) float tensor, "label": int}``.
+
+    Args:
+        root: The dataset folder.
+        split: Optional sub-folder (``"train"``, ``"test"``).
+        augmentation_list: Transforms called as ``t(image=...)`` (see :mod:`convmoe.data.transforms`).
+
+    Raises:
+        ValueError: No class folder or no image found.
+
+    Example:
+        >>> dataset = ImageFolderDataset("tests/fixtures/cifar10_folder", split="test")  # doctest: +SKIP
+        >>> dataset[0]["image"].shape  # doctest: +SKIP
+        torch.Size([3, 32, 32])
+    """
+
+    def __init__(self, root: str | Path, split: str | None = None,
+                 augmentation_list: Sequence[Callable[..., dict]] | None = None) -> None:
+        folder = Path(root) / split if split else Path(root)
+        if not folder.is_dir():
+            raise ValueError(f"image folder {folder} does not exist.")
+        self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not self.classes:
+            raise ValueError(f"{folder} has no class folders; expected {folder}/<class>/<image>.")
+        self.samples = [(path, label) for label, name in enumerate(self.classes) for path in list_images(folder / name)]
+        if not self.samples:
+            raise ValueError(f"no image found under {folder}/<class>/.")
+        self.transform = compose(augmentation_list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        sample = to_tensors(self.transform(image=read_image(path)))
+        return {"image": sample["image"], "label": label}
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch file: images (N, 32, 32, 3) uint8 and labels (N,) int64.
+
+    Example:
+        >>> images, labels = read_cifar_batch("tests/fixtures/cifar-10-batches-py/test_batch")  # doctest: +SKIP
+    """
+    with open(path, "rb") as f:
+        # The CIFAR-10 release is a pickle by definition; read only files you trust.
+        batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64)
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+class CIFAR10Dataset(Dataset):
+    """CIFAR-10 from its python release: ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``.
+
+    ``root`` is the folder holding the batches (``cifar-10-batches-py``) or its parent.
+    Items are dicts ``{"image": (3, 32, 32) float tensor, "label": int}``.
+
+    Args:
+        root: Folder with the batch files.
+        split: ``"train"`` (every ``data_batch_*`` present) or ``"test"``.
+        augmentation_list: Transforms called as ``t(image=...)``.
+
+    Raises:
+        ValueError: Unknown split, or no batch file found.
+
+    Example:
+        >>> dataset = CIFAR10Dataset("tests/fixtures/cifar-10-batches-py", split="test")  # doctest: +SKIP
+        >>> len(dataset.classes)  # doctest: +SKIP
+        10
+    """
+
+    classes = CIFAR10_CLASSES
+
+    def __init__(self, root: str | Path, split: str = "train",
+                 augmentation_list: Sequence[Callable[..., dict]] | None = None) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split={split!r} must be 'train' or 'test'.")
+        folder = Path(root)
+        if not (folder / "test_batch").exists() and (folder / "cifar-10-batches-py").is_dir():
+            folder = folder / "cifar-10-batches-py"
+        files = sorted(folder.glob("data_batch_*")) if split == "train" else [folder / "test_batch"]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise ValueError(f"no CIFAR-10 {split} batch in {folder}; expected data_batch_1.. or test_batch there.")
+        parts = [read_cifar_batch(f) for f in files]
+        self.images = np.concatenate([images for images, _ in parts])
+        self.labels = np.concatenate([labels for _, labels in parts])
+        self.transform = compose(augmentation_list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = to_tensors(self.transform(image=self.images[index]))
+        return {"image": sample["image"], "label": int(self.labels[index])}

@@ -1,0 +1,313 @@
+"""Base-model recipes: how to rebuild the network a checkpoint was patched from, without its weights.
+
+A recipe is a library, a name and keyword arguments, JSON-ready so it can live in ``config.json``:
+
+    {"library": "timm",    "name": "resnet18",         "kwargs": {"num_classes": 10}}
+    {"library": "smp",     "name": "Unet",             "kwargs": {"encoder_name": "resnet18", "classes": 2}}
+    {"library": "factory", "name": "my_pkg.nets:build", "kwargs": {"width": 32}}
+
+``create_model("timm:resnet18", ...)`` builds a model and records its recipe on it, so
+``save_pretrained`` needs no ``base=``. Rebuilding never downloads weights: timm gets
+``pretrained=False`` and smp ``encoder_weights=None``; the checkpoint brings the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+RECIPE_ATTRIBUTE = "convmoe_base_recipe"
+RECIPE_ERROR_ATTRIBUTE = "convmoe_base_recipe_error"
+LIBRARIES = ("timm", "smp", "factory")
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """How to rebuild a base model: a library, a name in it, and keyword arguments.
+
+    Attributes:
+        library: ``"timm"`` (``timm.create_model``), ``"smp"`` (``segmentation_models_pytorch.create_model``)
+            or ``"factory"`` (a user function named ``"module:function"``).
+        name: The timm model name, the smp architecture (``"Unet"``) or ``"module:function"``.
+        kwargs: JSON-ready keyword arguments for the call.
+
+    Example:
+        >>> recipe = BaseRecipe("timm", "test_resnet", {"num_classes": 10})
+        >>> BaseRecipe.from_dict(recipe.to_dict()) == recipe
+        True
+        >>> recipe.build().num_classes
+        10
+    """
+
+    library: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.library not in LIBRARIES:
+            raise ValueError(f"base recipe library {self.library!r} is not supported; use one of {', '.join(LIBRARIES)} "
+                             "('factory' with name='module:function' for your own builder).")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"base recipe name must be a non-empty string, got {self.name!r}.")
+        if self.library == "factory" and ":" not in self.name:
+            raise ValueError(f"factory recipe name {self.name!r} must be 'module:function', e.g. 'my_pkg.nets:build'.")
+        if not isinstance(self.kwargs, Mapping):
+            raise TypeError(f"base recipe kwargs must be a dict, got {type(self.kwargs).__name__}.")
+        object.__setattr__(self, "kwargs", _jsonable(dict(self.kwargs), f"{self.library}:{self.name}"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as a JSON-ready dict.
+
+        Example:
+            >>> BaseRecipe("smp", "Unet", {"classes": 2}).to_dict()
+            {'library': 'smp', 'name': 'Unet', 'kwargs': {'classes': 2}}
+        """
+        return {"library": self.library, "name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BaseRecipe:
+        """Build from a dict written by ``to_dict``; unknown or missing keys are an error.
+
+        Example:
+            >>> BaseRecipe.from_dict({"library": "timm", "name": "resnet18"}).kwargs
+            {}
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a base recipe must be a dict with 'library', 'name' and 'kwargs', got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown base recipe keys {unknown}; valid keys: {sorted(known)}.")
+        missing = [key for key in ("library", "name") if key not in data]
+        if missing:
+            raise ValueError(f"base recipe {dict(data)} lacks {missing}; it needs 'library' and 'name'.")
+        return cls(data["library"], data["name"], dict(data.get("kwargs") or {}))
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | BaseRecipe | Callable[..., nn.Module],
+              **kwargs: Any) -> BaseRecipe:
+        """A recipe from a ``"timm:NAME"`` / ``"smp:ARCH"`` / ``"module:function"`` string, a dict,
+        a recipe, or an importable function, with ``kwargs`` for the call.
+
+        Raises:
+            ValueError: A string without a library prefix, or a function that cannot be imported by name.
+
+        Example:
+            >>> BaseRecipe.parse("timm:resnet18", num_classes=10).to_dict()
+            {'library': 'timm', 'name': 'resnet18', 'kwargs': {'num_classes': 10}}
+            >>> BaseRecipe.parse("my_pkg.nets:build").library
+            'factory'
+        """
+        if isinstance(spec, BaseRecipe):
+            return dataclasses.replace(spec, kwargs={**spec.kwargs, **kwargs}) if kwargs else spec
+        if isinstance(spec, Mapping):
+            recipe = cls.from_dict(spec)
+            return cls.parse(recipe, **kwargs)
+        if isinstance(spec, str):
+            prefix, sep, rest = spec.partition(":")
+            if not sep or not prefix or not rest:
+                raise ValueError(f"base model {spec!r} needs a library prefix: 'timm:resnet18', 'smp:Unet' or "
+                                 "'module:function' for your own builder.")
+            if prefix in ("timm", "smp"):
+                return cls(prefix, rest, kwargs)
+            return cls("factory", spec, kwargs)
+        if callable(spec):
+            return cls("factory", _importable_name(spec), kwargs)
+        raise TypeError(f"cannot make a base recipe from {type(spec).__name__}; pass 'timm:NAME', 'smp:ARCH', "
+                        "'module:function', a dict or a function.")
+
+    def build(self) -> nn.Module:
+        """Build the base model with random weights: never downloads (timm ``pretrained=False``,
+        smp ``encoder_weights=None``); a factory function is called with ``kwargs`` as they are.
+
+        Example:
+            >>> type(BaseRecipe("timm", "test_resnet").build()).__name__
+            'ResNet'
+        """
+        kwargs = dict(self.kwargs)
+        if self.library == "timm":
+            import timm
+
+            kwargs["pretrained"] = False
+            kwargs.pop("checkpoint_path", None)
+            if not timm.is_model(self.name):
+                raise ValueError(f"timm has no model {self.name!r} (timm {timm.__version__}); check the name with "
+                                 "timm.list_models() or upgrade timm.")
+            model = timm.create_model(self.name, **kwargs)
+        elif self.library == "smp":
+            smp = _import_smp()
+            kwargs["encoder_weights"] = None
+            model = smp.create_model(self.name, **kwargs)
+        else:
+            model = _resolve_function(self.name)(**kwargs)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"factory {self.name!r} returned {type(model).__name__}, expected an nn.Module.")
+        record_recipe(model, self)
+        return model
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a base model and record how on it, so ``save_pretrained`` can rebuild it later.
+
+    Args:
+        name: ``"timm:MODEL"`` (any ``timm.create_model`` name), ``"smp:ARCH"`` (an smp architecture,
+            e.g. ``"smp:Unet"``) or ``"module:function"`` (your own builder).
+        **kwargs: Passed to the builder. To be recorded they must be JSON-ready (numbers, strings,
+            lists, dicts); otherwise the model is built but ``save_pretrained`` needs ``base=``.
+            ``pretrained=True`` / ``encoder_weights="imagenet"`` load weights now; a checkpoint saved
+            from the model rebuilds it without them.
+
+    Returns:
+        The model, with its :class:`BaseRecipe` under ``convmoe_base_recipe``.
+
+    Example:
+        >>> model = create_model("timm:test_resnet", num_classes=10)
+        >>> get_recipe(model).to_dict()
+        {'library': 'timm', 'name': 'test_resnet', 'kwargs': {'num_classes': 10}}
+    """
+    library_recipe = BaseRecipe.parse(name)
+    if library_recipe.library == "timm":
+        import timm
+
+        model = timm.create_model(library_recipe.name, **kwargs)
+    elif library_recipe.library == "smp":
+        model = _import_smp().create_model(library_recipe.name, **kwargs)
+    else:
+        model = _resolve_function(library_recipe.name)(**kwargs)
+    try:
+        record_recipe(model, BaseRecipe.parse(library_recipe, **kwargs))
+    except ValueError as error:  # not JSON-ready: the model works, save_pretrained will need base=
+        object.__setattr__(model, RECIPE_ERROR_ATTRIBUTE, str(error))
+    return model
+
+
+def record_recipe(model: nn.Module, recipe: BaseRecipe) -> None:
+    """Attach ``recipe`` to ``model`` (it survives ``convmoe.patch``, which edits the model in place).
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> record_recipe(model, BaseRecipe("factory", "torch.nn:Identity"))
+        >>> get_recipe(model).name
+        'torch.nn:Identity'
+    """
+    object.__setattr__(model, RECIPE_ATTRIBUTE, recipe)
+
+
+def get_recipe(model: nn.Module) -> BaseRecipe | None:
+    """The recipe recorded on ``model`` by ``create_model``/``from_pretrained``, or None.
+
+    Example:
+        >>> get_recipe(nn.Linear(2, 2)) is None
+        True
+    """
+    recipe = getattr(model, RECIPE_ATTRIBUTE, None)
+    return recipe if isinstance(recipe, BaseRecipe) else None
+
+
+def infer_recipe(model: nn.Module) -> BaseRecipe | None:
+    """The recipe of ``model`` when it can be known, else None.
+
+    Tried in order: the recorded recipe (``create_model``, ``from_pretrained``); an smp model's init
+    config; a timm model's ``pretrained_cfg["architecture"]`` with its ``num_classes`` and input
+    channels. ``save_pretrained`` checks an inferred recipe by rebuilding the model's shapes.
+
+    Example:
+        >>> import timm
+        >>> infer_recipe(timm.create_model("test_resnet", num_classes=7)).to_dict()
+        {'library': 'timm', 'name': 'test_resnet', 'kwargs': {'num_classes': 7}}
+        >>> infer_recipe(nn.Conv2d(3, 3, 1)) is None
+        True
+    """
+    recorded = get_recipe(model)
+    if recorded is not None:
+        return recorded
+    if getattr(model, RECIPE_ERROR_ATTRIBUTE, None):  # create_model got arguments a guess would silently drop
+        return None
+    return _infer_smp(model) or _infer_timm(model)
+
+
+def _infer_smp(model: nn.Module) -> BaseRecipe | None:
+    if not type(model).__module__.startswith("segmentation_models_pytorch"):
+        return None
+    config = getattr(model, "_hub_mixin_config", None)
+    if not isinstance(config, Mapping):
+        return None
+    smp = _import_smp()
+    arch = type(model).__name__
+    if smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower()) is not type(model):
+        return None
+    try:
+        return BaseRecipe("smp", arch, dict(config))
+    except ValueError:
+        return None
+
+
+def _infer_timm(model: nn.Module) -> BaseRecipe | None:
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not isinstance(pretrained_cfg, Mapping) or not pretrained_cfg.get("architecture"):
+        return None
+    import timm
+
+    name = pretrained_cfg["architecture"]
+    if not timm.is_model(name):
+        return None
+    kwargs: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != 3:
+        kwargs["in_chans"] = first_conv.in_channels
+    return BaseRecipe("timm", name, kwargs)
+
+
+def _jsonable(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """A JSON round trip of ``kwargs`` (tuples become lists); names the offending argument."""
+    for key, value in kwargs.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"base model {where} argument {key}={value!r} cannot be written to config.json "
+                             f"({error}); pass JSON-ready values (numbers, strings, lists, dicts), or wrap the "
+                             "model in your own 'module:function' factory.") from None
+    return json.loads(json.dumps(kwargs))
+
+
+def _importable_name(function: Callable[..., Any]) -> str:
+    module = getattr(function, "__module__", None)
+    qualname = getattr(function, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        raise ValueError(f"cannot record {function!r} as a base factory: it must be a module-level function in an "
+                         "importable module (not a lambda, a local function or __main__); move it to a module and "
+                         "pass it, or pass base='module:function'.")
+    return f"{module}:{qualname}"
+
+
+def _resolve_function(name: str) -> Callable[..., nn.Module]:
+    module_name, _, attribute = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import module {module_name!r} for the base factory {name!r} ({error}); install "
+                         "it or put it on PYTHONPATH.") from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"module {module_name!r} has no {attribute!r} for the base factory {name!r}; "
+                             "check the 'module:function' name.")
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"base factory {name!r} is not callable.")
+    return target
+
+
+def _import_smp() -> Any:
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as error:
+        raise ImportError("this base model needs segmentation-models-pytorch; pip install 'convmoe[seg]'.") from error
+    return smp

@@ -1,0 +1,420 @@
+"""save_pretrained / from_pretrained: round trips, the Hub cache offline, and every error's message.
+
+All offline: Hub tests build a cache laid out as huggingface_hub documents it
+(``models--ORG--NAME/{blobs, refs/main, snapshots/<commit>/...}``) and block sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import convmoe
+from convmoe import MoEConfig
+from convmoe.factory import BaseRecipe, create_model, get_recipe, infer_recipe
+from convmoe.hub import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    from_pretrained,
+    read_config,
+    save_pretrained,
+)
+
+CONFIG = MoEConfig(num_experts=4, top_k=2, tokens="grid:2x2")
+REPO_ID = "convmoe-test/tiny-resnet"
+
+FACTORY_MODULE = '''
+from torch import nn
+
+
+def build(width=4, classes=5):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(width, classes, 1))
+
+
+def tied(width=4):
+    model = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+    model[2].weight = model[0].weight
+    return model
+'''
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Move every float parameter and buffer off its init, so a fresh rebuild cannot match by chance."""
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    return model
+
+
+def tiny_patched_resnet(num_classes: int = 10) -> nn.Module:
+    model = create_model("timm:test_resnet", num_classes=num_classes)
+    convmoe.patch(model, targets="layer4.*.conv2", config=CONFIG)
+    return perturb(model).eval()
+
+
+def assert_same_model(loaded: nn.Module, original: nn.Module, x: torch.Tensor) -> None:
+    expected = original.state_dict()
+    actual = loaded.state_dict()
+    assert list(actual) == list(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), original.eval()(x), atol=1e-6, rtol=0)
+
+
+def rewrite_weights(folder: Path, mutate) -> None:
+    """Re-write model.safetensors with the same metadata after ``mutate(tensors)``."""
+    path = folder / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    mutate(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.update(changes)
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
+@pytest.fixture
+def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module ``convmoe_test_nets`` with base-model builders."""
+    (tmp_path / "convmoe_test_nets.py").write_text(textwrap.dedent(FACTORY_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "convmoe_test_nets"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test tried to open a network connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# -- round trips ---------------------------------------------------------------------------------------
+
+
+def test_round_trip_patched_timm_model(tmp_path):
+    model = tiny_patched_resnet()
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    config = read_config(folder)
+    assert config["base"] == {"library": "timm", "name": "test_resnet", "kwargs": {"num_classes": 10}}
+    assert config["format_version"] == FORMAT_VERSION
+    assert config["patch"] == convmoe.patch_spec(model)
+
+    loaded = from_pretrained(folder)
+    assert not loaded.training
+    blocks = dict(convmoe.moe_blocks(loaded))
+    assert sorted(blocks) == ["layer4.0.conv2"]
+    assert blocks["layer4.0.conv2"].config == CONFIG
+    assert_same_model(loaded, model, torch.randn(2, 3, 64, 64))
+
+
+def test_round_trip_patched_smp_model_with_inferred_recipe(tmp_path):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.Unet("tu-test_resnet", encoder_weights=None, classes=2, decoder_channels=[16, 8, 8, 8, 8])
+    convmoe.patch(model, targets="decoder.blocks.3.conv*.0", config=CONFIG)
+    perturb(model).eval()
+    folder = save_pretrained(model, tmp_path)  # recipe from smp's init config, no base= needed
+    base = read_config(folder)["base"]
+    assert (base["library"], base["name"], base["kwargs"]["encoder_name"]) == ("smp", "Unet", "tu-test_resnet")
+    loaded = from_pretrained(folder)
+    assert type(loaded) is type(model)
+    assert_same_model(loaded, model, torch.randn(2, 3, 64, 64))
+
+
+def test_inferred_timm_recipe_and_resave_without_base(tmp_path):
+    import timm
+
+    model = timm.create_model("test_resnet", num_classes=7)  # no convmoe.create_model: pretrained_cfg is used
+    assert infer_recipe(model) == BaseRecipe("timm", "test_resnet", {"num_classes": 7})
+    convmoe.patch(model, targets="layer4.*.conv2", config=CONFIG)
+    perturb(model).eval()
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "a"))
+    assert get_recipe(loaded) == BaseRecipe("timm", "test_resnet", {"num_classes": 7})
+    again = from_pretrained(save_pretrained(loaded, tmp_path / "b"))  # the loaded model knows its recipe
+    assert_same_model(again, model, torch.randn(1, 3, 64, 64))
+
+
+def test_user_factory_recipe_given_as_base(tmp_path, factory_module):
+    from convmoe_test_nets import build
+
+    model = build(width=6)
+    convmoe.patch(model, targets="2", config=CONFIG)
+    perturb(model).eval()
+    with pytest.raises(ValueError, match=r"cannot tell how to rebuild this Sequential: pass base="):
+        save_pretrained(model, tmp_path / "no-base")
+    base = {"library": "factory", "name": f"{factory_module}:build", "kwargs": {"width": 6}}
+    folder = save_pretrained(model, tmp_path / "ckpt", base=base)
+    assert read_config(folder)["base"] == base
+    assert_same_model(from_pretrained(folder), model, torch.randn(2, 3, 9, 9))
+    # An importable function works as base too, and create_model records "module:function" recipes.
+    save_pretrained(model, tmp_path / "fn", base=BaseRecipe.parse(build, width=6))
+    recorded = create_model(f"{factory_module}:build", width=6)
+    assert get_recipe(recorded) == BaseRecipe("factory", f"{factory_module}:build", {"width": 6})
+
+
+def test_shared_tensors_are_stored_once_and_restored(tmp_path, factory_module):
+    model = perturb(create_model(f"{factory_module}:tied", width=4)).eval()
+    assert model[0].weight is model[2].weight
+    folder = save_pretrained(model, tmp_path)
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
+        stored = set(handle.keys())
+    assert stored == {"0.weight", "0.bias", "2.bias"}  # "2.weight" is an alias of "0.weight"
+    assert_same_model(from_pretrained(folder), model, torch.randn(2, 4, 7, 7))
+
+
+def test_map_location_and_strict_false(tmp_path):
+    model = tiny_patched_resnet()
+    folder = save_pretrained(model, tmp_path)
+    rewrite_weights(folder, lambda tensors: tensors.update({"extra.weight": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected 'extra\.weight'.*pass strict=False"):
+        from_pretrained(folder)
+    loaded = from_pretrained(folder, strict=False, map_location=torch.device("cpu"))
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert_same_model(loaded, model, torch.randn(1, 3, 64, 64))
+
+
+# -- the Hub cache, offline ----------------------------------------------------------------------------
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def make_hub_cache(cache: Path, repo_id: str, checkpoint: Path, files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME),
+                   ) -> str:
+    """Lay ``checkpoint``'s files out as huggingface_hub's cache does; returns the commit hash.
+
+    Blobs are named by their etag: the sha256 for LFS files (safetensors), the git blob sha1
+    otherwise; snapshot files are relative symlinks to them; ``refs/main`` holds the commit hash.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode() + checkpoint.joinpath(CONFIG_NAME).read_bytes()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name in files:
+        data = (checkpoint / name).read_bytes()
+        blob = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else git_blob_sha1(data)
+        (repo / "blobs" / blob).write_bytes(data)
+        (repo / "snapshots" / commit / name).symlink_to(Path("..") / ".." / "blobs" / blob)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> tuple[Path, str, nn.Module]:
+    """A cache under tmp with REPO_ID at one commit; HF_HUB_CACHE points to it and HF_HUB_OFFLINE=1."""
+    model = tiny_patched_resnet()
+    checkpoint = save_pretrained(model, tmp_path / "upload")
+    cache = tmp_path / "hf-cache"
+    commit = make_hub_cache(cache, REPO_ID, checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    return cache, commit, model
+
+
+def test_hub_cache_layout_is_the_one_huggingface_hub_reads(hub_cache):
+    from huggingface_hub import scan_cache_dir
+
+    cache, commit, _ = hub_cache
+    info = scan_cache_dir(cache)
+    assert not info.warnings
+    (repo,) = info.repos
+    (revision,) = repo.revisions
+    assert (repo.repo_id, repo.repo_type, revision.commit_hash, revision.refs) == (REPO_ID, "model", commit, {"main"})
+    assert sorted(f.file_name for f in revision.files) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_from_pretrained_hub_id_offline_from_hf_hub_cache(hub_cache):
+    _, commit, model = hub_cache
+    x = torch.randn(1, 3, 64, 64)
+    assert_same_model(from_pretrained(REPO_ID), model, x)
+    assert_same_model(from_pretrained(f"hf-hub:{REPO_ID}", revision=commit), model, x)
+    assert_same_model(from_pretrained(REPO_ID, revision="main"), model, x)
+
+
+def test_from_pretrained_hub_id_offline_from_hf_home(hub_cache, tmp_path, monkeypatch):
+    cache, _, model = hub_cache
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    cache.rename(home / "hub")
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(home))
+    assert_same_model(from_pretrained(REPO_ID), model, torch.randn(1, 3, 64, 64))
+
+
+def test_hub_id_not_in_cache_offline_names_the_id(hub_cache):
+    with pytest.raises(FileNotFoundError, match=r"'convmoe-test/absent'.*not in the Hub cache.*offline \(HF_HUB_OFFLINE=1\)"):
+        from_pretrained("convmoe-test/absent")
+    with pytest.raises(FileNotFoundError, match=r"No local folder 'convmoe-test/absent' exists either"):
+        from_pretrained("convmoe-test/absent")
+    with pytest.raises(FileNotFoundError, match=r"revision 'v2'.*offline"):
+        from_pretrained(REPO_ID, revision="v2")
+
+
+def test_hub_snapshot_without_weights_names_the_file(tmp_path, monkeypatch, no_network):
+    checkpoint = save_pretrained(tiny_patched_resnet(), tmp_path / "upload")
+    make_hub_cache(tmp_path / "cache", "convmoe-test/config-only", checkpoint, files=(CONFIG_NAME,))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors of Hub repo 'convmoe-test/config-only'"):
+        from_pretrained("convmoe-test/config-only", cache_dir=tmp_path / "cache")
+
+
+# -- errors that name the problem and the fix ----------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[Path, nn.Module]:
+    model = tiny_patched_resnet()
+    return save_pretrained(model, tmp_path / "ckpt"), model
+
+
+def test_weights_that_do_not_match_the_config(saved):
+    folder, _ = saved
+
+    def swap_block_for_dense_conv(tensors):
+        for name in [n for n in tensors if n.startswith("layer4.0.conv2.")]:
+            del tensors[name]
+        tensors["layer4.0.conv2.weight"] = torch.zeros(8, 8, 3, 3)
+
+    rewrite_weights(folder, swap_block_for_dense_conv)
+    with pytest.raises(ValueError, match=r"do not match config: missing 'layer4\.0\.conv2\.experts\.weight'.*"
+                                         r"unexpected 'layer4\.0\.conv2\.weight'"):
+        from_pretrained(folder)
+
+
+def test_weights_with_a_wrong_shape(saved):
+    folder, _ = saved
+    rewrite_weights(folder, lambda tensors: tensors.update({"fc.weight": torch.zeros(3, tensors["fc.weight"].shape[1])}))
+    with pytest.raises(ValueError, match=r"shape mismatch 'fc\.weight': checkpoint \(3, \d+\) vs model \(10, \d+\)"):
+        from_pretrained(folder, strict=False)  # a shape mismatch is never skipped
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_or_truncated_weights(saved, damage):
+    folder, _ = saved
+    path = folder / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes(b"this is not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file.*corrupt or truncated"):
+        from_pretrained(folder)
+
+
+def test_config_from_a_newer_format_version(saved):
+    folder, _ = saved
+    edit_config(folder, format_version=FORMAT_VERSION + 1, convmoe_version="9.0.0")
+    with pytest.raises(ValueError, match=rf"format_version {FORMAT_VERSION + 1}, written by convmoe 9\.0\.0.*"
+                                         r"pip install -U convmoe"):
+        from_pretrained(folder)
+
+
+def test_not_a_convmoe_config(saved):
+    folder, _ = saved
+    (folder / CONFIG_NAME).write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match=r"not a convmoe checkpoint config"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+def test_missing_file(saved, name):
+    folder, _ = saved
+    (folder / name).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{name.replace('.', r'[.]')} is missing"):
+        from_pretrained(folder)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"neither an existing folder nor a Hub repo id"):
+        from_pretrained(tmp_path / "nowhere" / "ckpt")
+    with pytest.raises(ValueError, match=r"revision='main' applies to Hub repos only"):
+        from_pretrained(tmp_path, revision="main")
+
+
+def test_files_from_two_saves_are_refused(tmp_path):
+    first = save_pretrained(tiny_patched_resnet(), tmp_path / "first")
+    second = save_pretrained(tiny_patched_resnet(), tmp_path / "second")
+    (first / CONFIG_NAME).write_bytes((second / CONFIG_NAME).read_bytes())
+    with pytest.raises(ValueError, match=r"come from different saves"):
+        from_pretrained(first)
+
+
+def test_wrong_inferred_recipe_is_caught_at_save(tmp_path):
+    import timm
+
+    model = timm.create_model("test_resnet")
+    model.fc = nn.Linear(model.fc.in_features, 3)  # num_classes still says 1000
+    with pytest.raises(ValueError, match=r"does not rebuild this model's tensors.*'fc\.weight': model \(3, \d+\) "
+                                         r"vs recipe \(1000, \d+\).*base="):
+        save_pretrained(model, tmp_path / "wrong")
+    assert not (tmp_path / "wrong" / CONFIG_NAME).exists()
+    folder = save_pretrained(model, tmp_path / "right", base={"library": "timm", "name": "test_resnet",
+                                                               "kwargs": {"num_classes": 3}})
+    assert_same_model(from_pretrained(folder), model.eval(), torch.randn(1, 3, 64, 64))
+
+
+def test_recipe_errors():
+    with pytest.raises(ValueError, match=r"needs a library prefix: 'timm:resnet18'"):
+        BaseRecipe.parse("resnet18")
+    with pytest.raises(ValueError, match=r"library 'keras' is not supported"):
+        BaseRecipe.from_dict({"library": "keras", "name": "x"})
+    with pytest.raises(ValueError, match=r"argument act_layer=.*cannot be written to config\.json"):
+        BaseRecipe.parse("timm:test_resnet", act_layer=nn.ReLU)
+    with pytest.raises(ValueError, match=r"not a lambda, a local function"):
+        BaseRecipe.parse(lambda: nn.Identity())
+    model = create_model("timm:test_resnet", act_layer=nn.ReLU)  # builds; only saving needs base=
+    with pytest.raises(ValueError, match=r"recipe was not recorded.*act_layer.*pass base="):
+        save_pretrained(model, "unused")
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+
+
+def test_save_keeps_other_files_and_leaves_no_temporary_files(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "README.md").write_text("model card")
+    save_pretrained(tiny_patched_resnet(), folder)
+    save_pretrained(tiny_patched_resnet(), folder)  # overwrite in place
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    assert (folder / "README.md").read_text() == "model card"
+    assert (folder / CONFIG_NAME).stat().st_mode & 0o777 == 0o644
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    old_model = tiny_patched_resnet()
+    folder = save_pretrained(old_model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def crash_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 100)  # a partial write, then the process "dies"
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(tiny_patched_resnet(), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file left either
+    monkeypatch.undo()
+    assert_same_model(from_pretrained(folder), old_model, torch.randn(1, 3, 64, 64))
