@@ -9,14 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from convmoe.config import MoEConfig
-from convmoe.dispatch import create_dispatcher
+from convmoe.dispatch import DenseDispatcher, SparseDispatcher, create_dispatcher
 from convmoe.dropout import create_dropout
 from convmoe.experts import create_experts
+from convmoe.export import export_dispatcher, is_exporting
 from convmoe.geometry import ConvGeometry
 from convmoe.losses import BalancingLoss
 from convmoe.routers import create_router
 from convmoe.tokens import create_tokens
 from convmoe.types import AuxOutput, Routing
+
+_DENSE = DenseDispatcher()
 
 
 def _detached(routing: Routing) -> Routing:
@@ -42,7 +45,8 @@ class MoEConv2d(nn.Module):
         out_channels: Output channels C_out.
         kernel_size: Kernel size of every expert.
         stride: Stride.
-        padding: An int, a pair, ``"same"`` or ``"valid"``, as in ``nn.Conv2d``.
+        padding: An int, a pair, ``"same"`` or ``"valid"``, as in ``nn.Conv2d``; or ``"dynamic_same"``:
+            TensorFlow 'SAME', computed from each input's size (timm's ``Conv2dSame``).
         dilation: Dilation.
         groups: Conv groups (``in_channels`` for a depthwise conv).
         bias: Whether every expert has a bias.
@@ -54,7 +58,10 @@ class MoEConv2d(nn.Module):
 
     Raises:
         ValueError: Invalid geometry or config; an input with the wrong channels or a spatial size
-            too small for the kernel or the token grid.
+            too small for the kernel, the token grid or a reflect/circular padding.
+
+    NaN or Inf in the input make the outputs of the affected tokens NaN and change no other token's
+    routing (see :class:`~convmoe.routers.Router`); nothing raises, so AMP loss scaling still works.
 
     Example:
         >>> block = MoEConv2d(8, 16, kernel_size=3, padding=1, num_experts=4, top_k=2, tokens="grid:3x3")
@@ -164,7 +171,22 @@ class MoEConv2d(nn.Module):
         if min(out_size) < 1:
             raise ValueError(f"MoEConv2d{where}: input of spatial size {tuple(x.shape[-2:])} is smaller than the "
                              f"kernel's reach {self.geometry.span} after padding; use a larger input or more padding.")
+        self._check_padding(x, where)
         return out_size
+
+    def _check_padding(self, x: Tensor, where: str) -> None:
+        # F.pad would fail deep inside the forward pass: reflection needs padding < size, circular <= size.
+        mode = self.geometry.padding_mode
+        if mode not in ("reflect", "circular"):
+            return
+        height, width = x.shape[-2:]
+        top, bottom, left, right = self.geometry.padding_for(height, width)
+        fits = (lambda pad, size: pad < size) if mode == "reflect" else (lambda pad, size: pad <= size)
+        if not (fits(max(top, bottom), height) and fits(max(left, right), width)):
+            bound = "smaller than" if mode == "reflect" else "at most"
+            raise ValueError(f"MoEConv2d{where}: padding_mode={mode!r} needs padding {bound} the input size; got "
+                             f"padding (top, bottom, left, right)={(top, bottom, left, right)} for a {height}x{width} "
+                             "input; use a larger input or padding_mode='zeros' or 'replicate'.")
 
     def forward(self, x: Tensor) -> Tensor:
         out_size = self._check_input(x)
@@ -182,7 +204,12 @@ class MoEConv2d(nn.Module):
         routing = self.router(tokens, expert_mask)
 
         # Dispatch -> experts -> combine, plus the shared expert on every position.
-        y = self.dispatcher(x_pad, tokens, routing, self.experts, out_size)
+        # While exporting, sparse dispatch (data-dependent shapes) becomes dense: same outputs, static shapes.
+        # An empty batch (valid for nn.Conv2d) goes dense too: every expert still gets a (zero) gradient.
+        dispatcher = export_dispatcher(self.dispatcher) if is_exporting() else self.dispatcher
+        if x.shape[0] == 0 and isinstance(dispatcher, SparseDispatcher):
+            dispatcher = _DENSE
+        y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
         if self.shared_expert is not None:
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 

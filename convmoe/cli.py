@@ -9,6 +9,7 @@ runs it), so a new subcommand (train, eval, zoo, analyze) is one more entry.
     convmoe train CONFIG [k=v]   train from a YAML config (convmoe.engine)
     convmoe eval SOURCE          evaluate a checkpoint, folder or Hub id on a config's dataset
     convmoe analyze MODEL DATA   routing heatmaps, maps, specialisation, balance, layer redundancy (convmoe.analysis)
+    convmoe zoo publish|table|check|push   the model zoo (convmoe.zoo)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from convmoe.analysis import command as analysis_command
 from convmoe.engine import cli as engine_cli
+from convmoe.zoo import command as zoo_command
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ COMMANDS: list[Command] = [
             engine_cli.add_eval_arguments, engine_cli.run_eval),
     Command("analyze", "routing analysis of a model on a dataset: expert x class heatmaps, routing maps, "
             "specialisation and balance, layer redundancy", analysis_command.add_arguments, analysis_command.run),
+    Command("zoo", "model zoo: publish engine runs as Hub folders with model cards, regenerate the table, check, "
+            "push", zoo_command.add_arguments, zoo_command.run),
 ]
 
 

@@ -50,7 +50,7 @@ def _normalized_entropy(distribution: Tensor, size: int) -> float:
     if size < 2:
         return 1.0
     p = distribution[distribution > 0]
-    return float(-(p * p.log()).sum() / math.log(size))
+    return float(-(p * p.log()).sum() / math.log(size)) + 0.0  # + 0.0: one expert gives 0.0, not -0.0
 
 
 def compute_stats(routing: Routing) -> RoutingStats:
@@ -102,6 +102,14 @@ class ModelRoutingStats:
 
     Attributes:
         blocks: Block name -> its :class:`~convmoe.types.RoutingStats`.
+
+    Example:
+        >>> from convmoe import MoEConv2d
+        >>> model = nn.Sequential(MoEConv2d(3, 4, 3, padding=1, num_experts=4))
+        >>> _ = model(torch.randn(2, 3, 8, 8))
+        >>> stats = routing_stats(model)
+        >>> stats.summary()["blocks"], stats["0"].tokens
+        (1, 128)
     """
 
     blocks: dict[str, RoutingStats]

@@ -106,8 +106,10 @@ def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None
     """Load a model saved by :func:`save_pretrained`, from a folder or a Hugging Face Hub repo.
 
     The base model is rebuilt from the recipe without downloading its weights, the patch spec is
-    applied, and ``model.safetensors`` is loaded. Hub files go through huggingface_hub's cache, so
-    ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` and ``HF_HOME`` work (read when this function is called).
+    applied, and ``model.safetensors`` is loaded; tensors stored in another floating dtype (the
+    float16 zoo variants) are cast to the rebuilt model's dtype, float32. Hub files go through
+    huggingface_hub's cache, so ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` and ``HF_HOME`` work (read
+    when this function is called).
 
     Args:
         path_or_hub_id: A local folder, or a Hub repo id ``"org/name"`` (``"hf-hub:org/name"`` too); an

@@ -97,6 +97,12 @@ PRESETS: dict[str, Callable[..., MoEConfig]] = {
     "positional_conv_experts": positional_conv_experts,
     "shared_expert_moe": shared_expert_moe,
 }
+"""The presets by name, each a function ``(**overrides) -> MoEConfig``; see ``get_preset``.
+
+Example:
+    >>> PRESETS["shared_expert_moe"](num_experts=4).num_experts
+    4
+"""
 
 
 def get_preset(name: str, **overrides: Any) -> MoEConfig:

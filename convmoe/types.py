@@ -69,9 +69,9 @@ class Tokens:
         return (heights[:, None] * widths[None, :]).flatten().float().to(self.source.device)
 
     def mean(self) -> Tensor:
-        """Average of ``source`` over each token, (B, N, C_in)."""
+        """Average of ``source`` over each token, (B, N, C_in); float32 at least (a float16 sum overflows)."""
         B, C = self.source.shape[:2]
-        flat = self.source.reshape(B, C, -1)
+        flat = self.source.flatten(2).to(torch.promote_types(self.source.dtype, torch.float32))
         if self.is_pixel:
             return flat.transpose(1, 2)
         summed = flat.new_zeros(B, C, self.num_tokens).index_add_(2, self.token_map, flat)
@@ -80,7 +80,7 @@ class Tokens:
     def amax(self) -> Tensor:
         """Maximum of ``source`` over each token, (B, N, C_in)."""
         B, C = self.source.shape[:2]
-        flat = self.source.reshape(B, C, -1)
+        flat = self.source.flatten(2)
         if self.is_pixel:
             return flat.transpose(1, 2)
         index = self.token_map.expand(B, C, -1)

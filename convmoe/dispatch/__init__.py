@@ -13,6 +13,12 @@ from convmoe.dispatch.sparse import SparseDispatcher
 from convmoe.registry import Registry
 
 DISPATCHERS: Registry[nn.Module] = Registry("dispatcher")
+"""Dispatchers by name: ``"dense"`` (the reference) and ``"sparse"``; ``create_dispatcher`` builds them.
+
+Example:
+    >>> DISPATCHERS.names()
+    ['dense', 'sparse']
+"""
 DISPATCHERS.register("dense")(DenseDispatcher)
 DISPATCHERS.register("sparse")(SparseDispatcher)
 

@@ -28,5 +28,5 @@ class DenseDispatcher(nn.Module):
             return run_regions(x_pad, tokens, every_pair(routing), experts, out_size)
         all_outputs = experts.forward_all(x_pad)  # (B, E, C_out, H_out, W_out)
         weight = routing.dense_weights()[:, tokens.token_map]  # (B, H_out * W_out, E)
-        weight = weight.transpose(1, 2).reshape(*weight.shape[:1], -1, *out_size).to(all_outputs.dtype)
+        weight = weight.transpose(1, 2).reshape(*weight.shape[:1], weight.shape[2], *out_size).to(all_outputs.dtype)
         return (all_outputs * weight[:, :, None]).sum(dim=1)

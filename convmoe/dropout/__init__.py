@@ -11,6 +11,12 @@ from convmoe.dropout.medoe import MEDoEDropout
 from convmoe.registry import Registry
 
 DROPOUTS: Registry[nn.Module] = Registry("expert dropout")
+"""Expert-dropout policies by name (``"medoe"``); register your own with ``DROPOUTS.register("name")``.
+
+Example:
+    >>> DROPOUTS.names()
+    ['medoe']
+"""
 DROPOUTS.register("medoe")(MEDoEDropout)
 
 

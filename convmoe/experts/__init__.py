@@ -14,6 +14,12 @@ from convmoe.geometry import ConvGeometry
 from convmoe.registry import Registry
 
 EXPERTS: Registry[nn.Module] = Registry("experts")
+"""Expert banks by name: ``"conv"`` and ``"residual"``; ``create_experts`` builds them.
+
+Example:
+    >>> EXPERTS.names()
+    ['conv', 'residual']
+"""
 EXPERTS.register("conv")(ConvExperts)
 EXPERTS.register("residual")(ResidualConvExperts)
 

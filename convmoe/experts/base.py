@@ -21,6 +21,15 @@ class ExpertBank(Protocol):
             field (a conv: tokens see a true halo and ``forward_all`` is exact); True when every token's
             region is processed as an image of its own (no halo).
         is_linear: True when the expert is linear in its weights, so experts can be mixed per sample.
+
+    Example:
+        >>> import torch
+        >>> from convmoe.experts import ConvExperts
+        >>> bank = ConvExperts(4, 6, num_experts=3, geometry=ConvGeometry.create(3))
+        >>> bank.patch_local, bank.is_linear
+        (False, True)
+        >>> bank.forward_segments(torch.randn(5, 4, 3, 3), [2, 0, 3]).shape  # expert 0: 2 windows, expert 2: 3
+        torch.Size([5, 6, 1, 1])
     """
 
     num_experts: int

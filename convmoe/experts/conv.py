@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from convmoe.experts.post import ExpertPostOps
+from convmoe.dispatch.grouped import GatheredColumns, gathered_segment_matmul, segment_matmul
+from convmoe.experts.post import ACTIVATIONS, ExpertPostOps
 from convmoe.geometry import ConvGeometry
 
 
@@ -34,6 +35,7 @@ class ConvExperts(nn.Module):
     """
 
     patch_local = False
+    accepts_gathered_columns = True  # forward_columns takes GatheredColumns (see the dispatcher's columns path)
 
     def __init__(self, in_channels: int, out_channels: int, num_experts: int, geometry: ConvGeometry,
                  groups: int = 1, bias: bool = True, norm: str | None = None, act: str | None = None,
@@ -95,44 +97,134 @@ class ConvExperts(nn.Module):
         y = rearrange(y, "b (g e o) h w -> b e (g o) h w", g=self.groups, e=self.num_experts)
         return self.post(y)
 
-    def forward_segments(self, windows: Tensor, counts: list[int]) -> Tensor:
-        """Expert e on the e-th consecutive segment of padded-input windows, (M, C_out, h_out, w_out)."""
+    def forward_segments(self, windows: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """Expert e on the e-th consecutive segment of padded-input windows, (M, C_out, h_out, w_out).
+
+        Example:
+            >>> experts = ConvExperts(2, 3, num_experts=2, geometry=ConvGeometry.create(3))
+            >>> experts.forward_segments(torch.randn(3, 2, 4, 4), [1, 2]).shape
+            torch.Size([3, 3, 2, 2])
+        """
+        counts = counts.tolist() if isinstance(counts, Tensor) else counts
+        # unbind: one backward node stacks every expert's gradient (indexing would add E full-size zero tensors)
+        weights = self.weight.unbind(0)
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
         outputs = []
         for e, segment in enumerate(windows.split(counts)):
             if segment.shape[0] == 0:
                 continue
-            bias = None if self.bias is None else self.bias[e]
-            outputs.append(self.post(self._conv(segment, self.weight[e], bias, self.groups), e))
+            outputs.append(self.post(self._conv(segment, weights[e], biases[e], self.groups), e))
         if not outputs:
             return windows.new_zeros(0, self.out_channels, 0, 0)
         return torch.cat(outputs)
 
-    def forward_columns(self, columns: Tensor, counts: list[int]) -> Tensor:
-        """Expert e on the e-th segment of unfolded receptive fields (M, C_in * kh * kw), (M, C_out).
+    def column_weight(self, channels_last: bool = False) -> Tensor:
+        """Every expert's weight as a matrix over receptive-field columns, (E, C_in * kh * kw, C_out).
 
-        The per-pixel fast path: one matrix product per expert instead of a conv on each window.
+        Rows follow ``F.unfold``'s (C_in, kh, kw) order, or (kh, kw, C_in) with ``channels_last``
+        (columns gathered from a channels-last map). Needs ``groups == 1``.
         """
+        weight = self.weight if not channels_last else self.weight.permute(0, 1, 3, 4, 2)
+        return weight.reshape(self.num_experts, self.out_channels, -1).transpose(1, 2)
+
+    def forward_columns(self, columns: Tensor | GatheredColumns, counts: Tensor | list[int]) -> Tensor:
+        """Expert e on the e-th segment of receptive-field columns, (M, C_out).
+
+        The fast path for small tokens: all experts in one grouped matrix product (no host sync when
+        ``counts`` is a tensor and the backend has ``grouped_mm``), instead of a conv on each window.
+        On CPU, :class:`~convmoe.dispatch.grouped.GatheredColumns` are gathered and multiplied a
+        cache-sized chunk at a time.
+
+        Args:
+            columns: One receptive field per output position, sorted by expert: (M, C_in * kh * kw)
+                in ``F.unfold``'s order, (M, kh * kw, C_in) as gathered from a channels-last map,
+                or ``GatheredColumns`` saying where to read the latter.
+            counts: Rows of each expert, (E,) int tensor or list.
+
+        Example:
+            >>> experts = ConvExperts(2, 3, num_experts=2, geometry=ConvGeometry.create(3))
+            >>> experts.forward_columns(torch.randn(5, 18), [2, 3]).shape
+            torch.Size([5, 3])
+            >>> experts.forward_columns(torch.randn(5, 9, 2), torch.tensor([2, 3])).shape
+            torch.Size([5, 3])
+        """
+        if isinstance(columns, GatheredColumns) and (self.groups != 1 or columns.rows.device.type != "cpu"):
+            columns = columns.materialize()
+        channels_last = not isinstance(columns, Tensor) or columns.dim() == 3
+        M = columns.shape[0]
+        if self.groups == 1:
+            if isinstance(columns, GatheredColumns):
+                counts = counts.tolist() if isinstance(counts, Tensor) else counts
+                # few rows and large weights (deep layers, small batches): transpose the columns
+                # rather than reorder the experts' weights (E x C_out x K) on every call
+                channels_first = self.num_experts * self.out_channels >= M
+                weight = self.column_weight(channels_last=not channels_first).to(columns.rows.dtype)
+                y = gathered_segment_matmul(columns, weight, counts, channels_first=channels_first)
+            else:
+                weight = self.column_weight(channels_last)
+                y = segment_matmul(columns.flatten(1), weight.to(columns.dtype), counts)
+            counts = torch.as_tensor(counts, device=y.device)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=M)
+            return self._post_rows(y, counts)
+        counts = counts.tolist() if isinstance(counts, Tensor) else counts
+        if self.groups == self.in_channels == self.out_channels:
+            return self._depthwise_columns(columns, counts, channels_last)
         outputs = []
         groups, out_per_group = self.groups, self.out_channels // self.groups
+        if channels_last:  # (M, T, C_in) -> (M, groups, T * C_in / groups), as the weight below
+            columns = columns.reshape(M, -1, groups, self.in_channels // groups).transpose(1, 2)
+        columns = columns.reshape(M, groups, -1)
+        weights = (self.weight if not channels_last else self.weight.permute(0, 1, 3, 4, 2)).unbind(0)
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
         for e, segment in enumerate(columns.split(counts)):
             if segment.shape[0] == 0:
                 continue
-            bias = None if self.bias is None else self.bias[e]
-            if groups == 1:
-                weight = self.weight[e].reshape(self.out_channels, -1)
-                y = segment @ weight.t() if bias is None else torch.addmm(bias, segment, weight.t())
-            else:
-                weight = self.weight[e].reshape(groups, out_per_group, -1)
-                y = torch.einsum("mgk,gok->mgo", segment.reshape(segment.shape[0], groups, -1), weight)
-                y = y.reshape(segment.shape[0], self.out_channels)
-                if bias is not None:
-                    y = y + bias
+            weight = weights[e].reshape(groups, out_per_group, -1).to(segment.dtype)
+            y = torch.einsum("mgk,gok->mgo", segment, weight)
+            y = y.reshape(segment.shape[0], self.out_channels)
+            if biases[e] is not None:
+                y = y + biases[e].to(y.dtype)
             if not self.post.is_identity:
                 y = self.post(y[:, :, None, None], e)[:, :, 0, 0]
             outputs.append(y)
         if not outputs:
             return columns.new_zeros(0, self.out_channels)
         return torch.cat(outputs)
+
+    def _depthwise_columns(self, columns: Tensor, counts: list[int], channels_last: bool) -> Tensor:
+        """Depthwise experts on columns: a weighted sum over the taps per channel (a batched product of
+        one-row matrices per channel would be far slower), (M, C)."""
+        C = self.out_channels
+        taps = columns.reshape(columns.shape[0], -1, C) if channels_last else columns.reshape(
+            columns.shape[0], C, -1).transpose(1, 2)  # (M, T, C)
+        weights = self.weight.flatten(1).reshape(self.num_experts, C, -1).transpose(1, 2).unbind(0)  # (T, C) each
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
+        outputs = []
+        for e, segment in enumerate(taps.split(counts)):
+            if segment.shape[0] == 0:
+                continue
+            y = (segment * weights[e].to(segment.dtype)).sum(dim=1)
+            if biases[e] is not None:
+                y = y + biases[e].to(y.dtype)
+            if not self.post.is_identity:
+                y = self.post(y[:, :, None, None], e)[:, :, 0, 0]
+            outputs.append(y)
+        if not outputs:
+            return columns.new_zeros(0, C)
+        return torch.cat(outputs)
+
+    def _post_rows(self, y: Tensor, counts: Tensor) -> Tensor:
+        """The post-ops on rows (M, C_out) sorted by expert: per-expert LayerNorm affine, then the activation."""
+        post = self.post
+        if post.norm == "layer":
+            y = F.layer_norm(y, (self.out_channels,), eps=1e-5)
+            weight = post.norm_weight.to(y.dtype).repeat_interleave(counts, dim=0, output_size=y.shape[0])
+            bias = post.norm_bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=y.shape[0])
+            y = torch.addcmul(bias, y, weight)
+        if post.act is not None:
+            y = ACTIVATIONS[post.act](y)
+        return y
 
     def forward_mixed(self, x_pad: Tensor, weights: Tensor) -> Tensor:
         """Per-sample mixture of the experts' weights (CondConv), one grouped conv, (B, C_out, H_out, W_out).
@@ -141,10 +233,21 @@ class ConvExperts(nn.Module):
         """
         B = x_pad.shape[0]
         weights = weights.to(self.weight.dtype)
-        mixed = torch.einsum("be,eoikl->boikl", weights, self.weight).flatten(0, 1)
-        bias = None if self.bias is None else (weights @ self.bias).flatten()
+        expert_weight, expert_bias = self.weight, self.bias
+        # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling
+        # or exporting: the selection has a data-dependent shape.
+        if x_pad.device.type == "cpu" and not torch.compiler.is_compiling():
+            used = (weights != 0).any(dim=0).nonzero().flatten()
+            if used.numel() < self.num_experts:
+                weights, expert_weight = weights[:, used], expert_weight[used]
+                expert_bias = None if expert_bias is None else expert_bias[used]
+        mixed = torch.einsum("be,eoikl->boikl", weights, expert_weight).flatten(0, 1)
+        bias = None if expert_bias is None else (weights @ expert_bias).flatten()
         y = self._conv(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed, bias, self.groups * B)
-        return y.reshape(B, self.out_channels, *y.shape[2:])
+        y = y.reshape(B, self.out_channels, *y.shape[2:])
+        if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
+        return y
 
     def extra_repr(self) -> str:
         g = self.geometry

@@ -15,6 +15,12 @@ def _norm_groups(channels: int, preferred: int) -> int:
     return max(g for g in range(1, min(preferred, channels) + 1) if channels % g == 0)
 
 
+def _group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor) -> Tensor:
+    # F.group_norm refuses a group of a single value, which routing produces at random (an expert
+    # given one 1x1 region with one channel per group); the norm is still defined there (it gives the bias).
+    return torch.group_norm(x, groups, weight, bias, 1e-5, False)
+
+
 class ResidualConvExperts(nn.Module):
     """E residual blocks, each ``x + GN(conv3x3(SiLU(GN(conv3x3(x)))))`` (1x1 projection on the skip
     when channels change), the experts of positional-convolution-expert layers.
@@ -72,16 +78,29 @@ class ResidualConvExperts(nn.Module):
                 for e in range(self.num_experts):
                     nn.init.kaiming_uniform_(weight[e], a=math.sqrt(5))
 
-    def forward_segments(self, windows: Tensor, counts: list[int]) -> Tensor:
-        """Expert e on the e-th consecutive segment of regions, (M, C_out, h, w)."""
+    def forward_segments(self, windows: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """Expert e on the e-th consecutive segment of regions (M, C_in, h, w), (M, C_out, h, w).
+
+        Example:
+            >>> experts = ResidualConvExperts(4, 4, num_experts=2, geometry=ConvGeometry.create(3, padding=1))
+            >>> experts.forward_segments(torch.randn(3, 4, 5, 5), torch.tensor([1, 2])).shape
+            torch.Size([3, 4, 5, 5])
+        """
+        counts = counts.tolist() if isinstance(counts, Tensor) else counts
+        # unbind: one backward node per parameter stacks every expert's gradient (indexing would
+        # add E full-size zero tensors per parameter)
+        conv1, conv2 = self.conv1.unbind(0), self.conv2.unbind(0)
+        norm1_weight, norm1_bias = self.norm1_weight.unbind(0), self.norm1_bias.unbind(0)
+        norm2_weight, norm2_bias = self.norm2_weight.unbind(0), self.norm2_bias.unbind(0)
+        skips = self.skip.unbind(0) if self.skip is not None else None
         outputs = []
         for e, x in enumerate(windows.split(counts)):
             if x.shape[0] == 0:
                 continue
-            h = F.conv2d(x, self.conv1[e], padding=1)
-            h = F.silu(F.group_norm(h, self.groups, self.norm1_weight[e], self.norm1_bias[e]))
-            h = F.group_norm(F.conv2d(h, self.conv2[e], padding=1), self.groups, self.norm2_weight[e], self.norm2_bias[e])
-            skip = x if self.skip is None else F.conv2d(x, self.skip[e])
+            h = F.conv2d(x, conv1[e], padding=1)
+            h = F.silu(_group_norm(h, self.groups, norm1_weight[e], norm1_bias[e]))
+            h = _group_norm(F.conv2d(h, conv2[e], padding=1), self.groups, norm2_weight[e], norm2_bias[e])
+            skip = x if skips is None else F.conv2d(x, skips[e])
             outputs.append(skip + h)
         if not outputs:
             return windows.new_zeros(0, self.out_channels, *windows.shape[2:])

@@ -13,6 +13,12 @@ from convmoe.gates.positional import PositionalGate, fourier_features
 from convmoe.registry import Registry
 
 GATES: Registry[nn.Module] = Registry("gate")
+"""Gate networks by name: ``"linear"``, ``"conv_gap"`` and ``"positional"``; ``create_gate`` builds them.
+
+Example:
+    >>> GATES.names()
+    ['conv_gap', 'linear', 'positional']
+"""
 GATES.register("linear")(LinearGate)
 GATES.register("conv_gap")(ConvGAPGate)
 GATES.register("positional")(PositionalGate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from convmoe.gates.base import gate_dtype, linear_in
 from convmoe.types import Tokens
 
 
@@ -35,5 +36,5 @@ class ConvGAPGate(nn.Module):
         self.expand = nn.Linear(hidden, num_experts, device=device, dtype=dtype)
 
     def forward(self, tokens: Tokens) -> Tensor:
-        pooled = tokens.mean().to(self.reduce.weight.dtype)
-        return self.expand(self.act(self.reduce(pooled)))
+        dtype = gate_dtype(self.reduce.weight)
+        return linear_in(self.expand, self.act(linear_in(self.reduce, tokens.mean(), dtype)), dtype)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convmoe.gates.base import gate_dtype, linear_in
 from convmoe.types import Tokens
 
 
@@ -28,4 +30,11 @@ class LinearGate(nn.Module):
         self.proj = nn.Linear(in_channels, num_experts, bias=bias, device=device, dtype=dtype)
 
     def forward(self, tokens: Tokens) -> Tensor:
-        return self.proj(tokens.mean().to(self.proj.weight.dtype))
+        dtype = gate_dtype(self.proj.weight)
+        if tokens.is_pixel:
+            # the same linear map as a 1x1 conv over the map: a GEMM with only E output columns
+            # is several times slower than the conv kernel on some CPUs (MKL on AMD)
+            bias = None if self.proj.bias is None else self.proj.bias.to(dtype)
+            logits = F.conv2d(tokens.source.to(dtype), self.proj.weight.to(dtype)[:, :, None, None], bias)
+            return logits.flatten(2).transpose(1, 2)
+        return linear_in(self.proj, tokens.mean(), dtype)

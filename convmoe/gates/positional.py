@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convmoe.gates.base import gate_dtype, linear_in
 from convmoe.types import Tokens
 
 
@@ -46,8 +48,11 @@ class PositionalGate(nn.Module):
         self.proj = nn.Linear(features, num_experts, device=device, dtype=dtype)
 
     def forward(self, tokens: Tokens) -> Tensor:
-        dtype = self.proj.weight.dtype
-        content = torch.cat([tokens.mean(), tokens.amax()], dim=-1).to(dtype)
+        dtype = gate_dtype(self.proj.weight)
+        content = torch.cat([tokens.mean().to(dtype), tokens.amax().to(dtype)], dim=-1)
         position = fourier_features(tokens.centres(), self.num_frequencies).to(dtype)
         position = position.expand(content.shape[0], -1, -1)
-        return self.proj(self.norm(torch.cat([content, position], dim=-1)))
+        norm = self.norm
+        features = F.layer_norm(torch.cat([content, position], dim=-1), norm.normalized_shape,
+                                norm.weight.to(dtype), norm.bias.to(dtype), norm.eps)
+        return linear_in(self.proj, features, dtype)

@@ -13,6 +13,12 @@ from convmoe.types import AuxOutput, Routing
 
 LossFn = Callable[[Routing], Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
+"""Balancing losses by name, each a function ``fn(routing) -> scalar``; ``MoEConfig.losses`` weights them.
+
+Example:
+    >>> LOSSES.names()
+    ['diversity', 'importance', 'switch', 'z']
+"""
 
 
 # Named functions rather than lambdas: a block holds them, and torch.save(model) pickles them by name.
@@ -59,7 +65,13 @@ class BalancingLoss(nn.Module):
         self.functions = {name: LOSSES.get(name) for name in self.weights}
 
     def forward(self, routing: Routing) -> AuxOutput:
-        terms = {name: fn(routing) for name, fn in self.functions.items()}
+        if routing.probs.numel() == 0:
+            # An empty batch has nothing to balance; the losses' means would be NaN (and, under DDP,
+            # poison every rank's gradients). Zero, still attached to the router's graph.
+            zero = routing.probs.sum()
+            terms = {name: zero for name in self.functions}
+        else:
+            terms = {name: fn(routing) for name, fn in self.functions.items()}
         total = sum((self.weights[name] * value for name, value in terms.items()),
                     start=torch.zeros((), device=routing.probs.device))
         return AuxOutput(total=total, terms=terms, weights=dict(self.weights))

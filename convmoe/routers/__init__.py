@@ -13,6 +13,12 @@ from convmoe.routers.positional import PositionalRouter
 from convmoe.routers.token_choice import TokenChoiceRouter, capacity_keep_mask
 
 ROUTERS: Registry[nn.Module] = Registry("router")
+"""Routers by name: ``"token_choice"``, ``"expert_choice"`` and ``"positional"``; ``create_router`` builds them.
+
+Example:
+    >>> ROUTERS.names()
+    ['expert_choice', 'positional', 'token_choice']
+"""
 ROUTERS.register("token_choice")(TokenChoiceRouter)
 ROUTERS.register("expert_choice")(ExpertChoiceRouter)
 ROUTERS.register("positional")(PositionalRouter)

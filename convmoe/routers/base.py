@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,6 +20,15 @@ class Router(nn.Module):
     probabilities are computed in float32 with autocast off: half-precision logits overflow and
     bfloat16 ties near-equal experts.
 
+    Non-finite input: a token whose logits are not all finite (NaN or Inf in its features, or an
+    overflow) is routed at the lowest priority: it never takes capacity from a finite token and
+    never changes which experts a finite token visits. Its slots go to available experts with
+    combine weight NaN, so its output is NaN (the whole region for grid, patch and image tokens),
+    as a convolution's output over a NaN input would be; nothing is silently sent to one expert.
+    Its logits and probabilities are NaN, so the aux losses of that pass are NaN too (as the task
+    loss is) and ``routing_stats`` shows a NaN router entropy. No check waits for the device and
+    nothing raises, so AMP's GradScaler still sees the overflow and skips the step.
+
     Args:
         in_channels: Input channels C_in.
         num_experts: Experts E.
@@ -28,6 +38,16 @@ class Router(nn.Module):
         temperature: Softmax temperature tau in ``softmax(logits / tau)``.
         capacity_factor: Capacity multiplier; None means unlimited where the rule allows it.
         gate_kwargs: Extra keyword arguments for the gate.
+
+    Example:
+        >>> from convmoe.tokens import create_tokens
+        >>> class Top1(Router):
+        ...     def select(self, logits, probs, tokens, expert_mask):
+        ...         weight, index = probs.max(dim=-1, keepdim=True)
+        ...         return Routing.from_top_k(logits, probs, index, weight, expert_mask)
+        >>> routing = Top1(8, num_experts=4)(create_tokens("grid:2x2").split(torch.randn(2, 8, 6, 6)))
+        >>> routing.expert_index.shape
+        torch.Size([2, 4, 1])
     """
 
     default_gate = "linear"
@@ -56,12 +76,16 @@ class Router(nn.Module):
     def forward(self, tokens: Tokens, expert_mask: Tensor | None = None) -> Routing:
         with torch.autocast(device_type=tokens.source.device.type, enabled=False):
             logits = self.gate(tokens).float()
+            invalid = ~torch.isfinite(logits).all(dim=-1, keepdim=True)  # (B, N, 1), before the -inf masks
+            logits = logits.masked_fill(invalid, 0.0)
             if self.training and self.noise_std > 0:
                 logits = logits + torch.randn_like(logits) * self.noise_std
             if expert_mask is not None:
                 logits = logits.masked_fill(~expert_mask, float("-inf"))
             probs = torch.softmax(logits / self.temperature, dim=-1)
-            return self.select(logits, probs, tokens, expert_mask)
+            # A non-finite token selects with near-zero probabilities: below every finite token.
+            probs = torch.where(invalid, probs * _LOWEST_PRIORITY, probs)
+            return _poison_invalid(self.select(logits, probs, tokens, expert_mask), invalid)
 
     def select(self, logits: Tensor, probs: Tensor, tokens: Tokens, expert_mask: Tensor | None) -> Routing:
         raise NotImplementedError
@@ -75,6 +99,25 @@ class Router(nn.Module):
         if self.capacity_factor is not None:
             parts.append(f"capacity_factor={self.capacity_factor}")
         return ", ".join(parts)
+
+
+_LOWEST_PRIORITY = 1e-30
+
+
+def _poison_invalid(routing: Routing, invalid: Tensor) -> Routing:
+    """Dispatch the non-finite tokens ``invalid`` (B, N, 1) with NaN weights, logits and probabilities."""
+    available = torch.ones_like(routing.slot_mask)
+    if routing.expert_mask is not None:
+        available = routing.expert_mask[routing.expert_index]
+    nan = float("nan")
+    return dataclasses.replace(
+        routing,
+        logits=routing.logits.masked_fill(invalid, nan),
+        probs=routing.probs.masked_fill(invalid, nan),
+        combine_weight=routing.combine_weight.masked_fill(invalid, nan),
+        slot_mask=routing.slot_mask | (invalid & available),
+        dropped=routing.dropped & ~invalid[..., 0],
+    )
 
 
 def as_groups(tensor: Tensor, tokens: Tokens) -> Tensor:
@@ -108,4 +151,7 @@ def capacity_of(capacity_factor: float, tokens_per_group: int, top_k: int, num_e
         20
     """
     capacity = math.ceil(capacity_factor * tokens_per_group * top_k / num_experts)
+    if isinstance(tokens_per_group, torch.SymInt):
+        # A dynamic batch under torch.export (image tokens): min / max would pin the batch size.
+        return torch.sym_min(torch.sym_max(capacity, 1), tokens_per_group)
     return int(min(max(capacity, 1), tokens_per_group))

@@ -43,6 +43,10 @@ class ExpertChoiceRouter(Router):
         grouped = as_groups(probs, tokens)  # (G, T, E)
         G, T, E = grouped.shape
         capacity = capacity_of(self.capacity_factor, T, self.top_k, E)
+        if tokens.group_over_batch and isinstance(capacity, torch.SymInt):
+            raise ValueError("expert-choice routing of 'image' tokens picks among the whole batch, so its capacity "
+                             "is a function of the batch size: export it with a static batch (no dynamic batch "
+                             "dimension), or use router='token_choice'.")
         chosen = grouped.transpose(1, 2).topk(capacity, dim=-1).indices  # (G, E, C)
         selected = torch.zeros(G, E, T, dtype=torch.bool, device=probs.device)
         selected.scatter_(2, chosen, True)

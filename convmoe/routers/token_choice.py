@@ -26,7 +26,13 @@ def capacity_keep_mask(expert_index: Tensor, priority: Tensor, num_experts: int,
     """
     G, T, k = expert_index.shape
     flat_index = expert_index.reshape(G, T * k)
-    order = priority.reshape(G, T * k).argsort(dim=1, descending=True, stable=True)
+    # ONNX has no stable sort; a plain sort exports to TopK, which breaks ties by the lower index as a
+    # stable sort does.
+    flat_priority = priority.reshape(G, T * k)
+    if torch.compiler.is_exporting():
+        order = flat_priority.argsort(dim=1, descending=True)
+    else:
+        order = flat_priority.argsort(dim=1, descending=True, stable=True)
     sorted_index = flat_index.gather(1, order)
     one_hot = F.one_hot(sorted_index, num_experts)
     position = (one_hot.cumsum(dim=1) * one_hot).sum(-1) - 1

@@ -10,6 +10,12 @@ from convmoe.tokens.patch import PatchTokens
 from convmoe.tokens.pixel import PixelTokens
 
 TOKENS: Registry[Tokenizer] = Registry("tokens")
+"""Tokenizers by name: ``"pixel"``, ``"grid"``, ``"patch"`` and ``"image"``; ``create_tokens`` parses specs.
+
+Example:
+    >>> TOKENS.names()
+    ['grid', 'image', 'patch', 'pixel']
+"""
 TOKENS.register("pixel")(PixelTokens)
 TOKENS.register("grid")(GridTokens)
 TOKENS.register("patch")(PatchTokens)

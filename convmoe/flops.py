@@ -1,0 +1,349 @@
+"""``convmoe.flops``: active FLOPs of a model with MoE blocks, next to its dense equivalent, with fvcore.
+
+fvcore (``FlopCountAnalysis``) traces a model with ``torch.jit`` and counts each operator; an MoE
+block's data-dependent dispatch does not trace into a meaningful graph, and a trace would count
+whatever the dispatcher happens to compute (every expert, for the dense reference). So each
+:class:`~convmoe.MoEConv2d` is a leaf here:
+
+1. the model runs once with forward hooks that record every block's input, output and routing;
+2. fvcore counts the rest of the model with each block swapped for a stand-in that returns the
+   recorded output (zero FLOPs);
+3. each block is counted from its routing: the gate (traced by fvcore on the block's tokens), the
+   experts each token really visits (``dispatched slots x`` fvcore's count of one expert on one
+   token's window), and the shared expert; its dense equivalent is fvcore's count of the conv it
+   replaces, on the same input.
+
+Convention (fvcore's): one fused multiply-add counts as one flop, i.e. the numbers are MACs;
+softmax, top-k, activations and the dispatch's gathers are not counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fvcore.nn import FlopCountAnalysis, parameter_count
+from torch import Tensor, nn
+
+from convmoe.block import MoEConv2d
+from convmoe.dispatch.tiles import sizes
+from convmoe.tokens.base import Tokenizer
+
+CONVENTION = "fvcore: one fused multiply-add = one flop (MACs); softmax, top-k, activations, gathers not counted"
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    """The FLOPs of one MoE block for one forward pass (summed over its calls).
+
+    Attributes:
+        active: ``gate + experts + shared``: what routing really asks for.
+        dense: The replaced conv on the same input (the dense equivalent).
+        gate: The router's gate.
+        experts: The experts each token visits (dispatched slots only).
+        shared: The shared expert (0 without one).
+        all_experts: Every expert on every token (what the dense reference dispatcher computes).
+        dispatched_slots: (token, expert) pairs dispatched.
+        tokens: Routed tokens (B * N).
+
+    Example:
+        >>> BlockFlops(10, 8, 1, 9, 0, 36, 2, 2).active
+        10
+    """
+
+    active: int
+    dense: int
+    gate: int
+    experts: int
+    shared: int
+    all_experts: int
+    dispatched_slots: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """Active and dense-equivalent FLOPs and parameters of a model, in total and per module.
+
+    Attributes:
+        active: FLOPs of the model with its MoE blocks counted at their active cost.
+        dense: FLOPs of the dense equivalent (every block replaced by the conv it replaces).
+        params: Parameters of the model (every expert included).
+        dense_params: Parameters of the dense equivalent.
+        by_module: Active FLOPs per module name ("" is the model); an MoE block also has rows
+            ``<block>.router``, ``<block>.experts`` and ``<block>.shared_expert``.
+        dense_by_module: Dense-equivalent FLOPs per module name.
+        params_by_module: Parameters per module name.
+        blocks: The detail of every MoE block by name.
+        convention: How FLOPs are counted.
+
+    Example:
+        >>> report = flops(nn.Sequential(MoEConv2d(4, 4, 3, padding=1, num_experts=4, top_k=1)),
+        ...                torch.randn(1, 4, 8, 8))
+        >>> report.blocks["0"].experts == report.blocks["0"].dense
+        True
+    """
+
+    active: int
+    dense: int
+    params: int
+    dense_params: int
+    by_module: dict[str, int]
+    dense_by_module: dict[str, int]
+    params_by_module: dict[str, int]
+    blocks: dict[str, BlockFlops]
+    convention: str = field(default=CONVENTION)
+
+    def table(self, max_depth: int = 3) -> str:
+        """A per-module table (module, parameters, active FLOPs, dense FLOPs) down to ``max_depth``.
+
+        Example:
+            >>> report = flops(nn.Sequential(MoEConv2d(4, 4, 3, padding=1)), torch.randn(1, 4, 8, 8))
+            >>> "0.experts" in report.table()
+            True
+        """
+        names = list(self.by_module) + [name for name in self.params_by_module if name not in self.by_module]
+        rows = [("module", "#parameters", "active FLOPs", "dense FLOPs")]
+        for name in names:
+            depth = 0 if name == "" else name.count(".") + 1
+            if depth > max_depth:
+                continue
+            rows.append(("  " * depth + (name or "model"), _si(self.params_by_module.get(name, 0)),
+                         _si(self.by_module.get(name, 0)), _si(self.dense_by_module.get(name, 0))))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [" | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                            enumerate(zip(row, widths, strict=True))) for row in rows]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return "\n".join(lines) + f"\n({self.convention})"
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3f}{unit}"
+    return str(int(value))
+
+
+class _Call(nn.Module):
+    """A module whose forward is ``module.<method>(x, *extra)``, so fvcore can trace one method."""
+
+    def __init__(self, module: nn.Module, method: str, *extra: Any) -> None:
+        super().__init__()
+        self.module, self.method, self.extra = module, method, extra
+
+    def forward(self, x: Tensor) -> Tensor:
+        return getattr(self.module, self.method)(x, *self.extra)
+
+
+class _Gate(nn.Module):
+    """The gate on the tokens of a source map, as the block runs it."""
+
+    def __init__(self, router: nn.Module, tokenizer: Tokenizer) -> None:
+        super().__init__()
+        self.router, self.tokenizer = router, tokenizer
+
+    def forward(self, source: Tensor) -> Tensor:
+        return self.router.gate(self.tokenizer.split(source))
+
+
+class _Replay(torch.autograd.Function):
+    """Returns a recorded output as one opaque operator of ``x``: traced (so the graph stays
+    connected), never counted (fvcore has no handle for it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, output: Tensor) -> Tensor:
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:
+        return None, None
+
+
+class _Recorded(nn.Module):
+    """Stands in for an MoE block during fvcore's trace: returns the outputs recorded earlier."""
+
+    def __init__(self, outputs: list[Tensor]) -> None:
+        super().__init__()
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        return _Replay.apply(x, out)
+
+
+def _count(module: nn.Module, x: Tensor) -> int:
+    analysis = FlopCountAnalysis(module, (x,))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return int(analysis.total())
+
+
+def _token_sizes(block: MoEConv2d, out_size: tuple[int, int]) -> tuple[list[int], list[int]]:
+    rows, cols = block.tokens.edges(*out_size)
+    return sizes(rows), sizes(cols)
+
+
+def _expert_flops_per_token(block: MoEConv2d, x: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """fvcore's count of one expert on each token's window, (N,) int64."""
+    g, experts = block.geometry, block.experts
+    row_sizes, col_sizes = _token_sizes(block, out_size)
+    counts = [1] + [0] * (experts.num_experts - 1)
+    cache: dict[tuple[int, int], int] = {}
+    per_token = []
+    for h in row_sizes:
+        for w in col_sizes:
+            if (h, w) not in cache:
+                window = ((h - 1) * g.stride[0] + g.span[0], (w - 1) * g.stride[1] + g.span[1])
+                probe = x.new_zeros(1, x.shape[1], *window)
+                cache[h, w] = _count(_Call(experts, "forward_segments", counts), probe)
+            per_token.append(cache[h, w])
+    return torch.tensor(per_token, dtype=torch.int64)
+
+
+def _dense_conv(block: MoEConv2d) -> nn.Conv2d:
+    g = block.geometry
+    return nn.Conv2d(block.in_channels, block.out_channels, g.kernel_size, stride=g.stride, dilation=g.dilation,
+                     groups=block.groups, bias=getattr(block.experts, "bias", None) is not None, device="meta")
+
+
+def _dense_flops(block: MoEConv2d, x_pad: Tensor) -> int:
+    conv = _dense_conv(block).to_empty(device=x_pad.device).to(x_pad.dtype)
+    return _count(conv, x_pad)
+
+
+def block_flops(block: MoEConv2d, x: Tensor, routing) -> BlockFlops:
+    """The FLOPs of ``block`` on input ``x`` (B, C_in, H, W) routed by ``routing`` (its ``last_routing``).
+
+    Example:
+        >>> block = MoEConv2d(4, 8, 3, padding=1, num_experts=4, top_k=2, tokens="grid:2x2").eval()
+        >>> x = torch.randn(2, 4, 6, 6)
+        >>> _ = block(x)
+        >>> counted = block_flops(block, x, block.last_routing)
+        >>> counted.experts == 2 * counted.dense  # two experts per token, each a full conv
+        True
+    """
+    with torch.no_grad():
+        out_size = block.geometry.output_size(*x.shape[-2:])
+        x_pad = block.geometry.pad(x)
+        per_token = _expert_flops_per_token(block, x_pad, out_size)  # (N,)
+        slots = routing.slot_mask.sum(dim=(0, 2)).cpu()  # dispatched slots per token, (N,)
+        experts = int((slots * per_token).sum())
+        B = x.shape[0]
+        all_experts = int(per_token.sum()) * B * block.experts.num_experts
+        source = block.geometry.centre_sample(x_pad, out_size)
+        gate = _count(_Gate(block.router, block.tokens), source)
+        shared = 0
+        if block.shared_expert is not None:
+            shared = _count(_Call(block.shared_expert, "forward_segments", [B]), x_pad)
+        dense = _dense_flops(block, x_pad)
+    return BlockFlops(active=gate + experts + shared, dense=dense, gate=gate, experts=experts, shared=shared,
+                      all_experts=all_experts, dispatched_slots=int(slots.sum()), tokens=B * per_token.numel())
+
+
+def _ancestors(name: str) -> list[str]:
+    if not name:
+        return [""]
+    parts = name.split(".")
+    return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
+    """Active FLOPs of ``model`` on ``inputs`` (router + the experts each token visits + shared
+    expert), its dense-equivalent FLOPs and parameter counts, in total and per module.
+
+    The model runs twice (a recording pass and fvcore's trace), under ``torch.no_grad``; in
+    training mode batch-norm statistics update as on any forward pass, so call ``model.eval()``
+    for inference counts. The counts are for the whole batch of ``inputs``. An image-token block on
+    the ``mixed`` path computes one mixture of its experts per image, i.e. fewer FLOPs than its
+    active count; the active count follows the definition (k experts per token).
+
+    Args:
+        model: Any module; its :class:`~convmoe.MoEConv2d` blocks are counted from their routing.
+        inputs: The model's input tensor, or a tuple of them.
+
+    Returns:
+        A :class:`FlopReport`; ``report.table()`` prints the per-module table.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+        ...                       MoEConv2d(8, 8, 3, padding=1, num_experts=4, top_k=2))
+        >>> report = flops(model.eval(), torch.randn(1, 3, 16, 16))
+        >>> report.blocks["1"].dense == 8 * 8 * 9 * 16 * 16
+        True
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    blocks = {name: module for name, module in model.named_modules() if isinstance(module, MoEConv2d)}
+    records: dict[str, list[tuple[Tensor, Tensor, Any]]] = defaultdict(list)
+
+    def recorder(name: str):
+        def hook(block: MoEConv2d, args: tuple[Tensor, ...], output: Tensor) -> None:
+            records[name].append((args[0].detach(), output.detach(), block.last_routing))
+        return hook
+
+    handles = [block.register_forward_hook(recorder(name)) for name, block in blocks.items()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    counted: dict[str, BlockFlops] = {}
+    for name, calls in records.items():
+        parts = [block_flops(blocks[name], x, routing) for x, _, routing in calls]
+        counted[name] = BlockFlops(*(sum(getattr(p, f) for p in parts) for f in BlockFlops.__dataclass_fields__))
+
+    rest = _count_without_blocks(model, inputs, blocks,
+                                 {name: [out for _, out, _ in calls] for name, calls in records.items()})
+    by_module, dense_by_module = Counter(rest), Counter(rest)
+    for name, c in counted.items():
+        for ancestor in _ancestors(name):
+            by_module[ancestor] += c.active
+            dense_by_module[ancestor] += c.dense
+        for part, value in (("router", c.gate), ("experts", c.experts), ("shared_expert", c.shared)):
+            if hasattr(blocks[name], part) and getattr(blocks[name], part) is not None:
+                by_module[f"{name}.{part}"] = value
+                dense_by_module[f"{name}.{part}"] = 0
+
+    # modules only (parameter_count also lists parameters), and inside a block only its main parts
+    inside_block = tuple(f"{name}." if name else "" for name in blocks)
+    params = {name: count for name, count in parameter_count(model).items()
+              if name in by_module or (name in dict(model.named_modules()) and not name.startswith(inside_block))}
+    outermost = [name for name in blocks if not any(name.startswith(f"{other}.") for other in blocks if other != name)]
+    block_params = sum(params.get(name, 0) for name in outermost)
+    dense_block_params = sum(sum(p.numel() for p in _dense_conv(blocks[name]).parameters()) for name in outermost)
+    total_params = params.get("", 0)
+    # rows in the model's module order, each block followed by its parts
+    order = [name for name, _ in model.named_modules() if name in by_module or name in params]
+    order += [name for name in by_module if name not in order]
+    return FlopReport(
+        active=by_module[""], dense=dense_by_module[""], params=total_params,
+        dense_params=total_params - block_params + dense_block_params,
+        by_module={name: by_module.get(name, 0) for name in order},
+        dense_by_module={name: dense_by_module.get(name, 0) for name in order},
+        params_by_module={name: params.get(name, 0) for name in order}, blocks=counted,
+    )
+
+
+def _count_without_blocks(model: nn.Module, inputs: tuple[Tensor, ...], blocks: dict[str, nn.Module],
+                          outputs: dict[str, list[Tensor]]) -> dict[str, int]:
+    """fvcore's per-module FLOPs of ``model`` with every recorded MoE block replaced by a stand-in."""
+    if isinstance(model, MoEConv2d):  # the model is a block: nothing else to count
+        return {"": 0}
+    stand_ins = {id(blocks[name]): _Recorded(outs) for name, outs in outputs.items()}
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in stand_ins:
+                swapped.append((parent, child_name, child))
+                setattr(parent, child_name, stand_ins[id(child)])
+    try:
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        with torch.no_grad():
+            return dict(analysis.by_module())
+    finally:
+        for parent, child_name, block in swapped:
+            setattr(parent, child_name, block)

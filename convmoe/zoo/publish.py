@@ -1,0 +1,315 @@
+"""``convmoe zoo publish``: engine run folders in, a checked zoo variant out.
+
+    runs (main seed, --seeds, --dense-twin)  -> best epoch of each run from metrics.csv (runs.py)
+    the run's recipe                         -> exact train and eval commands (commands.py)
+    best.pt of the main run                  -> zoo/<id>/config.json + model.safetensors (weights.py)
+    the saved folder                         -> outputs compared with the checkpoint, metrics evaluated again
+    one val input                            -> params, active FLOPs, latency against the dense twin (cost.py)
+    the val loader                           -> routing analysis section (convmoe.analysis)
+    all of the above                         -> README.md from its metadata (card.py), checked (schema.py)
+
+Nothing is typed by hand: a number in the card is a logged metric, a measurement made here, or
+derived from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convmoe.zoo.card import build_front_matter, render_card
+from convmoe.zoo.commands import eval_command, find_recipe, recipe_overrides, train_command
+from convmoe.zoo.cost import device_description, measure_cost, measure_latency
+from convmoe.zoo.datasets import detect_dataset, get_dataset_info
+from convmoe.zoo.describe import (
+    describe_initialization,
+    describe_moe,
+    describe_preprocessing,
+    method_references,
+)
+from convmoe.zoo.runs import (
+    RunRecord,
+    check_comparable,
+    check_same_recipe,
+    headline_metrics,
+    read_run,
+    summarize_runs,
+)
+from convmoe.zoo.schema import CARD_NAME, HUB_ID, MODEL_ID, SCHEMA_VERSION, check_variant
+from convmoe.zoo.weights import OutputCheck, base_recipe_for, compare_outputs, export_weights
+
+DEFAULT_ORG = "convmoe"
+# Float16 storage may flip a few near-tie predictions (and so routing decisions); more is a bug.
+FLOAT16_MIN_AGREEMENT = 0.99
+FLOAT32_MIN_AGREEMENT = 0.999
+# Largest change of a headline metric when the published files are evaluated again, in the metric's
+# own units per point of scale (percentages: x100): float32 only moves by kernel nondeterminism.
+METRIC_TOLERANCE = {"float32": 0.001, "float16": 0.005}
+_PUBLISHED_FILES = (CARD_NAME, "config.json", "model.safetensors", "routing_heatmaps.png")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What :func:`publish` wrote.
+
+    Attributes:
+        folder: ``zoo/<model-id>``.
+        card: Its ``README.md``.
+        front_matter: The card's front matter (Hub metadata and the ``convmoe:`` block).
+
+    Example:
+        >>> PublishResult(Path("zoo/a"), Path("zoo/a/README.md"), {}).folder.name
+        'a'
+    """
+
+    folder: Path
+    card: Path
+    front_matter: dict[str, Any]
+
+
+def _scale(name: str) -> float:
+    return 100.0 if name.rsplit("/", 1)[-1] in ("top1", "top5") else 1.0
+
+
+def _commands(runs: Sequence[RunRecord], recipe: str | Path | None, recipes_dir: str | Path,
+              ) -> tuple[Path, list[list[str]]]:
+    """The recipe of ``runs`` (given, or found among ``recipes_dir/*.yaml``) and each run's overrides."""
+    if recipe is None:
+        candidates = sorted(Path(recipes_dir).glob("*.yaml"))
+        recipe, _ = find_recipe(runs[0].config, candidates)
+    recipe = Path(recipe)
+    if not recipe.is_file():
+        raise FileNotFoundError(f"recipe {recipe} does not exist; pass the YAML the run was trained from.")
+    return recipe, [recipe_overrides(recipe, run.config) for run in runs]
+
+
+def _prepare_folder(folder: Path, overwrite: bool) -> None:
+    existing = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    if existing and not overwrite:
+        raise ValueError(f"{folder} already holds {sorted(p.name for p in existing)}; pass --overwrite to replace "
+                         "the variant (its old files are removed).")
+    for path in existing:
+        if path.name in _PUBLISHED_FILES or path.name.startswith("."):
+            path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
+    from convmoe.engine.distributed import DistributedContext
+    from convmoe.engine.trainer import build_dataloader
+
+    if not config.get("val_dataset"):
+        raise ValueError("the run's config has no val_dataset; a zoo variant is measured on it.")
+    ctx = DistributedContext(0, 0, 1, device)
+    return build_dataloader(config["val_dataset"], config.get("data_loader") or {}, ctx, train=False)
+
+
+def _ignore_index(config: dict[str, Any]) -> int | None:
+    from convmoe.engine.config import instantiate
+    from convmoe.engine.evaluate import loss_ignore_index
+
+    if "ignore_index" in config:
+        return config["ignore_index"]
+    return loss_ignore_index(instantiate(config["loss"])) if config.get("loss") else None
+
+
+def _check_round_trip(check: OutputCheck, dtype: str) -> None:
+    minimum = FLOAT16_MIN_AGREEMENT if dtype == "float16" else FLOAT32_MIN_AGREEMENT
+    if check.agreement < minimum:
+        raise ValueError(f"the published {dtype} weights change {100 * (1 - check.agreement):.2f}% of the predictions "
+                         f"on one val batch (max |logit change| {check.max_abs_diff:.3g}, allowed "
+                         f"{100 * (1 - minimum):.2f}%); publish without --float16." if dtype == "float16" else
+                         f"the saved folder does not compute what the checkpoint does (agreement "
+                         f"{check.agreement:.4f}); the base recipe does not rebuild the model.")
+
+
+def _reevaluate(folder: Path, run: RunRecord, dtype: str, tolerance: float | None) -> dict[str, float]:
+    from convmoe.engine.evaluate import evaluate
+
+    measured = evaluate(str(folder), config=run.config, split="val", progress=False)
+    reevaluated = headline_metrics({f"val/{name}": value for name, value in measured.items()})
+    for name, expected in headline_metrics(run.metrics).items():
+        value = reevaluated.get(name, math.nan)
+        allowed = (tolerance if tolerance is not None else METRIC_TOLERANCE[dtype] * _scale(name))
+        if not abs(value - expected) <= allowed:
+            raise ValueError(f"the published {dtype} files evaluate to {name}={value:.6g}, the run logged {expected:.6g} "
+                             f"(allowed change {allowed:g}); " + ("publish without --float16." if dtype == "float16"
+                                                                   else "the folder does not rebuild the checkpoint."))
+    return reevaluated
+
+
+def _routing_analysis(model: nn.Module, loader: Any, config: dict[str, Any], folder: Path, device: torch.device,
+                      max_batches: int | None, model_name: str, data_name: str) -> str | None:
+    from convmoe.analysis import analyze, model_card_section
+
+    try:
+        report = analyze(model.to(device), loader, None, class_names=getattr(loader.dataset, "classes", None),
+                         ignore_index=_ignore_index(config), redundancy=False, device=device, max_batches=max_batches,
+                         model_name=model_name, data_name=data_name)
+        return model_card_section(report, folder)
+    except ImportError as error:  # the heatmap needs matplotlib
+        warnings.warn(f"routing analysis left out of the card: {error}", UserWarning, stacklevel=3)
+        return None
+
+
+def _twin_summary(twins: Sequence[RunRecord], twin_cost: Any, recipe: Path, overrides: list[list[str]],
+                  ) -> dict[str, Any]:
+    summary = summarize_runs(twins)
+    summary.update({"params": twin_cost.params, "active_flops": twin_cost.active_flops,
+                    "commands": {"train": [train_command(recipe, o) for o in overrides]}})
+    return summary
+
+
+def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Path] = (),
+            seeds: Sequence[str | Path] = (), float16: bool = False, zoo_dir: str | Path = "zoo",
+            config: str | Path | None = None, dense_config: str | Path | None = None,
+            recipes_dir: str | Path = "configs", repo_id: str | None = None, dataset: str | None = None,
+            license: str | None = None, base_model: str | None = None, device: str | torch.device | None = None,
+            latency_warmup: int = 5, latency_reps: int = 30, analysis: bool = True,
+            analysis_batches: int | None = None, metric_tolerance: float | None = None, notes: Sequence[str] = (),
+            overwrite: bool = False, update_index: bool = True) -> PublishResult:
+    """Publish the best checkpoint of an engine run as ``zoo/<model_id>/`` with its model card.
+
+    Args:
+        run_dir: The run whose best checkpoint is published (``convmoe train`` output folder).
+        model_id: Folder and Hub repo name (lower case, digits, ``.-_``).
+        dense_twin: Runs of the dense recipe (the same recipe without MoE), one per seed.
+        seeds: More runs of the same recipe with other ``trainer.seed`` values.
+        float16: Store the weights in float16 (checked: predictions and metrics must stay close).
+        zoo_dir: The zoo folder.
+        config: The recipe the runs were trained from; default: the one in ``recipes_dir`` that
+            reproduces the run's config with the fewest overrides.
+        dense_config: The dense twin's recipe, found the same way by default.
+        recipes_dir: Where recipes are searched.
+        repo_id: Hub repo id; default ``convmoe/<model_id>``.
+        dataset: Key of :data:`~convmoe.zoo.datasets.DATASETS`; default from the config.
+        license: Licence id; default the dataset's.
+        base_model: Hub id of the exact starting weights, if they are on the Hub.
+        device: Where latency and the routing analysis run (default: CUDA if available).
+        latency_warmup: Untimed passes before timing.
+        latency_reps: Timed passes; 0 skips the latency measurement.
+        analysis: Add the routing-analysis section (MoE models only).
+        analysis_batches: Limit the analysis to this many val batches.
+        metric_tolerance: Allowed change of a metric when the published files are evaluated again
+            (default: 0.001 of its scale for float32, 0.005 for float16).
+        notes: Extra sentences for the card's Limitations.
+        overwrite: Replace an existing variant folder.
+        update_index: Regenerate ``zoo/README.md`` (and re-render the other cards).
+
+    Returns:
+        The folder, the card and its front matter.
+
+    Raises:
+        FileNotFoundError: A run folder or recipe is missing.
+        ValueError: Runs that are not seeds of one recipe, an incomparable dense twin, no recipe
+            reproducing a run, a variant that exists, or published files that do not reproduce the
+            checkpoint's outputs and metrics.
+
+    Example:
+        >>> publish("runs/camvid_upernet_moe", "upernet-lite0-moe8-camvid",  # doctest: +SKIP
+        ...         seeds=["runs/camvid_upernet_moe_seed1"], dense_twin=["runs/camvid_upernet_dense"], float16=True)
+    """
+    from convmoe import __version__
+    from convmoe.engine.evaluate import load_model, split_batch
+    from convmoe.hub import WEIGHTS_NAME, from_pretrained
+
+    if not MODEL_ID.match(model_id) or "--" in model_id or ".." in model_id:
+        raise ValueError(f"model id {model_id!r} must be lower case letters, digits and . - _ (no '--' or '..', at most "
+                         "96 characters), e.g. 'upernet-lite0-moe8-camvid'.")
+    hub_id = repo_id or f"{DEFAULT_ORG}/{model_id}"
+    if not HUB_ID.match(hub_id):
+        raise ValueError(f"repo id {hub_id!r} must look like 'org/name'.")
+    runs = [read_run(run_dir), *(read_run(path) for path in seeds)]
+    check_same_recipe(runs)
+    twins = [read_run(path) for path in dense_twin]
+    if twins:
+        check_same_recipe(twins)
+        check_comparable(runs, twins)
+    main = runs[0]
+    dataset_key = dataset or detect_dataset(main.config)
+    if dataset_key is None:
+        raise ValueError(f"cannot tell which dataset {main.run_dir} was trained on; pass --dataset (one of the keys of "
+                         "convmoe.zoo.datasets.DATASETS).")
+    info = get_dataset_info(dataset_key)
+    if info.task != main.task:
+        raise ValueError(f"dataset {dataset_key!r} is for {info.task}, but {main.run_dir} logged {main.task} metrics.")
+    recipe, overrides = _commands(runs, config, recipes_dir)
+    twin_recipe, twin_overrides = _commands(twins, dense_config, recipes_dir) if twins else (None, [])
+
+    folder = Path(zoo_dir) / model_id
+    _prepare_folder(folder, overwrite)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "float16" if float16 else "float32"
+
+    # The weights: best checkpoint -> folder, then the folder must compute what the checkpoint does.
+    model, _ = load_model(main.checkpoint)
+    export_weights(model, folder, base_recipe_for(main.config["model"]), float16=float16)
+    loaded = from_pretrained(folder)
+    loader = _val_loader(main.config, device)
+    batch: Tensor = split_batch(next(iter(loader)))[0][:16]
+    check = compare_outputs(model.to(device), loaded.to(device), batch.to(device))
+    _check_round_trip(check, dtype)
+    reevaluated = _reevaluate(folder, main, dtype, metric_tolerance)
+
+    # The cost, on one val input; the dense twin on the same input.
+    inputs = batch[:1].cpu()
+    cost = measure_cost(loaded.cpu(), inputs)
+    twin_model = load_model(twins[0].checkpoint)[0] if twins else None
+    twin_cost = measure_cost(twin_model, inputs) if twin_model is not None else None
+    latency = None
+    if latency_reps > 0:
+        timed = {"model": loaded, **({"dense_twin": twin_model} if twin_model is not None else {})}
+        medians = measure_latency(timed, inputs, device, warmup=latency_warmup, reps=latency_reps)
+        latency = {"ms": medians["model"], "dense_twin_ms": medians.get("dense_twin"),
+                   "device": device_description(device), "batch": 1, "input": list(inputs.shape), "dtype": "float32",
+                   "warmup": latency_warmup, "reps": latency_reps, "torch": str(torch.__version__)}
+
+    patch_text, block_names = describe_moe(loaded)
+    split = str((main.config.get("val_dataset") or {}).get("split", "val"))
+    section = (_routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
+                                 f"{info.name.split(' (')[0]}, {split} split")
+               if analysis and block_names else None)
+
+    summary = summarize_runs(runs)
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "model_id": model_id, "hub_id": hub_id, "revision": None,
+        "task": main.task, "dataset": dataset_key, "eval_split": split,
+        "architecture": base_recipe_for(main.config["model"]).name,
+        "initialization": describe_initialization(main.config), "patch": patch_text, "moe_blocks": block_names,
+        "monitor": main.monitor, "metrics": summary["metrics"], "metrics_std": summary["metrics_std"],
+        "seeds": summary["seeds"], "runs": summary["runs"], "published_seed": main.seed,
+        "params": cost.params, "dense_params": cost.dense_params, "active_flops": cost.active_flops,
+        "dense_flops": cost.dense_flops,
+        "flops": {"input": list(inputs.shape), "method": cost.method, "block_ratio": cost.block_ratio},
+        "latency": latency,
+        "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size, "check": asdict(check)},
+        "reevaluated": reevaluated,
+        "command": train_command(recipe, overrides[0]),
+        "commands": {"train": [train_command(recipe, o) for o in overrides],
+                     "eval": eval_command(hub_id, recipe, overrides[0])},
+        "preprocessing": describe_preprocessing(main.config),
+        "dense_twin": _twin_summary(twins, twin_cost, twin_recipe, twin_overrides) if twins else None,
+        "references": method_references(loaded, main.config), "notes": list(notes), "convmoe_version": __version__,
+    }
+    if "per_class_iou" in summary:
+        meta["per_class_iou"] = summary["per_class_iou"]
+    meta = json.loads(json.dumps(meta))  # plain types only in the card (and an early error for anything else)
+    front = build_front_matter(meta, license=license, base_model=base_model)
+    card = folder / CARD_NAME
+    card.write_text(render_card(front, section), encoding="utf-8")
+    problems = check_variant(folder, load=False)
+    if problems:
+        raise ValueError(f"the published card of {model_id} fails the zoo schema: " + " ".join(problems))
+    if update_index:
+        from convmoe.zoo.table import write_index
+
+        write_index(zoo_dir)
+    return PublishResult(folder=folder, card=card, front_matter=front)

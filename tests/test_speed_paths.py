@@ -1,0 +1,188 @@
+"""The fast sparse paths' building blocks: grouped matmul, tiles, channels-last gathers, memory formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_block, max_abs_diff, with_dispatcher
+from torch import Tensor
+
+from convmoe import ConvGeometry, MoEConv2d
+from convmoe.dispatch.assignments import routed
+from convmoe.dispatch.grouped import (
+    GatheredColumns,
+    gathered_segment_matmul,
+    grouped_mm_supported,
+    segment_matmul,
+)
+from convmoe.dispatch.tiles import TileLayout, channels_last_rows, gather_rows, grid_offsets
+from convmoe.experts import ConvExperts
+from convmoe.tokens import create_tokens
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5], [0, 0, 8], [8, 0, 0]])
+@pytest.mark.parametrize("as_tensor", [True, False])
+@pytest.mark.parametrize("width", [8, 6])  # 6 floats is not 16-byte aligned: the per-segment fallback
+def test_segment_matmul_matches_per_segment_products(counts: list[int], as_tensor: bool, width: int) -> None:
+    rows = torch.randn(8, width, requires_grad=True)
+    weight = torch.randn(3, width, 4, requires_grad=True)
+    out = segment_matmul(rows, weight, torch.tensor(counts) if as_tensor else counts)
+    expected = torch.cat([segment @ weight[e] for e, segment in enumerate(rows.split(counts))])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (rows, weight), grad)
+    want = torch.autograd.grad(expected, (rows, weight), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # 1: every chunk at its 64-row minimum
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_gathered_segment_matmul_matches_materialised_columns(chunk_bytes: int, channels_first: bool) -> None:
+    rows = torch.randn(50, 4, requires_grad=True)
+    index = torch.randint(0, 50, (150, 3))
+    # a transposed view, as the experts' weights are passed: the gradient must come back in that layout
+    weight = torch.randn(3, 5, 12).transpose(1, 2).requires_grad_()
+    counts = [70, 0, 80]  # an empty expert, and segments longer than one 64-row chunk
+    columns = GatheredColumns(rows, index)
+    out = gathered_segment_matmul(columns, weight, counts, channels_first=channels_first, chunk_bytes=chunk_bytes)
+    materialized = columns.materialize()  # (M, T, C)
+    if channels_first:
+        materialized = materialized.transpose(1, 2)
+    expected = segment_matmul(materialized.flatten(1), weight, counts)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (rows, weight), grad)
+    want = torch.autograd.grad(expected, (rows, weight), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_grouped_mm_support_needs_aligned_widths() -> None:
+    assert grouped_mm_supported(torch.randn(4, 8), torch.randn(2, 8, 4))
+    assert not grouped_mm_supported(torch.randn(4, 6), torch.randn(2, 6, 4))
+    assert not grouped_mm_supported(torch.randn(4, 8), torch.randn(2, 8, 6))
+    assert not grouped_mm_supported(torch.randn(4, 8, dtype=torch.float64), torch.randn(2, 8, 4, dtype=torch.float64))
+
+
+def test_tile_layout_untiles_a_non_uniform_grid() -> None:
+    tokens = create_tokens("grid:2x3").split(torch.randn(1, 1, 5, 7))  # rows 2+3, columns 2+2+3
+    layout = TileLayout.from_tokens(tokens)
+    assert layout.tile == (3, 3)
+    assert not layout.uniform
+    # a canvas whose every tile holds its token id and the position inside the tile
+    B, N, (th, tw) = 2, tokens.num_tokens, layout.tile
+    canvas = torch.arange(B * N * th * tw, dtype=torch.float32).reshape(B * N, th, tw, 1)
+    y = layout.untile(canvas, channels_last=False)
+    assert y.shape == (2, 1, 5, 7)
+    assert y.is_contiguous()
+    rows, cols = torch.meshgrid(torch.arange(5), torch.arange(7), indexing="ij")
+    a = (rows >= 2).long()
+    b = (cols >= 2).long() + (cols >= 4).long()
+    token = a * 3 + b
+    i = rows - torch.tensor([0, 2])[a]
+    j = cols - torch.tensor([0, 2, 4])[b]
+    for batch in range(B):
+        expected = ((batch * N + token) * th + i) * tw + j
+        assert torch.equal(y[batch, 0], expected.float())
+    assert torch.equal(layout.untile(canvas, channels_last=True), y)
+    assert layout.untile(canvas, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gather_rows_reads_windows_from_the_channels_last_map() -> None:
+    x = torch.randn(2, 3, 6, 5)
+    rows, size = channels_last_rows(x, (8, 5))  # two zero rows below
+    assert size == (8, 5)
+    origin = torch.tensor([1 * 8 * 5 + 4 * 5 + 2])  # image 1, row 4, column 2
+    windows = gather_rows(rows, origin, grid_offsets(3, 2, 1, 1, 5, x.device))  # 3x2 window
+    expected = F.pad(x, (0, 0, 0, 2))[1, :, 4:7, 2:4].permute(1, 2, 0).reshape(6, 3)
+    assert torch.equal(windows[0], expected)
+
+
+def test_forward_columns_accepts_channels_last_receptive_fields() -> None:
+    experts = ConvExperts(4, 8, num_experts=3, geometry=ConvGeometry.create(3, dilation=2), act="gelu", norm="layer")
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    x = torch.randn(1, 4, 7, 7)
+    unfolded = F.unfold(x, 3, dilation=2)[0].t()  # (L, C * 9), channel-major
+    channels_last = unfolded.reshape(-1, 4, 9).transpose(1, 2)  # (L, 9, C)
+    counts = torch.tensor([4, 0, unfolded.shape[0] - 4])
+    torch.testing.assert_close(experts.forward_columns(channels_last, counts),
+                               experts.forward_columns(unfolded, counts.tolist()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "grid:2x4", "patch:4", "patch:2", "image"])
+@pytest.mark.parametrize("spec", ["sparse:columns", "sparse:regions", "sparse"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("out_channels", [8, 64])  # 64: fewer rows than E x C_out, the columns are transposed
+def test_sparse_paths_keep_the_input_memory_format_and_match_dense(tokens: str, spec: str, out_channels: int,
+                                                                   memory_format: torch.memory_format) -> None:
+    block = make_block(tokens=tokens, dispatcher=spec, stride=2, out_channels=out_channels).eval()
+    x = torch.randn(2, 4, 11, 10).contiguous(memory_format=memory_format).requires_grad_()
+    y = block(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    reference = with_dispatcher(block, "dense")(x)
+    assert max_abs_diff(y, reference) <= 1e-4
+    grad = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    (dx_ref,) = torch.autograd.grad(reference, x, grad)
+    assert max_abs_diff(dx, dx_ref) <= 1e-4
+
+
+def test_auto_prefers_columns_for_small_tokens_and_regions_for_large_ones(x_small: Tensor) -> None:
+    def chosen(tokens: str, **kwargs) -> str:
+        block = make_block(tokens=tokens, **kwargs)
+        return block.dispatcher.choose_path(block.tokens.split(x_small), block.experts)
+
+    assert chosen("pixel") == "pixels"
+    assert chosen("patch:2") == "columns"
+    assert chosen("patch:2", groups=2) == "regions"  # grouped experts: a conv per expert
+    assert chosen("patch:8") == "regions"
+    assert chosen("image") == "mixed"
+    block = make_block(tokens="patch:8", dispatcher="sparse")
+    block.dispatcher.columns_max_positions = 64
+    assert block.dispatcher.choose_path(block.tokens.split(x_small), block.experts) == "columns"
+
+
+def test_expert_counts_stay_a_tensor() -> None:
+    block = make_block(tokens="grid:3x3", capacity_factor=0.5).eval()
+    block(torch.randn(2, 4, 9, 9))
+    part, counts = routed(block.last_routing).by_expert(4)
+    assert isinstance(counts, Tensor)
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts, torch.bincount(part.expert, minlength=4))
+    assert (part.expert.diff() >= 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "patch:8", "image"])
+def test_cuda_bfloat16_autocast_channels_last_matches_dense(tokens: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, device="cuda")
+    block = MoEConv2d.from_conv(conv, num_experts=8, top_k=2, tokens=tokens, upcycle=False).cuda().eval()
+    x = torch.randn(4, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = block(x)
+        reference = with_dispatcher(block, "dense")(x)
+    assert y.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert max_abs_diff(y.float(), reference.float()) <= 5e-2 * float(reference.float().abs().max())
+
+
+@pytest.mark.parametrize("tokens", ["pixel", "patch:2", "grid:3x3"])
+@pytest.mark.parametrize("post", [{}, {"expert_act": "relu"}])
+def test_depthwise_experts_on_columns_match_dense(tokens: str, post: dict) -> None:
+    block = make_block(8, 8, 5, padding=2, groups=8, tokens=tokens, dispatcher="sparse:columns", **post).eval()
+    x = torch.randn(2, 8, 9, 9).requires_grad_()
+    y = block(x)
+    dense = with_dispatcher(block, "dense")
+    reference = dense(x)
+    assert max_abs_diff(y, reference) <= 1e-4
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, block.experts.weight], grad)
+    want = torch.autograd.grad(reference, [x, dense.experts.weight], grad)
+    for g, w in zip(got, want, strict=True):
+        assert max_abs_diff(g, w) <= 1e-4
