@@ -152,6 +152,8 @@ def gather_rows(x_rows: Tensor, origins: Tensor, offsets: Tensor) -> Tensor:
 
 def combine_tiles(outputs: Tensor, weight: Tensor, destination: Tensor, num_tiles: int) -> Tensor:
     """Weighted sum of tile outputs (M, th, tw, C) into a canvas (num_tiles, th, tw, C) at ``destination`` (M,)."""
-    weighted = outputs * weight.to(outputs.dtype)[:, None, None, None]
-    canvas = outputs.new_zeros(num_tiles, *outputs.shape[1:])
-    return canvas.index_add(0, destination, weighted)
+    # Accumulate in float32 for half types: CPU index_add in bfloat16/float16 is ~100x slower, and less exact.
+    accumulate = torch.float32 if outputs.dtype in (torch.bfloat16, torch.float16) else outputs.dtype
+    weighted = outputs.to(accumulate) * weight.to(accumulate)[:, None, None, None]
+    canvas = torch.zeros(num_tiles, *outputs.shape[1:], dtype=accumulate, device=outputs.device)
+    return canvas.index_add(0, destination, weighted).to(outputs.dtype)
