@@ -24,8 +24,8 @@ DISPATCHERS.register("sparse")(SparseDispatcher)
 
 
 def create_dispatcher(spec: str | type[nn.Module] | nn.Module, **kwargs: Any) -> nn.Module:
-    """Build a dispatcher from ``"dense"``, ``"sparse"`` (or ``"sparse:pixels"`` etc. to force a path),
-    a class or an instance.
+    """Build a dispatcher from ``"dense"``, ``"sparse"`` (``"sparse:columns"``, ``"sparse:regions"`` etc. force
+    a path), a class or an instance.
 
     Example:
         >>> create_dispatcher("sparse:regions")

@@ -21,15 +21,17 @@ class SparseDispatcher(nn.Module):
 
     - ``"mixed"``: one token per image and linear experts: mix each sample's expert weights and run
       one grouped conv (CondConv).
-    - ``"columns"``: conv experts (no conv groups, no post-ops): the receptive field of every
-      routed output position becomes a row, and all experts run as one grouped matrix product.
+    - ``"columns"``: conv experts: the receptive field of every routed output position becomes a
+      row (gathered from the channels-last input), and the experts run as matrix products over
+      their rows: one ``grouped_mm`` on GPU (no host sync), a cache-sized chunk at a time on CPU.
     - ``"pixels"``: ``"columns"`` restricted to per-pixel tokens.
     - ``"regions"``: any tokens and experts: gather each routed tile with its halo, one conv per
       expert over its stacked tiles.
 
-    ``"auto"`` uses ``"mixed"`` where it applies, ``"columns"`` for tokens of at most
-    ``columns_max_positions`` output positions (per-pixel tokens, small patches), and
-    ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive fields.
+    ``"auto"`` uses ``"mixed"`` where it applies, ``"pixels"`` for per-pixel tokens, ``"columns"``
+    for tokens of at most ``columns_max_positions`` output positions with ungrouped experts (small
+    patches), and ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive
+    fields (measured on CPU: patch:2 3.1x vs 6.2x a dense conv, patch:4 6.9x vs 3.5x).
 
     Args:
         path: Force a path; an impossible choice raises ``ValueError``.
