@@ -183,14 +183,18 @@ class ConvExperts(nn.Module):
             weight = weights[e].reshape(groups, out_per_group, -1).to(segment.dtype)
             y = torch.einsum("mgk,gok->mgo", segment, weight)
             y = y.reshape(segment.shape[0], self.out_channels)
-            if biases[e] is not None:
-                y = y + biases[e].to(y.dtype)
-            if not self.post.is_identity:
-                y = self.post(y[:, :, None, None], e)[:, :, 0, 0]
-            outputs.append(y)
+            outputs.append(self._finish_rows(y, biases[e], e))
         if not outputs:
             return columns.new_zeros(0, self.out_channels)
         return torch.cat(outputs)
+
+    def _finish_rows(self, y: Tensor, bias: Tensor | None, expert: int) -> Tensor:
+        """Expert ``expert``'s bias and post-ops on its output rows (M, C_out)."""
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        if not self.post.is_identity:
+            y = self.post(y[:, :, None, None], expert)[:, :, 0, 0]
+        return y
 
     def _depthwise_columns(self, columns: Tensor, counts: list[int], channels_last: bool) -> Tensor:
         """Depthwise experts on columns: a weighted sum over the taps per channel (a batched product of
@@ -205,11 +209,7 @@ class ConvExperts(nn.Module):
             if segment.shape[0] == 0:
                 continue
             y = (segment * weights[e].to(segment.dtype)).sum(dim=1)
-            if biases[e] is not None:
-                y = y + biases[e].to(y.dtype)
-            if not self.post.is_identity:
-                y = self.post(y[:, :, None, None], e)[:, :, 0, 0]
-            outputs.append(y)
+            outputs.append(self._finish_rows(y, biases[e], e))
         if not outputs:
             return columns.new_zeros(0, C)
         return torch.cat(outputs)
