@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median_ms, machine, to_memory_format, write_jsonl
+from common import interleaved_median_ms, machine, write_jsonl
 
 from convmoe import MoEConv2d
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=memory_format)
     dense = nn.Conv2d(channels, channels, args.kernel, padding=args.kernel // 2, device=device)
-    dense = to_memory_format(dense, memory_format)
+    dense = dense.to(memory_format=memory_format)
 
     fastest_dense: dict[str, float] = {}
     if args.retries:  # a reference for "the machine is quiet": the best of a few short timings
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         if k > E:
             continue
         block = MoEConv2d.from_conv(dense, num_experts=E, top_k=k, tokens=tokens, dispatcher=spec)
-        block = to_memory_format(block, memory_format).train(phase == "train")
+        block = block.to(memory_format=memory_format).train(phase == "train")
         dense.train(phase == "train")
         try:
             steps = {"dense": make_step(dense, x, mode, autocast), "moe": make_step(block, x, mode, autocast)}

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median_ms, machine, synchronize, to_memory_format, write_jsonl
+from common import interleaved_median_ms, machine, synchronize, write_jsonl
 
 import convmoe
 from convmoe import MoEConfig
@@ -107,7 +107,7 @@ class Setup:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        return to_memory_format(model.to(self.device), self.memory_format)
+        return model.to(self.device, memory_format=self.memory_format)
 
     def inputs(self, batch: int, segmentation: bool, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn(batch, 3, self.size, self.size, device=self.device).contiguous(memory_format=self.memory_format)

@@ -57,24 +57,6 @@ def interleaved_median_ms(fns: dict[str, Callable[[], Any]], warmup: int = 5, re
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def to_memory_format(module: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
-    """``module.to(memory_format=...)`` for the 4-D parameters and buffers only.
-
-    ``nn.Module.to(memory_format=torch.channels_last)`` also tries the 5-D tensors (an MoE block's
-    stacked expert weights, Conv3d weights) and fails on them; those stay as they are.
-
-    Example:
-        >>> conv = to_memory_format(torch.nn.Conv2d(4, 4, 3), torch.channels_last)
-        >>> conv.weight.is_contiguous(memory_format=torch.channels_last)
-        True
-    """
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.dim() == 4:
-                tensor.data = tensor.data.contiguous(memory_format=memory_format)
-    return module
-
-
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float | None:
     """Peak device memory of one ``fn()`` call in MiB on CUDA; None on CPU (not tracked there)."""
     device = torch.device(device)

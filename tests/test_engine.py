@@ -150,11 +150,35 @@ def test_segmentation_training_logs_routing_and_medoe_statistics(tmp_path):
     # The switch loss lies in [1, E]; the engine adds it with the model's weight, 0.01.
     assert 0.01 <= aux <= 0.08
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["classes"] == 11
+    # Training-time routing analysis: per-layer specialisation and balance, logged and saved per epoch.
+    layer = "decoder.fusion_block.0"
+    assert 0 <= float(row[f"routing/{layer}/specialization"]) <= 1
+    assert 0 <= float(row[f"routing/{layer}/utilization_entropy"]) <= 1
+    [epoch] = json.loads((tmp_path / "routing_history.json").read_text())
+    assert epoch["epoch"] == 0
+    assert epoch["layers"][layer]["dead_experts"] == float(row[f"routing/{layer}/dead_experts"])
+    assert (tmp_path / "routing_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         return
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_routing_tracking_follows_classification_labels_and_can_be_turned_off(tmp_path):
+    moe = {"moe_targets": "last", "moe_config": {"num_experts": 4, "top_k": 1}}
+    config = classification_config(tmp_path / "on", **moe)
+    config["trainer"]["routing_stats_every_n_steps"] = 1
+    [row] = train(config).history
+    [layer] = {key.split("/")[1] for key in row if key.startswith("routing/") and key.endswith("/specialization")}
+    history = json.loads((tmp_path / "on" / "routing_history.json").read_text())
+    assert history[0]["layers"][layer]["specialization"] == pytest.approx(row[f"routing/{layer}/specialization"])
+    off = classification_config(tmp_path / "off", **moe)
+    off["trainer"]["track_routing"] = False
+    [row] = train(off).history
+    assert not any(key.endswith("/specialization") for key in row)
+    assert not (tmp_path / "off" / "routing_history.json").exists()
+    assert "routing/train_utilization_entropy" in row  # the routing statistics stay
 
 
 @pytest.mark.parametrize(("aux_weight", "router_moves"), [(0.01, True), (0.0, False)])
@@ -195,6 +219,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert [row["epoch"] for row in result.history] == [1]
     assert trainer.global_step == 4
     assert [int(r["epoch"]) for r in read_rows(tmp_path / "metrics.csv")] == [0, 1]
+    history = json.loads((tmp_path / "routing_history.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1]  # the curves go on across the resume
     state = load_checkpoint(result.last_checkpoint)
     assert state["epoch"] == 1
     assert state["global_step"] == 4

@@ -1,4 +1,5 @@
-"""The zoo recipes in configs/: they load, every _target_ resolves, and their datasets and models build."""
+"""The zoo recipes in configs/ and configs/cpu/: they load, every _target_ resolves, and their datasets
+and models build."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from convmoe import moe_blocks
 from convmoe.engine import instantiate, load_config, locate
 from convmoe.models import load_encoder_weights
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "cpu").glob("*.yaml"))
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA_ROOTS = {"cifar10": FIXTURES / "cifar10_folder", "camvid": FIXTURES / "camvid"}
 
@@ -28,11 +30,29 @@ def targets(node: Any) -> list[str]:
 
 def test_the_zoo_recipes_are_there():
     names = {path.stem for path in CONFIGS}
-    assert {"cifar10_efficientnet_lite0_dense", "cifar10_efficientnet_lite0_moe", "camvid_upernet_dense",
-            "camvid_upernet_moe", "camvid_upernet_moe_expert_choice", "camvid_upernet_medoe"} <= names
+    recipes = {"cifar10_efficientnet_lite0_dense", "cifar10_efficientnet_lite0_moe", "camvid_upernet_dense",
+               "camvid_upernet_moe", "camvid_upernet_moe_expert_choice", "camvid_upernet_medoe"}
+    assert recipes <= names
+    assert {path.stem for path in CONFIGS if path.parent.name == "cpu"} == recipes  # a CPU budget of each
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_cpu_recipes_change_only_the_budget():
+    """A CPU recipe is its full recipe with a smaller budget: same model (but the decoder's width), loss,
+    optimizer, schedule shape and seed."""
+    for cpu in (ROOT / "configs" / "cpu").glob("*.yaml"):
+        small, full = load_config(cpu), load_config(ROOT / "configs" / cpu.name)
+        model = dict(small["model"])
+        if "decoder_channels" in full["model"]:
+            assert model["decoder_channels"] < full["model"]["decoder_channels"]
+            model["decoder_channels"] = full["model"]["decoder_channels"]
+        assert model == full["model"], cpu.name
+        for key in ("loss", "optimizer", "scheduler_list", "init_encoder_from"):
+            assert small.get(key) == full.get(key), (cpu.name, key)
+        assert small["trainer"]["seed"] == full["trainer"]["seed"]
+        assert small["trainer"]["default_root_dir"] == f"runs/cpu_{cpu.stem}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.stem}" for p in CONFIGS])
 def test_recipe_builds_on_tiny_data(path):
     dataset_name = path.stem.split("_")[0]
     overrides = [f"data.root={DATA_ROOTS[dataset_name]}"]
@@ -41,9 +61,10 @@ def test_recipe_builds_on_tiny_data(path):
     config = load_config(path, overrides)
     for target in targets(config):
         locate(target)
-    assert config["trainer"]["default_root_dir"] == f"runs/{path.stem}"
+    cpu = path.parent.name == "cpu"
+    assert config["trainer"]["default_root_dir"] == f"runs/{'cpu_' if cpu else ''}{path.stem}"
     train_node = {k: v for k, v in config["train_dataset"].items() if k != "data_loader"}
-    if dataset_name == "camvid":  # the fixture is 90x120: crop what it has
+    if dataset_name == "camvid" and not cpu:  # the fixture is 90x120: crop what it has
         train_node["augmentation_list"][1].update(height=64, width=96)
     sample = instantiate(train_node)[0]
     model = instantiate(config["model"]).eval()
@@ -51,11 +72,17 @@ def test_recipe_builds_on_tiny_data(path):
         load_encoder_weights(model, instantiate(config["init_encoder_from"]))
     with torch.no_grad():
         logits = model(sample["image"][None])
-    if dataset_name == "camvid":
-        assert sample["image"].shape == (3, 64, 96)
-        assert logits.shape == (1, 11, 64, 96)
-    else:
-        assert sample["image"].shape == (3, 128, 128)
-        assert logits.shape == (1, 10)
+    size = {("camvid", False): (64, 96), ("camvid", True): (160, 224), ("cifar10", False): (128, 128),
+            ("cifar10", True): (64, 64)}[dataset_name, cpu]
+    assert sample["image"].shape == (3, *size)
+    assert logits.shape == ((1, 11, *size) if dataset_name == "camvid" else (1, 10))
+    for split in ("val_dataset", "test_dataset"):  # evaluation pads the half-resolution frame to 192x256
+        if cpu and dataset_name == "camvid":
+            node = {k: v for k, v in config[split].items() if k != "data_loader"}
+            assert node["split"] == split.split("_")[0]
+            node["split"] = "val"  # the fixture has no test split
+            item = instantiate(node)[0]
+            assert item["image"].shape == (3, 192, 256)
+            assert int((item["mask"] == 11).all(dim=1).sum()) >= 192 - 180  # the padded rows are ignored
     blocks = dict(moe_blocks(model))
     assert bool(blocks) == ("moe" in path.stem or "medoe" in path.stem)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +188,29 @@ def test_depthwise_experts_on_columns_match_dense(tokens: str, post: dict) -> No
     want = torch.autograd.grad(reference, [x, dense.experts.weight], grad)
     for g, w in zip(got, want, strict=True):
         assert max_abs_diff(g, w) <= 1e-4
+
+
+@pytest.mark.parametrize("dispatcher", ["sparse", "sparse:columns", "sparse:regions", "sparse:mixed", "dense"])
+@pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "image"])
+def test_channels_last_model_computes_the_same_forward_and_backward(tokens: str, dispatcher: str) -> None:
+    """``.to(memory_format=torch.channels_last)`` reaches the 5-D expert weight (each expert becomes a
+    channels-last conv weight), and every path computes what the contiguous block does."""
+    if dispatcher == "sparse:mixed" and tokens != "image":
+        pytest.skip("the mixed path routes whole images")
+    block = make_block(8, 6, tokens=tokens, dispatcher=dispatcher, top_k=2, noise_std=0.0).train()
+    x = torch.randn(2, 8, 9, 9)
+    converted = copy.deepcopy(block).to(memory_format=torch.channels_last)
+    weight = converted.experts.weight
+    assert weight.shape == block.experts.weight.shape
+    assert all(weight[e].is_contiguous(memory_format=torch.channels_last) for e in range(weight.shape[0]))
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    y, y_cl = block(x), converted(x_cl)
+    assert max_abs_diff(y, y_cl) <= 1e-5
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_cl.backward(grad)
+    assert max_abs_diff(x.grad, x_cl.grad) <= 1e-5
+    assert max_abs_diff(block.experts.weight.grad, converted.experts.weight.grad) <= 1e-5
+    assert converted.to(memory_format=torch.contiguous_format).experts.weight.is_contiguous()
+    converted.to(memory_format=torch.channels_last_3d)  # 5-D tensors take it as they are

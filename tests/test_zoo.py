@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_engine import classification_config, segmentation_config
+from test_engine import classification_config, read_rows, segmentation_config
 
 import convmoe
 from convmoe.cli import main
@@ -65,7 +65,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     moe = write_recipe(work / "moe.yaml", classification_config(work / "moe", moe_targets="layer4.*.conv2",
                                                                 moe_config=MOE_CONFIG))
     dense = write_recipe(work / "dense.yaml", classification_config(work / "dense"))
-    seg = write_recipe(work / "seg.yaml", segmentation_config(work / "seg"))
+    seg_config = segmentation_config(work / "seg")
+    seg_config["test_dataset"] = dict(seg_config["val_dataset"])  # the fixture's val images stand in for a test split
+    seg = write_recipe(work / "seg.yaml", seg_config)
     train(moe)
     train(moe, ["+trainer.seed=1", f"trainer.default_root_dir={work / 'moe_seed1'}"])
     train(dense)
@@ -201,7 +203,12 @@ def test_card_numbers_are_the_runs_metrics_csv(zoo, runs):
 def test_segmentation_card_records_per_class_iou_and_analysis(zoo, runs):
     meta = front(zoo, "tiny-upernet")["convmoe"]
     row = read_best_row(runs["seg"])
-    assert meta["metrics"] == {"val/miou": float(row["val/miou"]), "val/pixel_accuracy": float(row["val/pixel_accuracy"])}
+    test_row = read_rows(runs["seg"] / "metrics.csv")[-1]  # the engine's test pass, with the best weights
+    assert meta["metrics"] == {"val/miou": float(row["val/miou"]), "val/pixel_accuracy": float(row["val/pixel_accuracy"]),
+                               "test/miou": float(test_row["test/miou"]),
+                               "test/pixel_accuracy": float(test_row["test/pixel_accuracy"])}
+    assert meta["reevaluated"]["test/miou"] == pytest.approx(meta["metrics"]["test/miou"], abs=1e-3)
+    assert shlex.split(meta["commands"]["eval_test"])[-2:] == ["--split", "test"]
     assert meta["per_class_iou"]["sky"] == (float(row["val/iou/sky"]) if row["val/iou/sky"] not in ("", "nan") else None)
     assert meta["moe_blocks"] == ["decoder.fusion_block.0"]
     assert meta["latency"] is None
@@ -210,6 +217,8 @@ def test_segmentation_card_records_per_class_iou_and_analysis(zoo, runs):
     assert "## Routing analysis" in body
     assert (zoo / "tiny-upernet" / "routing_heatmaps.png").is_file()
     assert "non-commercial" in body
+    assert "the test columns were measured once" in body
+    assert meta["commands"]["eval_test"] in body
     assert "@article{badrinarayanan2017segnet" in body
 
 

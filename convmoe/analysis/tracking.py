@@ -153,7 +153,7 @@ def plot_tracking(history: Sequence[dict[str, Any]], path: str | Path,
         statistics: Which of :data:`TRACKED` to draw.
 
     Raises:
-        ValueError: An empty history, or an unknown statistic.
+        ValueError: An empty history, one without layers, or an unknown statistic.
 
     Example:
         >>> import tempfile, os
@@ -169,6 +169,8 @@ def plot_tracking(history: Sequence[dict[str, Any]], path: str | Path,
     plt = require_matplotlib()
     epochs = [row["epoch"] for row in history]
     names = list(dict.fromkeys(name for row in history for name in row["layers"]))
+    if not names:
+        raise ValueError("the tracking history holds no MoE layer; attach the tracker to a model with MoE blocks.")
     columns = min(len(statistics), 2)
     rows = (len(statistics) + columns - 1) // columns
     figure, axes_grid = plt.subplots(rows, columns, squeeze=False, figsize=(5.0 * columns, 3.2 * rows))

@@ -71,6 +71,10 @@ class TrainerSettings:
         enable_progress_bar: Show progress bars (main process only).
         log_every_n_steps: Write step losses to TensorBoard every n optimizer steps.
         routing_stats_every_n_steps: Sample the routing statistics every n training batches.
+        track_routing: Also track per-layer specialisation and balance over epochs
+            (:class:`convmoe.analysis.RoutingTracker`, sampled like the routing statistics): logged as
+            ``routing/<layer>/<statistic>``, saved to ``routing_history.json`` and plotted to
+            ``routing_curves.png`` (with matplotlib). Models without MoE blocks are not tracked.
         monitor: Metric that selects the best checkpoint (default ``val/miou`` for segmentation,
             ``val/top1`` for classification, ``train/loss`` without validation).
         monitor_mode: ``"max"`` or ``"min"`` (default: ``"min"`` for losses, else ``"max"``).
@@ -97,6 +101,7 @@ class TrainerSettings:
     enable_progress_bar: bool = True
     log_every_n_steps: int = 50
     routing_stats_every_n_steps: int = 10
+    track_routing: bool = True
     monitor: str | None = None
     monitor_mode: str | None = None
     resume: str | None = None
@@ -274,6 +279,7 @@ class Trainer:
         mode = self.settings.monitor_mode or ("min" if self.monitor.endswith("loss") else "max")
         self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
         self.start_epoch, self.global_step, self.best_metric = 0, 0, None
+        self.tracker = self._build_tracker()
         torch.manual_seed(seed + self.ctx.rank)  # routing noise and expert dropout differ between processes
 
     # ---- construction helpers ----------------------------------------------------------------
@@ -286,6 +292,20 @@ class Trainer:
             _, target = split_batch(next(iter(self.val_loader)))
             task = "segmentation" if target.dim() == 3 else "classification"
         return "val/miou" if task == "segmentation" else "val/top1"
+
+    def _build_tracker(self) -> Any:
+        """A :class:`~convmoe.analysis.RoutingTracker` on the model, or None (off, or no MoE block)."""
+        from convmoe.analysis import RoutingTracker
+        from convmoe.analysis.layers import moe_layers
+
+        if not self.settings.track_routing or next(moe_layers(self.model), None) is None:
+            return None
+        num_classes = len(self.class_names) if self.class_names else None
+        if self.ctx.distributed and num_classes is None:
+            warnings.warn("routing tracking is off: under torchrun it needs the number of classes, and the datasets "
+                          "have no 'classes' attribute.", UserWarning, stacklevel=3)
+            return None
+        return RoutingTracker(ignore_index=self.ignore_index, num_classes=num_classes).attach(self.model)
 
     def _build_schedulers(self) -> list[ScheduledLR]:
         entries = list(self.config.get("scheduler_list") or [])
@@ -323,6 +343,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
             "config": self.config,
+            "routing_history": list(self.tracker.history) if self.tracker is not None else [],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -338,6 +359,8 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.best_metric = state["best_metric"]
+        if self.tracker is not None:  # the curves go on from the resumed epoch
+            self.tracker.history = [row for row in state.get("routing_history", []) if row["epoch"] < self.start_epoch]
 
     def _resume_path(self) -> Path | None:
         if self.settings.resume is None:
@@ -379,6 +402,7 @@ class Trainer:
                     csv_logger.log(row)
                     tensorboard.log(row, step=epoch)
                     self._print_epoch(row)
+                    self._save_routing_history()
                 barrier()
                 history.append(row)
             test_metrics = self._test(csv_logger, tensorboard)
@@ -424,6 +448,8 @@ class Trainer:
                 if tensorboard is not None and self.global_step % settings.log_every_n_steps == 0:
                     tensorboard.log({"train/loss_step": loss.item(), "lr": self._lr()}, step=self.global_step)
             if i % settings.routing_stats_every_n_steps == 0:
+                if self.tracker is not None:  # soft targets (mixup) carry no class: balance only
+                    self.tracker.update(model, target if not target.is_floating_point() else None)
                 summary = convmoe.routing_stats(model).summary()
                 for key, value in summary.items():
                     routing_sums[key] = routing_sums.get(key, 0.0) + float(value)
@@ -439,6 +465,8 @@ class Trainer:
         for key, value in routing_sums.items():
             prefix = "extra/train_" if key.startswith("medoe_") else "routing/train_"
             row[prefix + key] = value / routing_count
+        if self.tracker is not None:
+            row.update(self.tracker.epoch_end(epoch, reduce=all_reduce_sum if self.ctx.distributed else None))
         return row
 
     def _optimizer_step(self) -> None:
@@ -499,6 +527,15 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir / "last.pt", state)
         if improved:
             save_checkpoint(self.checkpoint_dir / "best.pt", state)
+
+    def _save_routing_history(self) -> None:
+        """``routing_history.json`` and, with matplotlib, ``routing_curves.png`` in the output folder."""
+        if self.tracker is None:
+            return
+        self.tracker.save(self.output_dir / "routing_history.json")
+        # Without matplotlib the JSON history is still complete; convmoe.analysis.plot_tracking draws it later.
+        with contextlib.suppress(ImportError):
+            self.tracker.plot(self.output_dir / "routing_curves.png")
 
     def _print_epoch(self, row: Mapping[str, Any]) -> None:
         shown = {k: v for k, v in row.items() if not k.startswith("val/iou/") and not k.startswith("routing/")}

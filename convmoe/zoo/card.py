@@ -300,6 +300,8 @@ def _reproduce(meta: Mapping[str, Any]) -> list[str]:
         lines += ["", "The dense twin:", "", "```bash", *twin["commands"]["train"], "```"]
     lines += ["", f"Evaluate the published weights on the {meta['eval_split']} split:", "", "```bash", commands["eval"],
               "```"]
+    if commands.get("eval_test"):
+        lines += ["", "and on the test split:", "", "```bash", commands["eval_test"], "```"]
     if meta.get("preprocessing"):
         lines += ["", "Inputs are prepared as the recipe's `val_dataset` does: "
                   + " -> ".join(f"`{step}`" for step in meta["preprocessing"]) + "."]
@@ -310,8 +312,12 @@ def _limitations(meta: Mapping[str, Any]) -> list[str]:
     info = get_dataset_info(meta["dataset"])
     seeds = len(meta["seeds"])
     items = list(info.limitations)
-    items.append(f"The best epoch of every run was chosen on the {meta['eval_split']} split that the results are "
-                 "measured on, so they are slightly optimistic.")
+    if any(n.startswith("test/") for n in meta["metrics"]):
+        items.append(f"The best epoch of every run was chosen on the {meta['eval_split']} split; the test columns "
+                     "were measured once, with those weights, on the test split, which played no part in training.")
+    else:
+        items.append(f"The best epoch of every run was chosen on the {meta['eval_split']} split that the results are "
+                     "measured on, so they are slightly optimistic.")
     items.append(f"{seeds} seed{'s' if seeds > 1 else ''}: " + ("the spread is a rough indication, not a confidence "
                                                               "interval." if seeds > 1 else "no spread is known."))
     items.append("Latency comes from one machine at batch 1 in eager PyTorch: it compares the variant with its dense "

@@ -183,11 +183,15 @@ def train_command(recipe: str | Path, overrides: Sequence[str]) -> str:
     return shlex.join(["convmoe", "train", display_path(recipe), *overrides])
 
 
-def eval_command(source: str, recipe: str | Path, overrides: Sequence[str]) -> str:
-    """``convmoe eval SOURCE OVERRIDES... --config RECIPE``: the published weights on the run's val_dataset.
+def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], split: str = "val") -> str:
+    """``convmoe eval SOURCE OVERRIDES... --config RECIPE``: the published weights on the run's val_dataset
+    (or its ``<split>_dataset``).
 
     Example:
         >>> eval_command("convmoe/net", "configs/a.yaml", ["data.root=.data/x"])
         'convmoe eval convmoe/net data.root=.data/x --config configs/a.yaml'
+        >>> eval_command("convmoe/net", "configs/a.yaml", [], split="test")
+        'convmoe eval convmoe/net --config configs/a.yaml --split test'
     """
-    return shlex.join(["convmoe", "eval", source, *overrides, "--config", display_path(recipe)])
+    return shlex.join(["convmoe", "eval", source, *overrides, "--config", display_path(recipe),
+                       *(["--split", split] if split != "val" else [])])

@@ -132,11 +132,15 @@ def _check_round_trip(check: OutputCheck, dtype: str) -> None:
 
 
 def _reevaluate(folder: Path, run: RunRecord, dtype: str, tolerance: float | None) -> dict[str, float]:
+    """The published files evaluated again on the val split (and the test split when the run logged
+    one), checked against the run's logged metrics."""
     from convmoe.engine.evaluate import evaluate
 
-    measured = evaluate(str(folder), config=run.config, split="val", progress=False)
-    reevaluated = headline_metrics({f"val/{name}": value for name, value in measured.items()})
-    for name, expected in headline_metrics(run.metrics).items():
+    reevaluated: dict[str, float] = {}
+    for split in ("val", "test") if run.test_metrics else ("val",):
+        measured = evaluate(str(folder), config=run.config, split=split, progress=False)
+        reevaluated.update(headline_metrics({f"{split}/{name}": value for name, value in measured.items()}))
+    for name, expected in run.headline().items():
         value = reevaluated.get(name, math.nan)
         allowed = (tolerance if tolerance is not None else METRIC_TOLERANCE[dtype] * _scale(name))
         if not abs(value - expected) <= allowed:
@@ -294,7 +298,9 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         "reevaluated": reevaluated,
         "command": train_command(recipe, overrides[0]),
         "commands": {"train": [train_command(recipe, o) for o in overrides],
-                     "eval": eval_command(hub_id, recipe, overrides[0])},
+                     "eval": eval_command(hub_id, recipe, overrides[0]),
+                     **({"eval_test": eval_command(hub_id, recipe, overrides[0], split="test")}
+                        if main.test_metrics else {})},
         "preprocessing": describe_preprocessing(main.config),
         "dense_twin": _twin_summary(twins, twin_cost, twin_recipe, twin_overrides) if twins else None,
         "references": method_references(loaded, main.config), "notes": list(notes), "convmoe_version": __version__,

@@ -65,6 +65,8 @@ def _published_rows(fronts: Sequence[dict[str, Any]], zoo_dir: Path) -> list[str
     for front in fronts:
         meta = front["convmoe"]
         monitor = meta.get("monitor", "")
+        test = "test/" + monitor.partition("/")[2]
+        monitor = test if test in (meta.get("metrics") or {}) else monitor  # the held-out split when there is one
         std = (meta.get("metrics_std") or {}).get(monitor)
         twin = meta.get("dense_twin") or {}
         twin_text = (format_metric(monitor, twin["metrics"].get(monitor), (twin.get("metrics_std") or {}).get(monitor))
@@ -89,8 +91,10 @@ def _published_rows(fronts: Sequence[dict[str, Any]], zoo_dir: Path) -> list[str
 def _plan_section(plan: Sequence[PlannedVariant], published: set[str], root: Path) -> list[str]:
     header = ["variant", "recipe", "dense twin recipe", "seeds", "weights (estimated)", "status"]
     lines = ["## Planned variants", "",
-             ("What the zoo will hold once a GPU session has trained it. Sizes are estimated from the recipes (the "
-              "model built on the `meta` device); no number below is a result."), "",
+             ("The variants, their recipes and seeds. The recipes are the CPU-budget ones of `configs/cpu/`: no GPU "
+              "has been available to this project, and each trains in 3 to 12 minutes on 2 CPU cores. Sizes are "
+              "estimated from the recipes (the model built on the `meta` device); no number in this section is a "
+              "result."), "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     total = 0
     for variant in plan:
@@ -107,7 +111,7 @@ def _plan_section(plan: Sequence[PlannedVariant], published: set[str], root: Pat
     if NOT_PUBLISHED:
         lines += ["", "Recipes in `configs/` that are not published as variants:", ""]
         lines += [f"- `{config}`: {reason}." for config, reason in NOT_PUBLISHED]
-    lines += ["", "## Publishing the plan (GPU session)", "",
+    lines += ["", "## Training and publishing the plan", "",
               ("Run from the repository root. A run continues where it stopped with the same command plus "
                "`trainer.resume=auto` (useful when a machine limits the length of one command); the card then "
                "records that override in its train command. `--seeds` and `--dense-twin` read the runs the train "
@@ -156,7 +160,7 @@ def render_index(zoo_dir: str | Path, plan: Sequence[PlannedVariant] | None = No
              "## Published variants", ""]
     if not fronts:
         lines += [("**No variant has been trained yet.** This zoo holds no weights and no measured number: the "
-                   "variants below are planned, and need a GPU session to train and publish them.")]
+                   "variants below are planned; the commands that train and publish them follow.")]
     else:
         lines += [("Results on each card's evaluation split, mean ± sample std over seeds; the dense twin is the same "
                    "recipe without MoE. FLOPs and latency per image at the card's input size."), "",
