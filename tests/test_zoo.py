@@ -216,6 +216,11 @@ def test_segmentation_card_records_per_class_iou_and_analysis(zoo, runs):
     body = (zoo / "tiny-upernet" / "README.md").read_text()
     assert "## Routing analysis" in body
     assert (zoo / "tiny-upernet" / "routing_heatmaps.png").is_file()
+    history = json.loads((runs["seg"] / "routing_history.json").read_text())
+    specialization = history[0]["layers"]["decoder.fusion_block.0"]["specialization"]
+    assert "### Over training" in body
+    assert f"| `decoder.fusion_block.0` | {specialization:.3f} |" in body
+    assert (zoo / "tiny-upernet" / "routing_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "non-commercial" in body
     assert "the test columns were measured once" in body
     assert meta["commands"]["eval_test"] in body
@@ -433,7 +438,8 @@ def test_push_uploads_the_folder_and_records_the_revision(zoo, tmp_path, hub_api
     assert upload == "upload_folder"
     assert (upload_args["repo_id"], Path(upload_args["folder_path"]), upload_args["repo_type"]) == (
         "convmoe/tiny-moe", copy / "tiny-moe", "model")
-    assert upload_args["files"] == ["README.md", "config.json", "model.safetensors", "routing_heatmaps.png"]
+    assert upload_args["files"] == ["README.md", "config.json", "model.safetensors", "routing_curves.png",
+                                   "routing_heatmaps.png"]
     assert FakeCommit.commit_url in capsys.readouterr().out
     meta = front(copy, "tiny-moe")["convmoe"]
     assert meta["revision"] == FakeCommit.oid

@@ -53,7 +53,8 @@ FLOAT32_MIN_AGREEMENT = 0.999
 # Largest change of a headline metric when the published files are evaluated again, in the metric's
 # own units per point of scale (percentages: x100): float32 only moves by kernel nondeterminism.
 METRIC_TOLERANCE = {"float32": 0.001, "float16": 0.005}
-_PUBLISHED_FILES = (CARD_NAME, "config.json", "model.safetensors", "routing_heatmaps.png")
+CURVES_NAME = "routing_curves.png"
+_PUBLISHED_FILES = (CARD_NAME, "config.json", "model.safetensors", "routing_heatmaps.png", CURVES_NAME)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,36 @@ def _routing_analysis(model: nn.Module, loader: Any, config: dict[str, Any], fol
     except ImportError as error:  # the heatmap needs matplotlib
         warnings.warn(f"routing analysis left out of the card: {error}", UserWarning, stacklevel=3)
         return None
+
+
+def _training_curves(run: RunRecord, folder: Path) -> str | None:
+    """The card's "over training" paragraph and its image, from the run's routing history (the engine's
+    ``routing_history.json``); None when the run has none or matplotlib is missing."""
+    from convmoe.analysis.tracking import load_history, plot_tracking
+
+    path = run.run_dir / "routing_history.json"
+    if not path.is_file():
+        return None
+    history = [row for row in load_history(path) if row["epoch"] <= run.best_epoch]
+    if not history or not any(row["layers"] for row in history):
+        return None
+    try:
+        plot_tracking(history, folder / CURVES_NAME)
+    except ImportError:
+        return None
+    last = history[-1]
+    rows = [f"| `{name}` | {stats['specialization']:.3f} | {stats['utilization_entropy']:.3f} | "
+            f"{stats['imbalance']:.2f} | {int(stats['dead_experts'])} | {100 * stats['dropped_rate']:.1f}% |"
+            for name, stats in last["layers"].items()]
+    return "\n".join([
+        "### Over training", "",
+        (f"The same statistics on the training batches of seed {run.seed}, epoch by epoch up to the published epoch "
+         f"{run.best_epoch} (the engine's `routing_history.json`; sampled batches, with router noise and expert "
+         "dropout as the model trained):"), "",
+        f"![Routing statistics over training]({CURVES_NAME})", "",
+        f"At epoch {last['epoch']}:", "",
+        "| layer | specialisation | util. entropy | imbalance | dead experts | dropped |",
+        "|---|---|---|---|---|---|", *rows])
 
 
 def _twin_summary(twins: Sequence[RunRecord], twin_cost: Any, recipe: Path, overrides: list[list[str]],
@@ -281,6 +312,9 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
     section = (_routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
                                  f"{info.name.split(' (')[0]}, {split} split")
                if analysis and block_names else None)
+    curves = _training_curves(main, folder) if analysis and block_names else None
+    if curves:
+        section = f"{section}\n\n{curves}" if section else f"## Routing analysis\n\n{curves}"
 
     summary = summarize_runs(runs)
     meta: dict[str, Any] = {
