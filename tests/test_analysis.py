@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -519,3 +520,34 @@ def test_missing_matplotlib_is_a_clear_import_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install 'convmoe\[analysis\]'"):
         require_matplotlib()
+
+
+def test_a_training_config_names_its_dataset_with_loader_settings_and_lists(tmp_path):
+    """``convmoe analyze MODEL CONFIG.yaml`` reads ``<split>_dataset`` as the engine does: a node's own
+    ``data_loader`` settings are not dataset arguments, and a list of nodes is concatenated."""
+    import yaml
+
+    from convmoe.analysis.datasets import load_dataset
+
+    root = str(Path(__file__).parent / "fixtures" / "camvid")
+    node = {"_target_": "convmoe.data.CamVidDataset", "root": root, "split": "val", "data_loader": {"batch_size": 2}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"val_dataset": node, "test_dataset": [node, node]}))
+    single = load_dataset(path)
+    assert single.classes[0] == "sky"
+    assert len(load_dataset(path, "test")) == 2 * len(single)
+    with pytest.raises(ValueError, match="has no train_dataset section"):
+        load_dataset(path, "train")
+
+
+def test_max_batches_draws_from_the_whole_dataset():
+    """With --max-batches, a folder sorted by class still gives every class, not the first class's images."""
+    from convmoe.analysis.command import random_sample
+
+    labels = [c for c in range(10) for _ in range(100)]  # class-sorted, as an image folder is
+    sample = random_sample(labels, 160)
+    assert len(sample) == 160
+    assert len(set(sample)) == 10
+    assert list(sample) == sorted(sample)  # dataset order kept
+    assert list(random_sample(labels, 160)) == list(sample)  # seeded: the same sample every run
+    assert random_sample(labels, 5000) is labels

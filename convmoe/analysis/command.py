@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset, Subset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", choices=("imagenet", "none"), default="imagenet",
                         help="input normalisation of folder images (default: imagenet mean/std)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
-    parser.add_argument("--max-batches", type=int, default=None, help="use at most this many batches")
+    parser.add_argument("--max-batches", type=int, default=None,
+                        help="use at most this many batches, drawn at random (seed 0) from the whole dataset so that "
+                             "a folder sorted by class is still represented")
     parser.add_argument("--images", type=int, default=4, help="images drawn in the routing maps (default: 4; 0: none)")
     parser.add_argument("--ignore-index", type=int, default=None,
                         help="unlabelled pixel value (default: the dataset's, CamVid 11)")
@@ -92,6 +95,20 @@ def _sample_images(dataset: Any, count: int) -> tuple[torch.Tensor | None, list[
     return torch.stack(images), captions
 
 
+def random_sample(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+    """``size`` items of ``dataset`` drawn without replacement (in dataset order), or the whole dataset
+    when it is not larger: the first batches of a class-sorted folder would hold a single class.
+
+    Example:
+        >>> len(random_sample(list(range(10)), 3)), random_sample([1, 2], 5)
+        (3, [1, 2])
+    """
+    if size >= len(dataset):
+        return dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return Subset(dataset, indices.sort().values.tolist())
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``convmoe analyze`` with parsed arguments; returns the exit status."""
     from torch.utils.data import DataLoader
@@ -105,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = load_analysis_model(args.model, args.revision).to(device)
     dataset = load_dataset(args.data, args.split, args.image_size, args.normalize)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0)
+    sample = random_sample(dataset, args.max_batches * args.batch_size) if args.max_batches else dataset
+    loader = DataLoader(sample, batch_size=args.batch_size, shuffle=False, num_workers=0)
     ignore_index = args.ignore_index if args.ignore_index is not None else getattr(dataset, "ignore_index", None)
     classes = getattr(dataset, "classes", None)
     images, captions = _sample_images(dataset, args.images)

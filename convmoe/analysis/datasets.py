@@ -85,11 +85,12 @@ def load_dataset(data: str | Path, split: str | None = None, image_size: Sequenc
 
 
 def _config_dataset(path: Path, split: str) -> Dataset:
-    from convmoe.engine.config import instantiate, load_config
+    from convmoe.engine.config import load_config
+    from convmoe.engine.trainer import build_dataset
 
     config = load_config(path)
     node = config.get(f"{split}_dataset")
     if not node:
         raise ValueError(f"config {path} has no {split}_dataset section; available: "
                          f"{sorted(k for k in config if k.endswith('_dataset'))}.")
-    return instantiate(node)
+    return build_dataset(node)

@@ -171,6 +171,20 @@ class TrainResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def build_dataset(node: Any) -> Dataset:
+    """The dataset of a config's dataset node: a ``_target_`` mapping or a list of them (concatenated);
+    each node's own ``data_loader`` settings are left to :func:`build_dataloader`.
+
+    Example:
+        >>> len(build_dataset([{"_target_": "builtins.list", "_args_": [[1, 2]], "data_loader": {"batch_size": 2}},
+        ...                    {"_target_": "builtins.list", "_args_": [[3]]}]))
+        3
+    """
+    nodes = node if isinstance(node, list) else [node]
+    datasets = [instantiate({k: v for k, v in item.items() if k != "data_loader"}) for item in nodes]
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
 def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedContext, train: bool,
                      seed: int = 0) -> DataLoader:
     """A DataLoader for a dataset node: a ``_target_`` mapping or a list of them (concatenated).
@@ -189,8 +203,7 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     settings = dict(defaults)
     for item in nodes:
         settings.update(item.get("data_loader") or {})
-    datasets = [instantiate({k: v for k, v in item.items() if k != "data_loader"}) for item in nodes]
-    dataset: Dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    dataset = build_dataset(node)
     shuffle = bool(settings.pop("shuffle", train))
     if ctx.distributed:
         sampler = (DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)

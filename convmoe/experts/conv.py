@@ -67,7 +67,6 @@ class ConvExperts(nn.Module):
     def is_linear(self) -> bool:
         return self.post.is_identity
 
-    @torch.no_grad()
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConvExperts:
         """``nn.Module._apply`` that lets ``.to(memory_format=...)`` reach the experts.
 
@@ -87,6 +86,7 @@ class ConvExperts(nn.Module):
 
         return super()._apply(convert, recurse)
 
+    @torch.no_grad()
     def load_dense(self, weight: Tensor, bias: Tensor | None, noise_std: float = 0.0) -> None:
         """Upcycle: every expert becomes a copy of a dense conv's weights (plus relative noise).
 

@@ -88,12 +88,17 @@ class PlannedVariant:
         return f"python shared/data/unpack.py {self.dataset} .data/{self.dataset}"
 
 
+_REPOSITORY = Path(__file__).resolve().parents[2]
+
+
 def _recipe_run_dir(config: str | Path) -> tuple[str, int]:
-    """A recipe's ``trainer.default_root_dir`` and ``trainer.seed`` (read from the YAML, relative to the
-    repository root); ``runs/<recipe stem>`` and seed 0 when the recipe does not set them or is absent."""
+    """A recipe's ``trainer.default_root_dir`` and ``trainer.seed`` (the YAML relative to the working folder
+    or to the repository); ``runs/<recipe stem>`` and seed 0 when the recipe does not set them or is absent."""
     from convmoe.engine.config import load_config
 
     path = Path(config)
+    if not path.is_file() and (_REPOSITORY / path).is_file():  # run from another folder than the repository's
+        path = _REPOSITORY / path
     trainer = (load_config(path).get("trainer") or {}) if path.is_file() else {}
     return str(trainer.get("default_root_dir") or f"runs/{path.stem}"), int(trainer.get("seed", 0))
 
