@@ -15,6 +15,7 @@ A training loop (the engine, or your own) calls three methods::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ def plot_tracking(history: Sequence[dict[str, Any]], path: str | Path,
             axes.plot(epochs, values, marker="o", markersize=3, label=name)
         axes.set_title(statistic.replace("_", " "), fontsize=10)
         axes.set_xlabel("epoch")
+        axes.set_xticks(epochs if len(epochs) <= 12 else epochs[:: math.ceil(len(epochs) / 12)])  # whole epochs
         axes.grid(alpha=0.3)
     for index in range(len(statistics), rows * columns):
         axes_grid[index // columns][index % columns].axis("off")
