@@ -7,6 +7,9 @@ Shapes stay tiny (B=2, C=4..8, odd H=W=9) so the whole core suite runs in second
 from __future__ import annotations
 
 import copy
+import hashlib
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +170,44 @@ def isolated_registries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a test register parts without leaking them into the global registries (monkeypatch restores them)."""
     for registry in (TOKENS, ROUTERS, GATES, DISPATCHERS, EXPERTS, DROPOUTS, LOSSES):
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to open a network connection fail the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test tried to open a network connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The git blob id of ``data``: the etag the Hub gives a file stored without LFS."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+# Files the Hub keeps in LFS (their etag, and cache blob name, is the sha256).
+LFS_SUFFIXES = (".safetensors", ".png")
+
+
+def make_hub_cache(cache: Path, repo_id: str, folder: Path, files: tuple[str, ...] | None = None) -> str:
+    """Lay ``folder``'s files (all, or ``files``) out as huggingface_hub's cache holds repo ``repo_id`` at
+    one commit; returns the commit hash.
+
+    Blobs are named by their etag: the sha256 for LFS files, the git blob sha1 otherwise; snapshot
+    files are relative symlinks to them; ``refs/main`` holds the commit hash.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode() + (folder / "config.json").read_bytes()).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    names = files if files is not None else sorted(p.name for p in folder.iterdir() if p.is_file())
+    for name in names:
+        data = (folder / name).read_bytes()
+        blob = hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_sha1(data)
+        (repo / "blobs" / blob).write_bytes(data)
+        (repo / "snapshots" / commit / name).symlink_to(Path("..") / ".." / "blobs" / blob)
+    (repo / "refs" / "main").write_text(commit)
+    return commit

@@ -6,14 +6,13 @@ All offline: Hub tests build a cache laid out as huggingface_hub documents it
 
 from __future__ import annotations
 
-import hashlib
 import json
-import socket
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_hub_cache
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -97,15 +96,6 @@ def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / "convmoe_test_nets.py").write_text(textwrap.dedent(FACTORY_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "convmoe_test_nets"
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a test tried to open a network connection: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 # -- round trips ---------------------------------------------------------------------------------------
@@ -196,38 +186,13 @@ def test_map_location_and_strict_false(tmp_path):
 # -- the Hub cache, offline ----------------------------------------------------------------------------
 
 
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def make_hub_cache(cache: Path, repo_id: str, checkpoint: Path, files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME),
-                   ) -> str:
-    """Lay ``checkpoint``'s files out as huggingface_hub's cache does; returns the commit hash.
-
-    Blobs are named by their etag: the sha256 for LFS files (safetensors), the git blob sha1
-    otherwise; snapshot files are relative symlinks to them; ``refs/main`` holds the commit hash.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode() + checkpoint.joinpath(CONFIG_NAME).read_bytes()).hexdigest()
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    for name in files:
-        data = (checkpoint / name).read_bytes()
-        blob = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else git_blob_sha1(data)
-        (repo / "blobs" / blob).write_bytes(data)
-        (repo / "snapshots" / commit / name).symlink_to(Path("..") / ".." / "blobs" / blob)
-    (repo / "refs" / "main").write_text(commit)
-    return commit
-
-
 @pytest.fixture
 def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> tuple[Path, str, nn.Module]:
     """A cache under tmp with REPO_ID at one commit; HF_HUB_CACHE points to it and HF_HUB_OFFLINE=1."""
     model = tiny_patched_resnet()
     checkpoint = save_pretrained(model, tmp_path / "upload")
     cache = tmp_path / "hf-cache"
-    commit = make_hub_cache(cache, REPO_ID, checkpoint)
+    commit = make_hub_cache(cache, REPO_ID, checkpoint, (CONFIG_NAME, WEIGHTS_NAME))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.delenv("HF_HOME", raising=False)

@@ -23,6 +23,15 @@ from convmoe.experts import ConvExperts
 from convmoe.tokens import create_tokens
 
 
+def assert_same_gradients(out: Tensor, expected: Tensor, inputs: tuple[Tensor, ...]) -> None:
+    """``out`` and ``expected`` (two graphs over ``inputs``) give the same input gradients for one random upstream."""
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 5], [0, 0, 8], [8, 0, 0]])
 @pytest.mark.parametrize("as_tensor", [True, False])
 @pytest.mark.parametrize("width", [8, 6])  # 6 floats is not 16-byte aligned: the per-segment fallback
@@ -32,11 +41,7 @@ def test_segment_matmul_matches_per_segment_products(counts: list[int], as_tenso
     out = segment_matmul(rows, weight, torch.tensor(counts) if as_tensor else counts)
     expected = torch.cat([segment @ weight[e] for e, segment in enumerate(rows.split(counts))])
     torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (rows, weight), grad)
-    want = torch.autograd.grad(expected, (rows, weight), grad)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_same_gradients(out, expected, (rows, weight))
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # 1: every chunk at its 64-row minimum
@@ -54,11 +59,7 @@ def test_gathered_segment_matmul_matches_materialised_columns(chunk_bytes: int, 
         materialized = materialized.transpose(1, 2)
     expected = segment_matmul(materialized.flatten(1), weight, counts)
     torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (rows, weight), grad)
-    want = torch.autograd.grad(expected, (rows, weight), grad)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_same_gradients(out, expected, (rows, weight))
 
 
 def test_grouped_mm_support_needs_aligned_widths() -> None:

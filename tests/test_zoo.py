@@ -9,12 +9,10 @@ and the upload is a monkeypatched HfApi whose arguments are checked.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import shlex
 import shutil
-import socket
 import statistics
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import make_hub_cache
 from test_engine import classification_config, read_rows, segmentation_config
 
 import convmoe
@@ -103,36 +102,6 @@ def read_best_row(run: Path) -> dict[str, str]:
     with open(run / "metrics.csv", newline="") as f:
         return next(row for row in csv.DictReader(f) if row["epoch"] == str(epoch) and row.get("val/top1", row.get(
             "val/miou")))
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a test tried to open a network connection: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def make_hub_cache(cache: Path, repo_id: str, folder: Path) -> str:
-    """``folder``'s files laid out as huggingface_hub's cache holds repo ``repo_id`` at one commit
-    (the layout of tests/test_hub.py: blobs named by etag, snapshot symlinks, refs/main)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode() + (folder / "config.json").read_bytes()).hexdigest()
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        data = path.read_bytes()
-        blob = hashlib.sha256(data).hexdigest() if path.suffix in (".safetensors", ".png") else git_blob_sha1(data)
-        (repo / "blobs" / blob).write_bytes(data)
-        (repo / "snapshots" / commit / path.name).symlink_to(Path("..") / ".." / "blobs" / blob)
-    (repo / "refs" / "main").write_text(commit)
-    return commit
 
 
 @pytest.fixture

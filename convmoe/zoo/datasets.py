@@ -76,6 +76,9 @@ _CAMVID_BIBTEX = (
 }""",
 )
 
+_CIFAR10_USE = ("CIFAR-10 is distributed by its authors without a formal licence, for research and benchmarking; "
+                "they ask that the technical report be cited.")
+
 DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
         key="cifar10",
@@ -83,8 +86,7 @@ DATASETS: dict[str, DatasetInfo] = {
         hub_id="uoft-cs/cifar10",
         task="classification",
         license="apache-2.0",
-        use=("CIFAR-10 is distributed by its authors without a formal licence, for research and benchmarking; "
-             "they ask that the technical report be cited."),
+        use=_CIFAR10_USE,
         limitations=(
             ("Trained and measured on a JPEG mirror of CIFAR-10 (quality 75, 4:2:0 chroma, github.com/YoongiKim/"
              "CIFAR-10-images), not the original arrays: accuracy on the original pixels is close to, not identical "
@@ -100,8 +102,7 @@ DATASETS: dict[str, DatasetInfo] = {
         hub_id="uoft-cs/cifar10",
         task="classification",
         license="apache-2.0",
-        use=("CIFAR-10 is distributed by its authors without a formal licence, for research and benchmarking; "
-             "they ask that the technical report be cited."),
+        use=_CIFAR10_USE,
         limitations=(
             ("The images are 32x32; the model expects the recipe's preprocessing and has never seen natural images "
              "at other scales."),
