@@ -19,6 +19,7 @@ from convmoe.presets import PRESETS, get_preset, list_presets
 from convmoe.registry import Registry
 from convmoe.routers import ROUTERS, create_router
 from convmoe.tokens import TOKENS, create_tokens
+from convmoe.trust import UntrustedCodeError, register_factory
 from convmoe.types import AuxOutput, Routing, RoutingStats, Tokens
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "Routing",
     "RoutingStats",
     "Tokens",
+    "UntrustedCodeError",
     "__version__",
     "aux_loss",
     "compute_stats",
@@ -60,6 +62,7 @@ __all__ = [
     "moe_blocks",
     "patch",
     "patch_spec",
+    "register_factory",
     "routing_stats",
     "save_pretrained",
     "unpatch",

@@ -2,19 +2,23 @@
 
 A recipe is a library, a name and keyword arguments, JSON-ready so it can live in ``config.json``:
 
-    {"library": "timm",    "name": "resnet18",         "kwargs": {"num_classes": 10}}
-    {"library": "smp",     "name": "Unet",             "kwargs": {"encoder_name": "resnet18", "classes": 2}}
-    {"library": "factory", "name": "my_pkg.nets:build", "kwargs": {"width": 32}}
+    {"library": "timm",        "name": "resnet18",          "kwargs": {"num_classes": 10}}
+    {"library": "smp",         "name": "Unet",              "kwargs": {"encoder_name": "resnet18", "classes": 2}}
+    {"library": "torchvision", "name": "resnet18",          "kwargs": {"num_classes": 10}}
+    {"library": "factory",     "name": "my_pkg.nets:build", "kwargs": {"width": 32}}
 
-``create_model("timm:resnet18", ...)`` builds a model and records its recipe on it, so
+``create_model("timm:resnet18", ...)`` builds a model and records every keyword on it, so
 ``save_pretrained`` needs no ``base=``. Rebuilding never downloads weights: timm gets
-``pretrained=False`` and smp ``encoder_weights=None``; the checkpoint brings the weights.
+``pretrained=False``, smp ``encoder_weights=None`` and torchvision ``weights=None``; the checkpoint
+brings the weights. A ``factory`` recipe from a downloaded file is built only when the function is
+in :mod:`convmoe.trust`'s allow-list (or the caller passes ``trust_remote_code=True``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +26,12 @@ from typing import Any
 
 from torch import nn
 
+from convmoe.trust import check_factory, factory_name
+
 RECIPE_ATTRIBUTE = "convmoe_base_recipe"
 RECIPE_ERROR_ATTRIBUTE = "convmoe_base_recipe_error"
-LIBRARIES = ("timm", "smp", "factory")
+LIBRARIES = ("timm", "smp", "torchvision", "factory")
+_LIBRARY_PREFIXES = ("timm", "smp", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -32,9 +39,11 @@ class BaseRecipe:
     """How to rebuild a base model: a library, a name in it, and keyword arguments.
 
     Attributes:
-        library: ``"timm"`` (``timm.create_model``), ``"smp"`` (``segmentation_models_pytorch.create_model``)
-            or ``"factory"`` (a user function named ``"module:function"``).
-        name: The timm model name, the smp architecture (``"Unet"``) or ``"module:function"``.
+        library: ``"timm"`` (``timm.create_model``), ``"smp"`` (``segmentation_models_pytorch.create_model``),
+            ``"torchvision"`` (``torchvision.models.get_model``) or ``"factory"`` (a function named
+            ``"module:function"``).
+        name: The timm model name, the smp architecture (``"Unet"``), the torchvision builder
+            (``"resnet18"``, ``"fcn_resnet50"``) or ``"module:function"``.
         kwargs: JSON-ready keyword arguments for the call.
 
     Example:
@@ -112,23 +121,37 @@ class BaseRecipe:
         if isinstance(spec, str):
             prefix, sep, rest = spec.partition(":")
             if not sep or not prefix or not rest:
-                raise ValueError(f"base model {spec!r} needs a library prefix: 'timm:resnet18', 'smp:Unet' or "
-                                 "'module:function' for your own builder.")
-            if prefix in ("timm", "smp"):
+                raise ValueError(f"base model {spec!r} needs a library prefix: 'timm:resnet18', 'smp:Unet', "
+                                 "'torchvision:resnet18' or 'module:function' for your own builder.")
+            if prefix in _LIBRARY_PREFIXES:
                 return cls(prefix, rest, kwargs)
             return cls("factory", spec, kwargs)
         if callable(spec):
-            return cls("factory", _importable_name(spec), kwargs)
+            return cls("factory", factory_name(spec), kwargs)
         raise TypeError(f"cannot make a base recipe from {type(spec).__name__}; pass 'timm:NAME', 'smp:ARCH', "
-                        "'module:function', a dict or a function.")
+                        "'torchvision:NAME', 'module:function', a dict or a function.")
 
-    def build(self) -> nn.Module:
+    def build(self, trust_remote_code: bool = False, where: str = "the base recipe") -> nn.Module:
         """Build the base model with random weights: never downloads (timm ``pretrained=False``,
-        smp ``encoder_weights=None``); a factory function is called with ``kwargs`` as they are.
+        smp ``encoder_weights=None``, torchvision ``weights=None``); a factory function is called
+        with ``kwargs`` as they are.
+
+        Args:
+            trust_remote_code: Build a ``factory`` recipe whose function is outside the allow-list
+                (:mod:`convmoe.trust`). Leave False for recipes read from a file you did not write.
+            where: Where the recipe came from, for the error message.
+
+        Raises:
+            convmoe.trust.UntrustedCodeError: A factory outside the allow-list without the opt-in.
+            ValueError: An unknown model name.
 
         Example:
             >>> type(BaseRecipe("timm", "test_resnet").build()).__name__
             'ResNet'
+            >>> BaseRecipe("factory", "os:system", {"command": "id"}).build()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            convmoe.trust.UntrustedCodeError: the base recipe names the base factory 'os:system', which is not ...
         """
         kwargs = dict(self.kwargs)
         if self.library == "timm":
@@ -136,6 +159,7 @@ class BaseRecipe:
 
             kwargs["pretrained"] = False
             kwargs.pop("checkpoint_path", None)
+            kwargs.pop("pretrained_cfg_overlay", None)  # may point at a weight file or URL
             if not timm.is_model(self.name):
                 raise ValueError(f"timm has no model {self.name!r} (timm {timm.__version__}); check the name with "
                                  "timm.list_models() or upgrade timm.")
@@ -144,7 +168,11 @@ class BaseRecipe:
             smp = _import_smp()
             kwargs["encoder_weights"] = None
             model = smp.create_model(self.name, **kwargs)
+        elif self.library == "torchvision":
+            builder = _torchvision_builder(self.name)
+            model = builder(**_without_torchvision_weights(builder, kwargs))
         else:
+            check_factory(self.name, trust_remote_code, where)
             model = _resolve_function(self.name)(**kwargs)
             if not isinstance(model, nn.Module):
                 raise TypeError(f"factory {self.name!r} returned {type(model).__name__}, expected an nn.Module.")
@@ -157,11 +185,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Args:
         name: ``"timm:MODEL"`` (any ``timm.create_model`` name), ``"smp:ARCH"`` (an smp architecture,
-            e.g. ``"smp:Unet"``) or ``"module:function"`` (your own builder).
+            e.g. ``"smp:Unet"``), ``"torchvision:BUILDER"`` (``"torchvision:resnet18"``) or
+            ``"module:function"`` (your own builder).
         **kwargs: Passed to the builder. To be recorded they must be JSON-ready (numbers, strings,
             lists, dicts); otherwise the model is built but ``save_pretrained`` needs ``base=``.
-            ``pretrained=True`` / ``encoder_weights="imagenet"`` load weights now; a checkpoint saved
-            from the model rebuilds it without them.
+            ``pretrained=True`` / ``encoder_weights="imagenet"`` / ``weights="DEFAULT"`` load weights
+            now; a checkpoint saved from the model rebuilds it without them.
 
     Returns:
         The model, with its :class:`BaseRecipe` under ``convmoe_base_recipe``.
@@ -178,6 +207,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         model = timm.create_model(library_recipe.name, **kwargs)
     elif library_recipe.library == "smp":
         model = _import_smp().create_model(library_recipe.name, **kwargs)
+    elif library_recipe.library == "torchvision":
+        model = _torchvision_builder(library_recipe.name)(**kwargs)
     else:
         model = _resolve_function(library_recipe.name)(**kwargs)
     try:
@@ -278,16 +309,6 @@ def _jsonable(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     return json.loads(json.dumps(kwargs))
 
 
-def _importable_name(function: Callable[..., Any]) -> str:
-    module = getattr(function, "__module__", None)
-    qualname = getattr(function, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        raise ValueError(f"cannot record {function!r} as a base factory: it must be a module-level function in an "
-                         "importable module (not a lambda, a local function or __main__); move it to a module and "
-                         "pass it, or pass base='module:function'.")
-    return f"{module}:{qualname}"
-
-
 def _resolve_function(name: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = name.partition(":")
     try:
@@ -311,3 +332,23 @@ def _import_smp() -> Any:
     except ImportError as error:
         raise ImportError("this base model needs segmentation-models-pytorch; pip install 'convmoe[seg]'.") from error
     return smp
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError("this base model needs torchvision; pip install torchvision.") from error
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"torchvision has no model builder {name!r} (torchvision {torchvision.__version__}); check the "
+                         "name with torchvision.models.list_models().")
+    return torchvision.models.get_model_builder(name)
+
+
+def _without_torchvision_weights(builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> dict[str, Any]:
+    # The checkpoint brings every weight. Segmentation and detection builders download ImageNet
+    # backbone weights by default (weights_backbone), so those are turned off too.
+    kwargs = {**kwargs, "weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    return kwargs

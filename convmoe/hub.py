@@ -4,17 +4,22 @@ A checkpoint folder, local or a Hugging Face Hub repo::
 
     config.json        {"format": "convmoe", "format_version": 1, "convmoe_version": ...,
                         "base": {"library": "timm", "name": "resnet18", "kwargs": {...}},
-                        "patch": <convmoe.patch_spec(model)>, "save_id": ...}
+                        "patch": <convmoe.patch_spec(model)>, "save_id": ..., "weights_sha256": ...}
     model.safetensors  the state dict (tensors that share memory stored once)
 
-Loading rebuilds the base model without downloading its weights, re-applies the patch spec, and
-loads the state dict strictly. Both files are written to temporary files in the target folder,
-fsynced and renamed, so an interrupted save never leaves a half-written file; ``save_id`` ties the
-two files of one save together so a mixed pair is detected.
+Saving proves the recipe first (:mod:`convmoe.recipe_check`: same tensors, same structure, same
+outputs on a probe input). Loading is data, never code: the base model is rebuilt only from an
+allow-listed builder (:mod:`convmoe.trust`; ``trust_remote_code=True`` opts out), without
+downloading its weights; the patch spec is re-applied; the weights file is checked against its
+pinned sha256 and loaded strictly. Both files are written to temporary files in the target folder,
+fsynced and renamed, so an interrupted save never leaves a half-written file (the next save removes
+the temporaries of a killed one); ``save_id`` ties the two files of one save together so a mixed
+pair is detected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, infer_recipe, record_recipe
+from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, record_recipe
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,24 +46,33 @@ _TRUE = {"1", "on", "yes", "true"}
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
-                    base: str | Mapping[str, Any] | BaseRecipe | Callable[..., nn.Module] | None = None) -> Path:
+                    base: str | Mapping[str, Any] | BaseRecipe | Callable[..., nn.Module] | None = None,
+                    check_outputs: bool = True) -> Path:
     """Write ``model`` (patched or not) to the folder ``path`` as ``config.json`` + ``model.safetensors``.
+
+    The recipe is proven before anything is written: it is rebuilt (on the ``meta`` device, or the
+    CPU for encoders that cannot be built there), patched, and compared with ``model`` by tensor
+    names and shapes, module structure, and a probe forward pass in eval mode.
 
     Args:
         model: The model to save.
         path: The folder; created if needed. Its other files are kept; the two checkpoint files are
             replaced atomically.
-        base: How to rebuild the unpatched model: ``"timm:NAME"``, ``"smp:ARCH"``, ``"module:function"``,
-            a dict ``{"library", "name", "kwargs"}``, a :class:`~convmoe.factory.BaseRecipe` or an
-            importable function. None takes it from the model (``convmoe.create_model``,
-            ``from_pretrained``, smp's init config, timm's ``pretrained_cfg``).
+        base: How to rebuild the unpatched model: ``"timm:NAME"``, ``"smp:ARCH"``, ``"torchvision:NAME"``,
+            ``"module:function"``, a dict ``{"library", "name", "kwargs"}``, a
+            :class:`~convmoe.factory.BaseRecipe` or an importable function. None takes it from the
+            model (``convmoe.create_model`` and ``from_pretrained`` record every keyword; smp's init
+            config; otherwise timm's ``pretrained_cfg`` or the torchvision builder, with keywords read
+            from the modules and kept only if the rebuild matches).
+        check_outputs: Run the probe forward (on by default; the tensor and structure checks always run).
 
     Returns:
         The folder.
 
     Raises:
         ValueError: No ``base`` and none can be inferred; a recipe that does not rebuild the model's
-            tensors; keyword arguments that are not JSON-ready.
+            tensors, structure or outputs; keyword arguments that are not JSON-ready. The message
+            shows how to pass ``base=`` for the model's library.
 
     Example:
         >>> import convmoe, tempfile
@@ -69,12 +83,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
     """
     from convmoe import __version__
     from convmoe.patch import patch_spec
+    from convmoe.recipe_check import choose_recipe
 
-    recipe = _resolve_base(model, base)
     state = model.state_dict()
     spec = patch_spec(model)
-    _check_recipe_rebuilds(recipe, spec, state)
-    config = {
+    recipe = choose_recipe(model, _base_candidates(model, base), spec, state, probe=check_outputs)
+    config: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "convmoe_version": __version__,
@@ -84,16 +98,18 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
     }
     tensors, aliases = _dedupe_shared(state)
     metadata = {"format": "pt", _SAVE_ID_KEY: config["save_id"], _ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
-    config_text = json.dumps(config, indent=2, sort_keys=False) + "\n"
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
     from safetensors.torch import save_file
 
     # Weights first: a crash before the config is renamed leaves either the old pair or a pair whose
     # save_id differ, which from_pretrained reports instead of loading mixed files.
     with _atomic_file(folder / WEIGHTS_NAME) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+        config["weights_sha256"] = file_sha256(temporary)
+    config_text = json.dumps(config, indent=2, sort_keys=False) + "\n"
     with _atomic_file(folder / CONFIG_NAME) as temporary:
         temporary.write_text(config_text, encoding="utf-8")
     _fsync_directory(folder)
@@ -102,7 +118,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
 
 def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None = None,
                     map_location: str | torch.device = "cpu", strict: bool = True,
-                    cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+                    cache_dir: str | os.PathLike[str] | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Load a model saved by :func:`save_pretrained`, from a folder or a Hugging Face Hub repo.
 
     The base model is rebuilt from the recipe without downloading its weights, the patch spec is
@@ -110,6 +126,10 @@ def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None
     float16 zoo variants) are cast to the rebuilt model's dtype, float32. Hub files go through
     huggingface_hub's cache, so ``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE`` and ``HF_HOME`` work (read
     when this function is called).
+
+    Nothing in the folder runs: the recipe must name timm, smp, torchvision, :mod:`convmoe.models`
+    or a factory registered with :func:`convmoe.register_factory`, unless ``trust_remote_code=True``;
+    the weights are safetensors, checked against the sha256 that ``config.json`` pins.
 
     Args:
         path_or_hub_id: A local folder, or a Hub repo id ``"org/name"`` (``"hf-hub:org/name"`` too); an
@@ -119,6 +139,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None
         strict: Require the checkpoint's tensors to match the rebuilt model's exactly; with False,
             missing and unexpected tensors are skipped (shape mismatches are always an error).
         cache_dir: Hub cache folder; default ``HF_HUB_CACHE``, else ``$HF_HOME/hub``.
+        trust_remote_code: Build a base factory outside the allow-list. Only for sources you trust:
+            the factory named in ``config.json`` is imported and called.
 
     Returns:
         The model in eval mode, with its base recipe recorded (so it can be saved again as is).
@@ -126,8 +148,11 @@ def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None
     Raises:
         FileNotFoundError: No such folder, a missing file, or a Hub repo that is not in the cache
             while offline.
-        ValueError: A config from a newer format version or not a convmoe config; corrupt or truncated
-            weights; weights that do not match the config (missing, unexpected, shape mismatch).
+        convmoe.trust.UntrustedCodeError: The recipe names a factory outside the allow-list (a
+            ``ValueError``); nothing was run.
+        ValueError: A config from a newer format version or not a convmoe config; weights whose
+            sha256 differs from the pinned one; corrupt or truncated weights; weights that do not
+            match the config (missing, unexpected, shape mismatch).
 
     Example:
         >>> import convmoe, tempfile
@@ -140,13 +165,14 @@ def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None
 
     config_path, weights_path = _resolve_files(path_or_hub_id, revision, cache_dir)
     config = read_config(config_path)
-    state, metadata = _read_weights(weights_path)
+    recipe = BaseRecipe.from_dict(config["base"])
+    state, metadata = _read_weights(weights_path)  # safetensors: parsing cannot run code
     saved_id, config_id = metadata.get(_SAVE_ID_KEY), config.get("save_id")
     if saved_id and config_id and saved_id != config_id:
         raise ValueError(f"{config_path} and {weights_path} come from different saves (an interrupted save or files "
                          "copied from two checkpoints); save the model again with convmoe.save_pretrained.")
-    recipe = BaseRecipe.from_dict(config["base"])
-    model = recipe.build()
+    check_weights_hash(weights_path, config.get("weights_sha256"), config_path)
+    model = recipe.build(trust_remote_code=trust_remote_code, where=str(config_path))
     apply_spec(model, config["patch"], upcycle=False)
     _load_state(model, state, strict, where=str(weights_path))
     record_recipe(model, recipe)
@@ -198,27 +224,47 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _resolve_files(path_or_hub_id: str | os.PathLike[str], revision: str | None,
                    cache_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    return (resolve_file(path_or_hub_id, CONFIG_NAME, revision, cache_dir),
+            resolve_file(path_or_hub_id, WEIGHTS_NAME, revision, cache_dir))
+
+
+def resolve_file(path_or_hub_id: str | os.PathLike[str], filename: str, revision: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The local path of ``filename`` in a checkpoint folder or a Hub repo (downloaded to the cache).
+
+    An existing folder wins over a Hub id spelled the same; ``"hf-hub:org/name"`` always means the
+    Hub. Something that looks like a path (``/``, ``./``, ``~``, more than one ``/``) and does not exist
+    is reported as a missing folder, never sent to the Hub.
+
+    Raises:
+        FileNotFoundError: No such folder or file; a Hub repo or file that cannot be had.
+        ValueError: ``revision`` given for a local folder.
+
+    Example:
+        >>> resolve_file("/no/such/folder", "config.json")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: '/no/such/folder' is neither an existing folder nor a Hub repo id ('org/name'); check the path.
+    """
     text = os.fspath(path_or_hub_id)
     hub_id = text.removeprefix("hf-hub:")
     local = Path(text).expanduser()
     if local.exists() and not text.startswith("hf-hub:"):
         if not local.is_dir():
-            raise FileNotFoundError(f"{local} is a file; from_pretrained needs the checkpoint folder holding "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}.")
+            raise FileNotFoundError(f"{local} is a file; a convmoe checkpoint is the folder holding {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}.")
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos only; {local} is a local folder.")
-        files = (local / CONFIG_NAME, local / WEIGHTS_NAME)
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is missing; a convmoe checkpoint folder holds {CONFIG_NAME} and "
-                                        f"{WEIGHTS_NAME}. Save the model again with convmoe.save_pretrained.")
-        return files
+        file = local / filename
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing; a convmoe checkpoint folder holds {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}. Save the model again with convmoe.save_pretrained.")
+        return file
     if not _HUB_ID.match(hub_id):
         raise FileNotFoundError(f"{text!r} is neither an existing folder nor a Hub repo id ('org/name'); check the "
                                 "path.")
     try:
-        return (_hub_file(hub_id, CONFIG_NAME, revision, cache_dir),
-                _hub_file(hub_id, WEIGHTS_NAME, revision, cache_dir))
+        return _hub_file(hub_id, filename, revision, cache_dir)
     except FileNotFoundError as error:
         if text.startswith("hf-hub:"):
             raise
@@ -340,6 +386,31 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], strict: bool, where: str) -> None:
+    check_state_matches(model, state, strict, where)
+    expected = model.state_dict()
+    model.load_state_dict({name: tensor for name, tensor in state.items() if name in expected}, strict=strict)
+
+
+def check_state_matches(model: nn.Module, state: Mapping[str, Tensor], strict: bool, where: str,
+                        fix: str | None = None) -> None:
+    """Raise a one-line ValueError when ``state`` does not fit ``model`` (before ``load_state_dict``).
+
+    Args:
+        model: The model the weights are for.
+        state: The weights.
+        strict: Missing and unexpected names are errors too (shape mismatches always are).
+        where: The file, for the message.
+        fix: What the user should do; default: save the model again, or pass strict=False.
+
+    Raises:
+        ValueError: Shape mismatches, or missing/unexpected tensors under ``strict``.
+
+    Example:
+        >>> check_state_matches(nn.Linear(2, 3), {"weight": torch.zeros(3, 2)}, True, "w.pt", "retrain")
+        Traceback (most recent call last):
+        ...
+        ValueError: weights in w.pt do not match config: missing 'bias'. Cause: retrain.
+    """
     expected = model.state_dict()
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
@@ -347,21 +418,27 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], strict: bool, where:
                   for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
     problems = []
     if mismatched:
-        problems.append(f"shape mismatch {_listing(mismatched, quote=False)}")
+        problems.append(f"shape mismatch {listing(mismatched, quote=False)}")
     if strict and missing:
-        problems.append(f"missing {_listing(missing)}")
+        problems.append(f"missing {listing(missing)}")
     if strict and unexpected:
-        problems.append(f"unexpected {_listing(unexpected)}")
+        problems.append(f"unexpected {listing(unexpected)}")
     if problems:
-        fix = ("the weights were saved from a different model than config.json describes; save the model again "
-               "with convmoe.save_pretrained")
-        if not mismatched:
-            fix += ", or pass strict=False to load only the tensors that match"
+        if fix is None:
+            fix = ("the weights were saved from a different model than config.json describes; save the model again "
+                   "with convmoe.save_pretrained")
+            if not mismatched:
+                fix += ", or pass strict=False to load only the tensors that match"
         raise ValueError(f"weights in {where} do not match config: {'; '.join(problems)}. Cause: {fix}.")
-    model.load_state_dict({name: tensor for name, tensor in state.items() if name in expected}, strict=strict)
 
 
-def _listing(items: list[str], quote: bool = True, limit: int = 8) -> str:
+def listing(items: list[str], quote: bool = True, limit: int = 8) -> str:
+    """Up to ``limit`` items joined for a message, with a count of the rest.
+
+    Example:
+        >>> listing(["a", "b", "c"], limit=2)
+        "'a', 'b' (+1 more)"
+    """
     shown = [repr(item) if quote else item for item in items[:limit]]
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(shown) + more
@@ -370,56 +447,91 @@ def _listing(items: list[str], quote: bool = True, limit: int = 8) -> str:
 # -- recipes -------------------------------------------------------------------------------------------
 
 
-def _resolve_base(model: nn.Module, base: Any) -> BaseRecipe:
+def _base_candidates(model: nn.Module, base: Any) -> list[BaseRecipe]:
+    from convmoe.recipe_check import RecipeMismatch, how_to_pass_base
+    from convmoe.recipe_inference import recipe_candidates
+
     if base is not None:
-        return BaseRecipe.parse(base)
-    recipe = infer_recipe(model)
-    if recipe is None:
+        return [BaseRecipe.parse(base)]
+    candidates = recipe_candidates(model)
+    if not candidates:
         reason = getattr(model, RECIPE_ERROR_ATTRIBUTE, None)
         because = f" (its recipe was not recorded: {reason})" if reason else ""
-        raise ValueError(f"save_pretrained cannot tell how to rebuild this {type(model).__name__}{because}: pass base=, "
-                         "e.g. base='timm:resnet18', base={'library': 'smp', 'name': 'Unet', 'kwargs': {...}} or "
-                         "base='my_pkg.nets:build' (or build it with convmoe.create_model, which records it).")
-    return recipe
+        raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__}{because}: "
+                             f"{how_to_pass_base(model)}")
+    return candidates
 
 
-def _check_recipe_rebuilds(recipe: BaseRecipe, spec: dict[str, Any], state: Mapping[str, Tensor]) -> None:
-    """Rebuild the base on the meta device, re-apply the patch spec, and compare tensor names and shapes.
+# -- integrity -----------------------------------------------------------------------------------------
 
-    Catches a wrong or inferred recipe at save time rather than at load time. A user factory that
-    cannot build on the meta device is not checked here (from_pretrained still checks when loading).
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file, in hex, read in 1 MiB chunks.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "empty"
+        >>> _ = path.write_bytes(b"")
+        >>> file_sha256(path)[:16]
+        'e3b0c44298fc1c14'
     """
-    from convmoe.patch import apply_spec
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    try:
-        with torch.device("meta"):
-            rebuilt = recipe.build()
-    except Exception as error:
-        if recipe.library == "factory":  # a user builder may not run on meta; from_pretrained still checks
-            return
-        raise ValueError(f"the base recipe {recipe.to_dict()} cannot be built ({type(error).__name__}: {error}); "
-                         "pass the right base= to save_pretrained.") from error
-    try:
-        with torch.device("meta"):
-            apply_spec(rebuilt, spec, upcycle=False)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"the base recipe {recipe.to_dict()} does not rebuild this model: {error} Pass the right "
-                         "base= to save_pretrained.") from error
-    expected = rebuilt.state_dict()
-    missing = [name for name in state if name not in expected]
-    extra = [name for name in expected if name not in state]
-    mismatched = [f"{name!r}: model {tuple(state[name].shape)} vs recipe {tuple(t.shape)}"
-                  for name, t in expected.items() if name in state and state[name].shape != t.shape]
-    if missing or extra or mismatched:
-        details = "; ".join(part for part in (
-            f"not in the rebuilt model {_listing(missing)}" if missing else "",
-            f"only in the rebuilt model {_listing(extra)}" if extra else "",
-            f"shape mismatch {_listing(mismatched, quote=False)}" if mismatched else "") if part)
-        raise ValueError(f"the base recipe {recipe.to_dict()} does not rebuild this model's tensors ({details}); pass "
-                         "the right base= to save_pretrained (e.g. with num_classes or in_chans).")
+
+def check_weights_hash(weights_path: Path, expected: Any, config_path: Path | str) -> None:
+    """Raise unless ``weights_path`` has the sha256 that ``config_path`` pins (None: nothing pinned).
+
+    Raises:
+        ValueError: The hashes differ (a corrupt, truncated or replaced file), or a pinned value
+            that is not a sha256.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "w"
+        >>> _ = path.write_bytes(b"x")
+        >>> check_weights_hash(path, "0" * 64, "config.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../w has sha256 2d711642b726b044..., but config.json pins 0000000000000000...; ...
+    """
+    if expected is None:
+        return
+    if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise ValueError(f"{config_path} pins weights_sha256={expected!r}, which is not a sha256 hex digest; the "
+                         "config is corrupt or hand-edited, save the model again.")
+    actual = file_sha256(weights_path)
+    if actual != expected:
+        raise ValueError(f"{weights_path} has sha256 {actual[:16]}..., but {config_path} pins {expected[:16]}...; the "
+                         "weights are corrupt or were modified after saving. Download them again (for a Hub repo, "
+                         "delete the cached file with `hf cache delete`) or save the model again.")
 
 
 # -- atomic files --------------------------------------------------------------------------------------
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that a killed :func:`save_pretrained` left in ``folder``.
+
+    Returns:
+        The files removed.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / ".model.safetensors.abc123.tmp").write_bytes(b"partial")
+        >>> [p.name for p in remove_stale_temporaries(folder)]
+        ['.model.safetensors.abc123.tmp']
+    """
+    removed = []
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
 
 
 @contextmanager

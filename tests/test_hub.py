@@ -19,15 +19,18 @@ from torch import nn
 
 import convmoe
 from convmoe import MoEConfig
-from convmoe.factory import BaseRecipe, create_model, get_recipe, infer_recipe
+from convmoe.factory import BaseRecipe, create_model, get_recipe
 from convmoe.hub import (
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
+    file_sha256,
     from_pretrained,
     read_config,
     save_pretrained,
 )
+from convmoe.recipe_inference import infer_recipe
+from convmoe.trust import UntrustedCodeError
 
 CONFIG = MoEConfig(num_experts=4, top_k=2, tokens="grid:2x2")
 REPO_ID = "convmoe-test/tiny-resnet"
@@ -75,13 +78,17 @@ def assert_same_model(loaded: nn.Module, original: nn.Module, x: torch.Tensor) -
 
 
 def rewrite_weights(folder: Path, mutate) -> None:
-    """Re-write model.safetensors with the same metadata after ``mutate(tensors)``."""
+    """Re-write model.safetensors with the same metadata after ``mutate(tensors)``, and unpin its hash
+    (as a folder saved without one), so the checks behind the hash are reached."""
     path = folder / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     mutate(tensors)
     save_file(tensors, str(path), metadata=metadata)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config["weights_sha256"]
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
 
 
 def edit_config(folder: Path, **changes) -> None:
@@ -155,7 +162,10 @@ def test_user_factory_recipe_given_as_base(tmp_path, factory_module):
     base = {"library": "factory", "name": f"{factory_module}:build", "kwargs": {"width": 6}}
     folder = save_pretrained(model, tmp_path / "ckpt", base=base)
     assert read_config(folder)["base"] == base
-    assert_same_model(from_pretrained(folder), model, torch.randn(2, 3, 9, 9))
+    # A factory outside the allow-list is code: loading it needs the explicit opt-in.
+    with pytest.raises(UntrustedCodeError, match=rf"'{factory_module}:build', which is not in convmoe's allow-list"):
+        from_pretrained(folder)
+    assert_same_model(from_pretrained(folder, trust_remote_code=True), model, torch.randn(2, 3, 9, 9))
     # An importable function works as base too, and create_model records "module:function" recipes.
     save_pretrained(model, tmp_path / "fn", base=BaseRecipe.parse(build, width=6))
     recorded = create_model(f"{factory_module}:build", width=6)
@@ -169,7 +179,7 @@ def test_shared_tensors_are_stored_once_and_restored(tmp_path, factory_module):
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as handle:
         stored = set(handle.keys())
     assert stored == {"0.weight", "0.bias", "2.bias"}  # "2.weight" is an alias of "0.weight"
-    assert_same_model(from_pretrained(folder), model, torch.randn(2, 4, 7, 7))
+    assert_same_model(from_pretrained(folder, trust_remote_code=True), model, torch.randn(2, 4, 7, 7))
 
 
 def test_map_location_and_strict_false(tmp_path):
@@ -284,6 +294,64 @@ def test_corrupt_or_truncated_weights(saved, damage):
     path.write_bytes(b"this is not a safetensors file" if damage == "garbage" else data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file.*corrupt or truncated"):
         from_pretrained(folder)
+
+
+def test_weights_changed_in_place_are_refused_by_their_pinned_hash(saved):
+    # A flipped byte inside a tensor keeps the file's size and still parses: only the hash can tell.
+    folder, _ = saved
+    path = folder / WEIGHTS_NAME
+    assert read_config(folder)["weights_sha256"] == file_sha256(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors has sha256 .* but .*config\.json pins .*corrupt or were "
+                                         r"modified after saving"):
+        from_pretrained(folder)
+    edit_config(folder, weights_sha256="not-a-hash")
+    with pytest.raises(ValueError, match=r"pins weights_sha256='not-a-hash', which is not a sha256"):
+        from_pretrained(folder)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import safetensors.torch
+import torch
+import convmoe
+
+torch.manual_seed(0)
+model = convmoe.create_model("timm:test_resnet", num_classes=10)
+convmoe.save_pretrained(model, sys.argv[1])                 # a good pair
+real_save_file = safetensors.torch.save_file
+
+def killed_midway(tensors, filename, metadata=None):
+    real_save_file(tensors, filename, metadata=metadata)
+    with open(filename, "r+b") as file:                      # half written when the process dies
+        file.truncate(os.path.getsize(filename) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = killed_midway
+torch.manual_seed(1)
+convmoe.save_pretrained(convmoe.create_model("timm:test_resnet", num_classes=10), sys.argv[1])
+"""
+
+
+def test_a_save_killed_midway_keeps_the_old_pair_and_the_next_save_cleans_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ckpt"
+    keep = folder / "notes.tmp"
+    result = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(folder)], capture_output=True, timeout=120,
+                            check=False)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    stale = list(folder.glob(f".{WEIGHTS_NAME}.*.tmp"))
+    assert len(stale) == 1  # the killed save's partial copy
+    from_pretrained(folder)  # the previous pair is intact and consistent
+    keep.write_text("the user's own file")
+    save_pretrained(tiny_patched_resnet(), folder)
+    assert not stale[0].exists()
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "notes.tmp"]
 
 
 def test_config_from_a_newer_format_version(saved):

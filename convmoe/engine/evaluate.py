@@ -192,16 +192,29 @@ def _sum_processes(value: Tensor, device: torch.device) -> Tensor:
     return all_reduce_sum(value.to(device)).cpu()
 
 
-def load_model(source: str | Path, config: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+def load_model(source: str | Path, config: Mapping[str, Any] | None = None,
+               trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, Any] | None]:
     """A trained model from a training checkpoint (``.pt``), a ``save_pretrained`` folder, or a Hub id.
 
-    A training checkpoint rebuilds the model from its own config (``config["model"]`` when given
-    instead). A folder or Hub id is read by the class recorded in its ``config.json``: a
-    :mod:`convmoe.models` class or an smp architecture (``_model_class``), otherwise
-    :func:`convmoe.hub.from_pretrained` (a patched model).
+    A training checkpoint rebuilds the model from ``config["model"]`` when the caller gives one (the
+    caller's own config), otherwise from the config stored in the checkpoint, whose ``_target_``
+    entries must then be in :mod:`convmoe.trust`'s allow-list. A folder or Hub id is read by the
+    class recorded in its ``config.json``: a :mod:`convmoe.models` class or an smp architecture
+    (``_model_class``), otherwise :func:`convmoe.hub.from_pretrained` (a patched model).
+
+    Args:
+        source: The checkpoint file, folder or Hub id.
+        config: The caller's config; its ``model`` section wins over the checkpoint's.
+        trust_remote_code: Build targets outside the allow-list from the checkpoint's own config or
+            a folder's recipe. Only for sources you trust.
 
     Returns:
         The model (eval mode) and the checkpoint's training config (None for a folder or Hub id).
+
+    Raises:
+        FileNotFoundError: No such file, folder or Hub repo.
+        convmoe.trust.UntrustedCodeError: The checkpoint names a target outside the allow-list.
+        ValueError: A checkpoint without a model config, or weights that do not fit the model.
 
     Example:
         >>> load_model("no/such/file.pt")
@@ -211,18 +224,43 @@ def load_model(source: str | Path, config: Mapping[str, Any] | None = None) -> t
     """
     from convmoe.engine.checkpoint import load_checkpoint
     from convmoe.engine.config import instantiate
+    from convmoe.trust import check_config_targets
 
     path = Path(source)
     if path.suffix in (".pt", ".pth", ".ckpt") or path.is_file():
         state = load_checkpoint(path)
         train_config = state.get("config") or {}
-        model_node = (config or {}).get("model") or train_config.get("model")
+        if not isinstance(train_config, Mapping):
+            raise ValueError(f"{path} holds a config of type {type(train_config).__name__}, not a mapping; the "
+                             "checkpoint is corrupt, pass a config with a 'model' section (--config).")
+        model_node = (config or {}).get("model")
+        if model_node is None:
+            model_node = train_config.get("model")
+            check_config_targets(model_node, trust_remote_code, f"the checkpoint {path}")
         if model_node is None:
             raise ValueError(f"{path} holds no model config; pass a config with a 'model' section.")
+        if not isinstance(model_node, Mapping) or "_target_" not in model_node:
+            raise ValueError(f"the model section for {path} must be a mapping with a _target_ (e.g. _target_: "
+                             f"convmoe.models.UPerNetMoE), got {model_node!r:.80}; fix the config's 'model' section.")
         model = instantiate(_without_pretrained_download(model_node))
-        model.load_state_dict(state["model"])
-        return model.eval(), train_config
-    return _load_pretrained(str(source)).eval(), None
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"the model section for {path} built a {type(model).__name__}, not an nn.Module; fix "
+                             "the config's 'model' section.")
+        if not isinstance(state.get("model"), Mapping):
+            raise ValueError(f"{path} holds no model weights (no 'model' state dict); pass a checkpoint written by "
+                             "convmoe train (checkpoints/last.pt or best.pt).")
+        _load_checkpoint_weights(model, state["model"], path)
+        return model.eval(), dict(train_config)
+    return _load_pretrained(str(source), trust_remote_code).eval(), None
+
+
+def _load_checkpoint_weights(model: nn.Module, weights: Mapping[str, Any], path: Path) -> None:
+    from convmoe.hub import check_state_matches
+
+    check_state_matches(model, dict(weights), strict=True, where=str(path),
+                        fix="the checkpoint was trained with another model config; pass the config it was trained "
+                            "with (--config), or leave --config out to use the checkpoint's own")
+    model.load_state_dict(weights)
 
 
 def _without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,29 +273,25 @@ def _without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _load_pretrained(source: str) -> nn.Module:
+def _load_pretrained(source: str, trust_remote_code: bool) -> nn.Module:
     from convmoe import models
+    from convmoe.hub import from_pretrained, resolve_file
 
-    config_file = Path(source) / "config.json"
-    if config_file.is_file():
-        class_name = json.loads(config_file.read_text()).get("_model_class")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        class_name = json.loads(Path(hf_hub_download(source, "config.json")).read_text()).get("_model_class")
+    class_name = json.loads(resolve_file(source, "config.json").read_text()).get("_model_class")
     if class_name in models.__all__:
         return getattr(models, class_name).from_pretrained(source)
     if class_name is not None:
         import segmentation_models_pytorch as smp
 
+        if class_name.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+            raise ValueError(f"{source}/config.json names _model_class {class_name!r}, which is neither a convmoe.models "
+                             "class nor an smp architecture; point to a folder written by save_pretrained.")
         return smp.from_pretrained(source)
-    from convmoe.hub import from_pretrained
-
-    return from_pretrained(source)
+    return from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None = None, overrides: Sequence[str] = (),
-             split: str = "val", progress: bool = True) -> dict[str, float]:
+             split: str = "val", progress: bool = True, trust_remote_code: bool = False) -> dict[str, float]:
     """``convmoe eval``: metrics of a trained model on the ``<split>_dataset`` of a config.
 
     Args:
@@ -267,11 +301,15 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
         overrides: ``key=value`` overrides of that config (e.g. the dataset's root).
         split: Evaluate ``val_dataset``, ``test_dataset`` or ``train_dataset``.
         progress: Show a progress bar.
+        trust_remote_code: Build ``_target_`` entries outside :mod:`convmoe.trust`'s allow-list when
+            the checkpoint's own config is used. Only for checkpoints you trust.
 
     Returns:
         The metrics (``loss`` too when the config has a ``loss``).
 
     Raises:
+        convmoe.trust.UntrustedCodeError: The checkpoint's own config names a target outside the
+            allow-list (a ``ValueError``).
         ValueError: No config, or no such dataset in it.
 
     Example:
@@ -281,13 +319,15 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
     from convmoe.engine.config import instantiate, load_config
     from convmoe.engine.distributed import setup_distributed
     from convmoe.engine.trainer import TrainerSettings, build_dataloader
+    from convmoe.trust import check_config_targets
 
     given = load_config(config, overrides) if config is not None else None
-    model, train_config = load_model(source, given)
+    model, train_config = load_model(source, given, trust_remote_code=trust_remote_code)
     if given is None:
         if not train_config:
             raise ValueError(f"{source} carries no training config; pass config= (--config) naming the dataset.")
         given = load_config(train_config, overrides)
+        check_config_targets(given, trust_remote_code, f"the checkpoint {source}")
     node = given.get(f"{split}_dataset")
     if not node:
         raise ValueError(f"the config has no {split}_dataset section to evaluate; available: "

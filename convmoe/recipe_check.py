@@ -1,0 +1,272 @@
+"""Proving that a base recipe rebuilds a model: same tensors, same structure, same outputs.
+
+``save_pretrained`` runs this before writing anything, so a folder that reloads into a different
+network (a keyword the recipe missed: ``global_pool="max"``, ``act_layer="silu"``,
+``output_stride=16``) is refused at save time with the fix, instead of computing something else
+after a reload.
+
+1. Rebuild the base on the ``meta`` device (no memory) and re-apply the patch spec; encoders that
+   cannot be built on ``meta`` (they call ``.item()`` while building) are built on the CPU.
+2. Compare state-dict names and shapes, then a structure signature: every module's class, conv
+   stride/dilation/padding/groups and pooling type.
+3. Probe: build the recipe for real, load the model's state dict, and compare one forward pass of
+   both in eval mode (skipped for models above ``PROBE_MAX_PARAMETERS`` or inputs the model refuses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convmoe.factory import BaseRecipe
+from convmoe.recipe_inference import library_of
+
+PROBE_MAX_PARAMETERS = 200_000_000
+PROBE_SIZE = 64
+
+
+class RecipeMismatch(ValueError):
+    """A recipe that does not rebuild the model; the message says what differs.
+
+    Example:
+        >>> issubclass(RecipeMismatch, ValueError)
+        True
+    """
+
+
+def choose_recipe(model: nn.Module, candidates: Sequence[BaseRecipe], spec: Mapping[str, Any],
+                  state: Mapping[str, Tensor], probe: bool = True) -> BaseRecipe:
+    """The first candidate that rebuilds ``model`` (tensors and structure), proven by a probe forward.
+
+    Args:
+        model: The model being saved.
+        candidates: Recipes to try, in order (one for a recorded or explicit recipe).
+        spec: Its :func:`convmoe.patch_spec`.
+        state: Its state dict.
+        probe: Also compare a forward pass of the rebuilt model with ``model``'s.
+
+    Raises:
+        RecipeMismatch: No candidate rebuilds the model; the message names the first candidate's
+            difference and the fix for the model's library.
+
+    Example:
+        >>> import timm
+        >>> from convmoe.recipe_inference import recipe_candidates
+        >>> model = timm.create_model("test_resnet", num_classes=5, global_pool="max")
+        >>> choose_recipe(model, recipe_candidates(model), {"version": 1, "modules": {}}, model.state_dict()).kwargs
+        {'num_classes': 5, 'global_pool': 'max'}
+    """
+    first_error: RecipeMismatch | None = None
+    signature = structure_signature(model)
+    for recipe in candidates:
+        try:
+            rebuilt = _build_patched(recipe, spec, torch.device("meta"))
+            _compare_tensors(recipe, rebuilt.state_dict(), state)
+            _compare_structure(recipe, structure_signature(rebuilt), signature)
+        except RecipeMismatch as error:
+            first_error = first_error or error
+            continue
+        if probe:
+            probe_outputs(model, recipe, spec, state)
+        return recipe
+    if first_error is None:
+        raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__}: "
+                             f"{how_to_pass_base(model)}")
+    raise first_error
+
+
+def structure_signature(model: nn.Module) -> list[tuple[Any, ...]]:
+    """What must match besides tensor shapes: each module's name, class, and the settings that
+    change its computation without changing its weights.
+
+    Example:
+        >>> structure_signature(nn.Sequential(nn.Conv2d(1, 1, 3, dilation=2)))[1]
+        ('0', 'Conv2d', (1, 1), (2, 2), (0, 0), 1)
+    """
+    rows: list[tuple[Any, ...]] = []
+    for name, module in model.named_modules():
+        row: tuple[Any, ...] = (name, type(module).__name__)
+        if isinstance(module, nn.Conv2d):
+            row += (tuple(module.stride), tuple(module.dilation), _padding(module), module.groups)
+        pool_type = getattr(module, "pool_type", None)
+        if isinstance(pool_type, str):
+            row += (pool_type,)
+        global_pool = getattr(module, "global_pool", None)
+        if isinstance(global_pool, str):
+            row += (global_pool,)
+        rows.append(row)
+    return rows
+
+
+def probe_outputs(model: nn.Module, recipe: BaseRecipe, spec: Mapping[str, Any], state: Mapping[str, Tensor]) -> None:
+    """Rebuild ``recipe`` for real, load ``state``, and compare one eval forward with ``model``'s.
+
+    ``model``'s training flags are restored afterwards; nothing is learned (no gradient, eval mode).
+    Skipped for models above :data:`PROBE_MAX_PARAMETERS` and for inputs ``model`` itself refuses.
+
+    Raises:
+        RecipeMismatch: The outputs differ.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_resnet", global_pool="max")
+        >>> probe_outputs(model, BaseRecipe("timm", "test_resnet"), {"version": 1, "modules": {}}, model.state_dict())
+        Traceback (most recent call last):
+        ...
+        convmoe.recipe_check.RecipeMismatch: the base recipe {'library': 'timm', 'name': 'test_resnet', 'kwargs': {}} rebuilds this model's tensors but not its outputs (max abs difference ...
+    """
+    if sum(p.numel() for p in model.parameters()) > PROBE_MAX_PARAMETERS:
+        return
+    reference = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if reference is None or reference.device.type == "meta":
+        return
+    probe = _probe_input(model, recipe).to(reference.device, reference.dtype)
+    expected = _eval_forward(model, probe)
+    if expected is None:
+        return  # the model needs another input than the probe: nothing to compare cheaply
+    rebuilt = _build_patched(recipe, spec, torch.device("cpu")).to(reference.device, reference.dtype)
+    rebuilt.load_state_dict(dict(state), strict=True)
+    got = _eval_forward(rebuilt, probe)
+    expected_tensors = list(_tensors(expected))
+    got_tensors = list(_tensors(got)) if got is not None else []
+    if len(got_tensors) != len(expected_tensors) or any(a.shape != b.shape for a, b in
+                                                         zip(expected_tensors, got_tensors, strict=True)):
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its forward "
+                             f"pass (it fails or returns other outputs); {how_to_pass_base(model)}")
+    for a, b in zip(expected_tensors, got_tensors, strict=True):
+        if a.numel() and not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
+            difference = (a.float() - b.float()).abs().max().item()
+            raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its "
+                                 f"outputs (max abs difference {difference:.3g} on a probe input): the model was "
+                                 f"created with arguments the recipe lacks; {how_to_pass_base(model)}")
+
+
+def how_to_pass_base(model: nn.Module) -> str:
+    """The fix, in the model's own library's terms: pass ``base=`` with every creation keyword.
+
+    Example:
+        >>> how_to_pass_base(nn.Conv2d(1, 1, 1))  # doctest: +ELLIPSIS
+        "pass base='my_pkg.nets:build' (your own module-level builder, ...
+    """
+    library = library_of(model)
+    if library == "timm":
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "resnet18")
+        return (f"pass base={{'library': 'timm', 'name': {name!r}, 'kwargs': {{...every keyword given to "
+                "timm.create_model...}} to save_pretrained, or build the model with "
+                f"convmoe.create_model('timm:{name}', ...), which records them.")
+    if library == "smp":
+        return ("pass base={'library': 'smp', 'name': '" + type(model).__name__ + "', 'kwargs': {...the "
+                "constructor's keywords...}} to save_pretrained.")
+    if library == "torchvision":
+        return ("pass base={'library': 'torchvision', 'name': 'BUILDER', 'kwargs': {...}} (e.g. 'resnet18' with "
+                "{'num_classes': 10}) to save_pretrained, or build the model with "
+                "convmoe.create_model('torchvision:BUILDER', ...), which records them.")
+    return ("pass base='my_pkg.nets:build' (your own module-level builder, with kwargs in a dict "
+            "{'library': 'factory', 'name': 'my_pkg.nets:build', 'kwargs': {...}}) to save_pretrained, or build the "
+            "model with convmoe.create_model, which records its recipe.")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _build_patched(recipe: BaseRecipe, spec: Mapping[str, Any], device: torch.device) -> nn.Module:
+    from convmoe.patch import apply_spec
+
+    try:
+        model = _build_on(recipe, device)
+    except RecipeMismatch:
+        raise
+    except Exception as error:
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} cannot be built ({type(error).__name__}: {error}); "
+                             "pass the right base= to save_pretrained.") from error
+    try:
+        with device:
+            apply_spec(model, dict(spec), upcycle=False)
+    except (ValueError, TypeError) as error:
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} does not rebuild this model: {error} Pass the right "
+                             "base= to save_pretrained.") from error
+    return model
+
+
+def _build_on(recipe: BaseRecipe, device: torch.device) -> nn.Module:
+    # The caller's own recipe (save time): a factory outside the allow-list is the caller's code.
+    if device.type != "meta":
+        return recipe.build(trust_remote_code=True)
+    try:
+        with device:
+            return recipe.build(trust_remote_code=True)
+    except Exception:  # noqa: BLE001 (smp's mit_b* encoders call .item() while building): build on the CPU instead
+        return recipe.build(trust_remote_code=True)
+
+
+def _compare_tensors(recipe: BaseRecipe, expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> None:
+    from convmoe.hub import listing
+
+    missing = [name for name in state if name not in expected]
+    extra = [name for name in expected if name not in state]
+    mismatched = [f"{name!r}: model {tuple(state[name].shape)} vs recipe {tuple(t.shape)}"
+                  for name, t in expected.items() if name in state and state[name].shape != t.shape]
+    if missing or extra or mismatched:
+        details = "; ".join(part for part in (
+            f"not in the rebuilt model {listing(missing)}" if missing else "",
+            f"only in the rebuilt model {listing(extra)}" if extra else "",
+            f"shape mismatch {listing(mismatched, quote=False)}" if mismatched else "") if part)
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} does not rebuild this model's tensors ({details}); "
+                             "pass the right base= to save_pretrained (e.g. with num_classes or in_chans).")
+
+
+def _compare_structure(recipe: BaseRecipe, rebuilt: list[tuple[Any, ...]], model: list[tuple[Any, ...]]) -> None:
+    if rebuilt == model:
+        return
+    differing = next(((a, b) for a, b in zip(model, rebuilt, strict=False) if a != b), None)
+    where = (f"{differing[0][0] or 'the model'!r}: model {differing[0][1:]} vs recipe {differing[1][1:]}"
+             if differing else f"{len(model)} modules vs {len(rebuilt)}")
+    raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its structure "
+                         f"({where}); pass the right base= to save_pretrained with every creation keyword.")
+
+
+def _padding(conv: nn.Conv2d) -> Any:
+    return conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+
+
+def _probe_input(model: nn.Module, recipe: BaseRecipe) -> Tensor:
+    # The recipe says how many channels the model takes; a space-to-depth stem (tresnet) hides it.
+    channels = {"timm": recipe.kwargs.get("in_chans", 3), "smp": recipe.kwargs.get("in_channels", 3),
+                "torchvision": 3}.get(recipe.library)
+    if channels is None:
+        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first_conv.in_channels if first_conv is not None else 3
+    height = width = PROBE_SIZE
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) and recipe.library == "timm" else None
+    if isinstance(size, list | tuple) and len(size) == 3:
+        height, width = size[1], size[2]
+    return torch.randn(1, int(channels), height, width, generator=torch.Generator().manual_seed(0))
+
+
+def _eval_forward(model: nn.Module, x: Tensor) -> Any:
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+    except Exception:  # noqa: BLE001 (any model may refuse the probe input; then there is nothing to compare)
+        return None
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _tensors(output: Any) -> Iterator[Tensor]:
+    if isinstance(output, Tensor):
+        yield output
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, list | tuple):
+        for value in output:
+            yield from _tensors(value)
+
