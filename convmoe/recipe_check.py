@@ -10,7 +10,8 @@ after a reload.
 2. Compare state-dict names and shapes, then a structure signature: every module's class, conv
    stride/dilation/padding/groups and pooling type.
 3. Probe: build the recipe for real, load the model's state dict, and compare one forward pass of
-   both in eval mode (skipped for models above ``PROBE_MAX_PARAMETERS`` or inputs the model refuses).
+   both in eval mode on a 64x64 input (the model's own input size if it refuses that; skipped for
+   models above ``PROBE_MAX_PARAMETERS`` or when the model refuses both).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from convmoe.factory import BaseRecipe
 from convmoe.recipe_inference import library_of
 
 PROBE_MAX_PARAMETERS = 200_000_000
+TRAIN_ONLY_MODULES = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
+                                "DropBlock2d", "DropBlockFast2d", "StochasticDepth"})
 PROBE_SIZE = 64
 
 
@@ -49,8 +52,8 @@ def choose_recipe(model: nn.Module, candidates: Sequence[BaseRecipe], spec: Mapp
         probe: Also compare a forward pass of the rebuilt model with ``model``'s.
 
     Raises:
-        RecipeMismatch: No candidate rebuilds the model; the message names the first candidate's
-            difference and the fix for the model's library.
+        RecipeMismatch: No candidate rebuilds the model; the message names what differs (one
+            candidate) or what was tried (guesses), and the fix for the model's library.
 
     Example:
         >>> import timm
@@ -72,9 +75,10 @@ def choose_recipe(model: nn.Module, candidates: Sequence[BaseRecipe], spec: Mapp
         if probe:
             probe_outputs(model, recipe, spec, state)
         return recipe
-    if first_error is None:
-        raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__}: "
-                             f"{how_to_pass_base(model)}")
+    if first_error is None or len(candidates) > 1:
+        tried = ", ".join(sorted({f"{c.library}:{c.name}" for c in candidates})) or "none"
+        raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__} (no guessed "
+                             f"recipe rebuilds it; tried {tried}): {how_to_pass_base(model)}")
     raise first_error
 
 
@@ -88,7 +92,9 @@ def structure_signature(model: nn.Module) -> list[tuple[Any, ...]]:
     """
     rows: list[tuple[Any, ...]] = []
     for name, module in model.named_modules():
-        row: tuple[Any, ...] = (name, type(module).__name__)
+        # Train-time regularisers compute nothing in eval: a drop rate the recipe lacks is no mismatch.
+        kind = "Identity" if type(module).__name__ in TRAIN_ONLY_MODULES else type(module).__name__
+        row: tuple[Any, ...] = (name, kind)
         if isinstance(module, nn.Conv2d):
             row += (tuple(module.stride), tuple(module.dilation), _padding(module), module.groups)
         pool_type = getattr(module, "pool_type", None)
@@ -123,10 +129,13 @@ def probe_outputs(model: nn.Module, recipe: BaseRecipe, spec: Mapping[str, Any],
     reference = next((t for t in model.parameters() if t.is_floating_point()), None)
     if reference is None or reference.device.type == "meta":
         return
-    probe = _probe_input(model, recipe).to(reference.device, reference.dtype)
-    expected = _eval_forward(model, probe)
-    if expected is None:
-        return  # the model needs another input than the probe: nothing to compare cheaply
+    for probe in _probe_inputs(model, recipe):  # small first; the model's own input size if it needs it
+        probe = probe.to(reference.device, reference.dtype)
+        expected = _eval_forward(model, probe)
+        if expected is not None:
+            break
+    else:
+        return  # the model needs another input than the probes: nothing to compare cheaply
     rebuilt = _build_patched(recipe, spec, torch.device("cpu")).to(reference.device, reference.dtype)
     rebuilt.load_state_dict(dict(state), strict=True)
     got = _eval_forward(rebuilt, probe)
@@ -232,19 +241,20 @@ def _padding(conv: nn.Conv2d) -> Any:
     return conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
 
 
-def _probe_input(model: nn.Module, recipe: BaseRecipe) -> Tensor:
+def _probe_inputs(model: nn.Module, recipe: BaseRecipe) -> list[Tensor]:
     # The recipe says how many channels the model takes; a space-to-depth stem (tresnet) hides it.
     channels = {"timm": recipe.kwargs.get("in_chans", 3), "smp": recipe.kwargs.get("in_channels", 3),
                 "torchvision": 3}.get(recipe.library)
     if channels is None:
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         channels = first_conv.in_channels if first_conv is not None else 3
-    height = width = PROBE_SIZE
+    sizes = [(PROBE_SIZE, PROBE_SIZE)]
     cfg = getattr(model, "pretrained_cfg", None)
-    size = cfg.get("input_size") if isinstance(cfg, Mapping) and recipe.library == "timm" else None
-    if isinstance(size, list | tuple) and len(size) == 3:
-        height, width = size[1], size[2]
-    return torch.randn(1, int(channels), height, width, generator=torch.Generator().manual_seed(0))
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if isinstance(size, list | tuple) and len(size) == 3 and tuple(size[1:]) not in sizes:
+        sizes.append((int(size[1]), int(size[2])))
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(1, int(channels), h, w, generator=generator) for h, w in sizes]
 
 
 def _eval_forward(model: nn.Module, x: Tensor) -> Any:

@@ -111,6 +111,9 @@ def _timm_candidates(model: nn.Module) -> list[BaseRecipe]:
     fixed: dict[str, Any] = {}
     if isinstance(getattr(model, "num_classes", None), int):
         fixed["num_classes"] = model.num_classes
+    drop_rate = getattr(model, "drop_rate", None)
+    # The classifier's dropout is invisible to the structure check; timm keeps its rate on the model.
+    with_drop_rate = [{"drop_rate": float(drop_rate)}] if isinstance(drop_rate, float) and drop_rate > 0 else []
     options = [
         [{}, *({"in_chans": c} for c in _in_chans_guesses(model))],
         [{}, *({"global_pool": p} for p in [_global_pool(model)] if p is not None)],
@@ -118,12 +121,15 @@ def _timm_candidates(model: nn.Module) -> list[BaseRecipe]:
         [{}, *({"output_stride": s} for s in [_output_stride(model)] if s is not None)],
     ]
     candidates = []
-    for choice in product(*options):
-        kwargs = dict(fixed)
-        for part in choice:
-            kwargs.update(part)
-        candidates.append(BaseRecipe("timm", name, kwargs))
-    return sorted(candidates, key=lambda recipe: len(recipe.kwargs))  # the fewest guessed keywords first
+    for extra in [*with_drop_rate, {}]:
+        group = []
+        for choice in product(*options):
+            kwargs = {**fixed, **extra}
+            for part in choice:
+                kwargs.update(part)
+            group.append(BaseRecipe("timm", name, kwargs))
+        candidates += sorted(group, key=lambda recipe: len(recipe.kwargs))  # the fewest guessed keywords first
+    return candidates
 
 
 def _in_chans_guesses(model: nn.Module) -> list[int]:
@@ -139,10 +145,11 @@ def _in_chans_guesses(model: nn.Module) -> list[int]:
 
 def _global_pool(model: nn.Module) -> str | None:
     pool = getattr(model, "global_pool", None)
-    if isinstance(pool, str):
+    if isinstance(pool, str):  # ViT-style models keep the pooling name on the model
         return pool
-    pool_type = getattr(pool, "pool_type", None)
-    return pool_type if isinstance(pool_type, str) else None
+    # CNNs pool in a SelectAdaptivePool2d, on the model or inside its head (ConvNeXt's head.global_pool).
+    pool_types = [m.pool_type for m in model.modules() if isinstance(getattr(m, "pool_type", None), str)]
+    return pool_types[-1] if pool_types else None
 
 
 def _activation_name(model: nn.Module) -> str | None:
