@@ -68,7 +68,7 @@ def choose_recipe(model: nn.Module, candidates: Sequence[BaseRecipe], spec: Mapp
         try:
             rebuilt = _build_patched(recipe, spec, torch.device("meta"))
             _compare_tensors(recipe, rebuilt.state_dict(), state)
-            _compare_structure(recipe, structure_signature(rebuilt), signature)
+            _compare_structure(recipe, structure_signature(rebuilt), signature, model)
         except RecipeMismatch as error:
             first_error = first_error or error
             continue
@@ -227,14 +227,15 @@ def _compare_tensors(recipe: BaseRecipe, expected: Mapping[str, Tensor], state: 
                              "pass the right base= to save_pretrained (e.g. with num_classes or in_chans).")
 
 
-def _compare_structure(recipe: BaseRecipe, rebuilt: list[tuple[Any, ...]], model: list[tuple[Any, ...]]) -> None:
-    if rebuilt == model:
+def _compare_structure(recipe: BaseRecipe, rebuilt: list[tuple[Any, ...]], signature: list[tuple[Any, ...]],
+                       model: nn.Module) -> None:
+    if rebuilt == signature:
         return
-    differing = next(((a, b) for a, b in zip(model, rebuilt, strict=False) if a != b), None)
+    differing = next(((a, b) for a, b in zip(signature, rebuilt, strict=False) if a != b), None)
     where = (f"{differing[0][0] or 'the model'!r}: model {differing[0][1:]} vs recipe {differing[1][1:]}"
-             if differing else f"{len(model)} modules vs {len(rebuilt)}")
+             if differing else f"{len(signature)} modules vs {len(rebuilt)}")
     raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its structure "
-                         f"({where}); pass the right base= to save_pretrained with every creation keyword.")
+                         f"({where}); {how_to_pass_base(model)}")
 
 
 def _padding(conv: nn.Conv2d) -> Any:

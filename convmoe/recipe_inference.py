@@ -47,8 +47,9 @@ def recipe_candidates(model: nn.Module) -> list[BaseRecipe]:
     Example:
         >>> import timm
         >>> model = timm.create_model("test_resnet", num_classes=7, global_pool="max")
-        >>> [c.kwargs for c in recipe_candidates(model)][:2]
-        [{'num_classes': 7}, {'num_classes': 7, 'global_pool': 'max'}]
+        >>> candidates = [c.kwargs for c in recipe_candidates(model)]
+        >>> candidates[0], {"num_classes": 7, "global_pool": "max"} in candidates
+        ({'num_classes': 7}, True)
     """
     recorded = get_recipe(model)
     if recorded is not None:

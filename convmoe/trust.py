@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -99,10 +100,15 @@ def is_trusted_factory(name: str) -> bool:
         return callable(obj := _attribute(module, attribute)) and _defined_in(obj.__module__, TRUSTED_FACTORY_MODULE)
     if name in _FACTORIES:
         return True
-    # An alias of a registered factory (re-exported elsewhere): compare objects, importing only
-    # modules that a registered factory already lives in or re-exports from.
-    registered = set(map(id, _FACTORIES.values()))
-    return bool(registered) and module in _registered_modules() and id(_attribute(module, attribute)) in registered
+    # An alias of a registered factory (re-exported elsewhere): compare objects, looking only in
+    # modules that are already imported, so that checking a name never imports anything.
+    loaded = sys.modules.get(module)
+    if not _FACTORIES or loaded is None:
+        return False
+    obj: Any = loaded
+    for part in attribute.split("."):
+        obj = getattr(obj, part, None)
+    return any(obj is factory for factory in _FACTORIES.values())
 
 
 def check_factory(name: str, trust_remote_code: bool, where: str) -> None:
@@ -235,10 +241,6 @@ def _is_optimizer_or_scheduler(obj: Any) -> bool:
 def _registered_dotted(target: str) -> bool:
     module, _, attribute = target.rpartition(".")
     return bool(module) and is_trusted_factory(f"{module}:{attribute}")
-
-
-def _registered_modules() -> set[str]:
-    return {name.partition(":")[0] for name in _FACTORIES}
 
 
 def _locate(dotted: str) -> Any:
