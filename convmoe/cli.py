@@ -10,6 +10,10 @@ runs it), so a new subcommand (train, eval, zoo, analyze) is one more entry.
     convmoe eval SOURCE          evaluate a checkpoint, folder or Hub id on a config's dataset
     convmoe analyze MODEL DATA   routing heatmaps, maps, specialisation, balance, layer redundancy (convmoe.analysis)
     convmoe zoo publish|table|check|push   the model zoo (convmoe.zoo)
+
+Errors: a bad input (file, YAML, value, path, Hub id) ends in one line on stderr,
+``convmoe <command>: error: <problem and fix>``, and exit status 2; ``convmoe --debug <command>``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 from convmoe.analysis import command as analysis_command
 from convmoe.engine import cli as engine_cli
+from convmoe.errors import report_error
 from convmoe.zoo import command as zoo_command
 
 
@@ -59,6 +64,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from convmoe import demo
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps} must be >= 1.")
     options = {"seed": args.seed, "progress": not args.no_progress}
     if args.steps is not None:
         options["steps"] = args.steps
@@ -72,13 +79,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _describe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a folder written by convmoe.save_pretrained, or a Hub repo id 'org/name'")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
+    engine_cli.add_trust_remote_code_argument(parser)
 
 
 def _run_describe(args: argparse.Namespace) -> int:
     import convmoe
     from convmoe.hub import from_pretrained
 
-    model = from_pretrained(args.path, revision=args.revision)
+    model = from_pretrained(args.path, revision=args.revision, trust_remote_code=args.trust_remote_code)
     print(convmoe.describe(model))
     return 0
 
@@ -99,8 +107,8 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser(commands: Sequence[Command] = tuple(COMMANDS)) -> argparse.ArgumentParser:
-    """The ``convmoe`` argument parser, one subparser per command.
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    """The ``convmoe`` argument parser, one subparser per command (default: :data:`COMMANDS`).
 
     Example:
         >>> build_parser().parse_args(["demo", "--synthetic"]).synthetic
@@ -110,19 +118,21 @@ def build_parser(commands: Sequence[Command] = tuple(COMMANDS)) -> argparse.Argu
 
     parser = argparse.ArgumentParser(prog="convmoe", description="Sparse Mixture-of-Experts for CNNs.")
     parser.add_argument("--version", action="version", version=f"convmoe {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of the one-line message")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in commands:
+    for command in COMMANDS if commands is None else commands:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+        sub.set_defaults(run=command.run, command_prog=sub.prog)  # a nested subcommand may set a longer prog
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convmoe`` console script; returns the exit status.
 
-    Errors that name their problem and fix (missing files, bad configs, missing optional packages)
-    are printed as one line, without a traceback, with exit status 2.
+    Any error is printed as one line on stderr, ``convmoe <command>: error: <message>``, without a
+    traceback, with exit status 2 (see :func:`convmoe.errors.error_message`); ``--debug`` re-raises it instead.
 
     Example:
         >>> main(["demo", "--synthetic", "--steps", "1", "--no-progress"])  # doctest: +ELLIPSIS
@@ -132,9 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"convmoe {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        if args.debug:
+            raise
+        command = args.command_prog.removeprefix("convmoe ")
+        return report_error(error, f"convmoe {command}", f"convmoe --debug {command}")
 
 
 if __name__ == "__main__":

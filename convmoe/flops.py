@@ -24,12 +24,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis, parameter_count
 from torch import Tensor, nn
 
 from convmoe.block import MoEConv2d
 from convmoe.dispatch.tiles import sizes
 from convmoe.tokens.base import Tokenizer
+
+
+def _fvcore() -> Any:
+    """fvcore.nn, imported on first use: at import it scripts functions with ``torch.jit.script``, which
+    recent torch deprecates with a FutureWarning that ``import convmoe`` should not print."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script")
+        import fvcore.nn
+
+    return fvcore.nn
+
 
 CONVENTION = "fvcore: one fused multiply-add = one flop (MACs); softmax, top-k, activations, gathers not counted"
 
@@ -175,7 +187,7 @@ class _Recorded(nn.Module):
 
 
 def _count(module: nn.Module, x: Tensor) -> int:
-    analysis = FlopCountAnalysis(module, (x,))
+    analysis = _fvcore().FlopCountAnalysis(module, (x,))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return int(analysis.total())
 
@@ -309,7 +321,7 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
 
     # modules only (parameter_count also lists parameters), and inside a block only its main parts
     inside_block = tuple(f"{name}." if name else "" for name in blocks)
-    params = {name: count for name, count in parameter_count(model).items()
+    params = {name: count for name, count in _fvcore().parameter_count(model).items()
               if name in by_module or (name in dict(model.named_modules()) and not name.startswith(inside_block))}
     outermost = [name for name in blocks if not any(name.startswith(f"{other}.") for other in blocks if other != name)]
     block_params = sum(params.get(name, 0) for name in outermost)
@@ -340,7 +352,7 @@ def _count_without_blocks(model: nn.Module, inputs: tuple[Tensor, ...], blocks: 
                 swapped.append((parent, child_name, child))
                 setattr(parent, child_name, stand_ins[id(child)])
     try:
-        analysis = FlopCountAnalysis(model, inputs)
+        analysis = _fvcore().FlopCountAnalysis(model, inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         with torch.no_grad():
             return dict(analysis.by_module())

@@ -492,8 +492,9 @@ def test_cli_analyze_a_segmenter_on_camvid(tmp_path, capsys) -> None:
     model = patched_segmenter(num_classes=11)
     folder = convmoe.save_pretrained(model, tmp_path / "model")
     out = tmp_path / "analysis"
+    # The model's builder is this test module's own function: loading it needs the opt-in.
     status = main(["analyze", str(folder), f"{FIXTURES}/camvid", "--split", "val", "--out", str(out),
-                   "--image-size", "32", "48", "--device", "cpu", "--no-progress"])
+                   "--image-size", "32", "48", "--device", "cpu", "--no-progress", "--trust-remote-code"])
     assert status == 0
     payload = json.loads((out / "report.json").read_text())
     assert payload["task"] == "segmentation"
@@ -511,7 +512,8 @@ def test_cli_analyze_reports_a_folder_with_splits(tmp_path, capsys) -> None:
     from convmoe.cli import main
 
     folder = convmoe.save_pretrained(patched_segmenter(), tmp_path / "model")
-    status = main(["analyze", str(folder), f"{FIXTURES}/cifar10_folder", "--out", str(tmp_path / "a")])
+    status = main(["analyze", str(folder), f"{FIXTURES}/cifar10_folder", "--out", str(tmp_path / "a"),
+                   "--trust-remote-code"])
     assert status == 2
     assert "pass --split" in capsys.readouterr().err
 

@@ -27,6 +27,7 @@ import convmoe
 from convmoe.cli import main
 from convmoe.engine import load_checkpoint, load_config, load_model, train
 from convmoe.engine.evaluate import split_batch
+from convmoe.hub import file_sha256
 from convmoe.zoo import (
     PLANNED,
     ZOO_BUDGET_BYTES,
@@ -232,6 +233,7 @@ def test_zoo_check_passes_and_the_table_is_up_to_date(zoo, capsys):
         cell = format_metric(monitor, meta["metrics"][monitor], meta["metrics_std"][monitor])
         assert f"[`{model_id}`]({model_id}/README.md)" in text
         assert cell in text
+        assert meta["weights"]["sha256"] == file_sha256(zoo / model_id / "model.safetensors")
     assert "No variant has been trained yet" not in text
     assert main(["zoo", "check", "--zoo-dir", str(zoo)]) == 0
     assert "3 variant(s), 0 problem(s)" in capsys.readouterr().out
@@ -260,6 +262,13 @@ def _swap_weights(folder: Path) -> None:
     shutil.copy(folder.parent / "tiny-moe-fp16" / "model.safetensors", folder / "model.safetensors")
 
 
+def _flip_weight_byte(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor: same size, still loads
+    weights.write_bytes(bytes(data))
+
+
 def _bad_config(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["patch"]["modules"] = {"layer9.conv": next(iter(config["patch"]["modules"].values()))}
@@ -272,6 +281,7 @@ def _bad_config(folder: Path) -> None:
     (_drop_key, r"convmoe.commands is missing"),
     (lambda folder: (folder / "model.safetensors").unlink(), r"model.safetensors is missing"),
     (_swap_weights, r"stores float16 tensors, the card says float32"),
+    (_flip_weight_byte, r"model.safetensors has sha256 [0-9a-f]{64}, the card records [0-9a-f]{64}: the file changed"),
     (_bad_config, r"does not load with convmoe.from_pretrained.*layer9.conv"),
 ])
 def test_zoo_check_reports_each_broken_variant(zoo, tmp_path, damage, message):

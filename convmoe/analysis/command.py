@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from convmoe.engine.cli import add_trust_remote_code_argument, parse_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``convmoe analyze``.
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split sub-folder or config section (CamVid/config default: val)")
     parser.add_argument("--out", default="analysis", help="output folder (default: analysis)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="resize folder images to H W (needed when their sizes differ)")
     parser.add_argument("--normalize", choices=("imagenet", "none"), default="imagenet",
@@ -54,14 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_analysis_model(source: str, revision: str | None = None) -> torch.nn.Module:
+def load_analysis_model(source: str, revision: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model to analyse: a ``save_pretrained`` folder, a training checkpoint or a Hub id (eval mode).
+
+    Args:
+        source: The folder, checkpoint or Hub id.
+        revision: Hub branch, tag or commit (a Hub id only).
+        trust_remote_code: Allow building base models from callables outside convmoe's allow-list.
 
     Example:
         >>> load_analysis_model("no/such/file.pt")
@@ -72,10 +74,32 @@ def load_analysis_model(source: str, revision: str | None = None) -> torch.nn.Mo
     if revision is not None:
         from convmoe.hub import from_pretrained
 
-        return from_pretrained(source, revision=revision).eval()
+        return from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code).eval()
     from convmoe.engine.evaluate import load_model
 
-    return load_model(source)[0]
+    return load_model(source, None, trust_remote_code=trust_remote_code)[0]
+
+
+def check_data_config(data: str, split: str | None) -> None:
+    """When ``data`` is a YAML training config, check the ``<split>_dataset`` that will be analysed
+    (a ``_target_`` mapping or a list of them) before the model is loaded.
+
+    Raises:
+        ValueError: The section is not a dataset node; the message names it and the fix.
+
+    Example:
+        >>> check_data_config("tests/fixtures/camvid", None)  # a folder: nothing to check
+    """
+    from convmoe.engine.config import load_config
+    from convmoe.engine.config_check import check_training_config
+
+    path = Path(data)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return
+    key = f"{split or 'val'}_dataset"
+    config = load_config(path)
+    if key in config:
+        check_training_config({key: config[key]})
 
 
 def _sample_images(dataset: Any, count: int) -> tuple[torch.Tensor | None, list[str] | None]:
@@ -119,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1.")
-    device = _device(args.device)
-    model = load_analysis_model(args.model, args.revision).to(device)
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max-batches {args.max_batches} must be >= 1 (leave it out for the whole dataset).")
+    device = parse_device(args.device)
+    check_data_config(args.data, args.split)
+    model = load_analysis_model(args.model, args.revision, args.trust_remote_code).to(device)
     dataset = load_dataset(args.data, args.split, args.image_size, args.normalize)
     sample = random_sample(dataset, args.max_batches * args.batch_size) if args.max_batches else dataset
     loader = DataLoader(sample, batch_size=args.batch_size, shuffle=False, num_workers=0)

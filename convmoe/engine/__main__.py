@@ -9,13 +9,22 @@ import argparse
 import sys
 
 from convmoe.engine.cli import add_train_arguments, run_train
+from convmoe.errors import report_error
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``CONFIG [key=value ...]`` and train."""
+    """Parse ``CONFIG [key=value ...]`` and train; an error is one line on stderr (exit status 2),
+    its traceback with ``--debug``."""
     parser = argparse.ArgumentParser(prog="python -m convmoe.engine", description="Train from a YAML config.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run_train(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        return report_error(error, parser.prog, f"{parser.prog} --debug")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The ``convmoe train`` and ``convmoe eval`` subcommands (registered in :mod:`convmoe.cli`)."""
+"""The ``convmoe train`` and ``convmoe eval`` subcommands (registered in :mod:`convmoe.cli`), and what the
+commands share: the config check run before anything is built, and ``--trust-remote-code``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,92 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+TRUST_REMOTE_CODE_HELP = ("allow building base models from callables outside convmoe's allow-list (timm, smp, "
+                          "torchvision, convmoe.models and registered factories); only for sources you trust")
+
+
+def add_trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``, shared by ``describe``, ``eval`` and ``analyze``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_trust_remote_code_argument(parser)
+        >>> parser.parse_args([]).trust_remote_code, parser.parse_args(["--trust-remote-code"]).trust_remote_code
+        (False, True)
+    """
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+
+
+def parse_device(name: str | None) -> torch.device:
+    """The ``torch.device`` a ``--device`` option names; ``"auto"`` or None: CUDA when available, else CPU.
+
+    Raises:
+        ValueError: Not a device name, or a CUDA device this machine does not have.
+
+    Example:
+        >>> parse_device("cpu")
+        device(type='cpu')
+        >>> parse_device("gpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: --device 'gpu' is not a device; use cpu, cuda, cuda:1, ... (or auto).
+    """
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1, ... (or auto).") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA device (or torch was built without CUDA); use "
+                             "--device cpu.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")
+    return device
+
+
+def check_config(config: str | Path, overrides: Sequence[str] = (), training: bool = False) -> dict[str, Any]:
+    """Load a YAML config with its overrides and check its shape and value types, as the commands do
+    before building anything (:func:`~convmoe.engine.config_check.check_training_config` with the trainer's
+    settings).
+
+    Args:
+        config: The YAML file.
+        overrides: ``key=value`` overrides.
+        training: Also require the sections training needs (model, loss, optimizer, train_dataset).
+
+    Returns:
+        The loaded config.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Invalid YAML, overrides or values; the message names the key and the fix.
+
+    Example:
+        >>> check_config("no/such.yaml")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: config file no/such.yaml does not exist.
+    """
+    from convmoe.engine.config import load_config
+    from convmoe.engine.config_check import check_training_config
+    from convmoe.engine.trainer import TrainerSettings
+
+    loaded = load_config(config, overrides)
+    required = ("model", "loss", "optimizer", "train_dataset") if training else ()
+    check_training_config(loaded, TrainerSettings, required)
+    return loaded
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     from convmoe.engine.distributed import cleanup_distributed
     from convmoe.engine.trainer import train
 
+    check_config(args.config, args.overrides, training=True)
     try:
         result = train(args.config, args.overrides)
     finally:
@@ -54,6 +142,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("val", "test", "train"),
                         help="which <split>_dataset of the config to evaluate (default: val)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    add_trust_remote_code_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, written right after SOURCE")
 
@@ -62,7 +151,17 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics as JSON. Returns the exit status."""
     from convmoe.engine.evaluate import evaluate
 
-    metrics = evaluate(args.source, config=args.config, overrides=args.overrides, split=args.split)
+    if Path(args.source).suffix in (".yaml", ".yml"):
+        raise ValueError(f"SOURCE {args.source} is a YAML config; convmoe eval takes the model first (a checkpoint .pt, "
+                         f"a save_pretrained folder or a Hub id) and the config with --config: convmoe eval MODEL "
+                         f"--config {args.source}.")
+    if args.config is not None:
+        check_config(args.config, args.overrides)
+    if args.output and not Path(args.output).parent.is_dir():
+        raise FileNotFoundError(f"--output {args.output}: folder {Path(args.output).parent} does not exist; create it "
+                                "or write the metrics elsewhere.")
+    metrics = evaluate(args.source, config=args.config, overrides=args.overrides, split=args.split,
+                       trust_remote_code=args.trust_remote_code)
     text = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
                       indent=2)
     print(text)

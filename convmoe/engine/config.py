@@ -10,6 +10,8 @@ path) is built by calling the target with the mapping's other keys as keyword ar
 
 Overrides use dotted keys: ``trainer.max_epochs=3``; ``+key=value`` adds a key that is not in the
 config and ``~key`` removes one (Hydra's syntax). Values are parsed as YAML.
+
+:mod:`convmoe.engine.config_check` checks the shape of a loaded config before anything is built.
 """
 
 from __future__ import annotations
@@ -44,14 +46,41 @@ _Loader.add_implicit_resolver(
 )
 
 
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """A YAML error in one phrase, with its 1-based line and column when PyYAML knows them.
+
+    Example:
+        >>> try:
+        ...     yaml.safe_load("a: [1,")
+        ... except yaml.YAMLError as error:
+        ...     describe_yaml_error(error)
+        "expected the node content, but found '<stream end>' at line 1, column 7 (while parsing a flow node)"
+    """
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return " ".join(str(error).split())
+    mark = error.problem_mark or error.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = f" ({error.context})" if error.context else ""
+    return f"{error.problem or 'invalid YAML'}{where}{context}"
+
+
 def parse_value(text: str) -> Any:
     """A YAML scalar or flow value, as an override's right-hand side is read.
+
+    Raises:
+        ValueError: ``text`` is not valid YAML.
 
     Example:
         >>> parse_value("1e-4"), parse_value("[1, 2]"), parse_value("null"), parse_value("runs/a")
         (0.0001, [1, 2], None, 'runs/a')
     """
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{text!r} is not a valid YAML value ({describe_yaml_error(error)}); quote a string that "
+                         "holds YAML syntax ('[', '{', ': '), e.g. key='\"a: b\"'.") from None
 
 
 def _get_path(config: dict[str, Any], dotted: str) -> Any:
@@ -90,6 +119,10 @@ def apply_override(config: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like key=value (or +key=value to add, ~key to remove).")
     dotted, _, text = override.partition("=")
+    try:
+        value = parse_value(text)
+    except ValueError as error:
+        raise ValueError(f"override {override!r}: {error}") from None
     add = dotted.startswith("+")
     dotted = dotted.lstrip("+").strip()
     parent, _, key = dotted.rpartition(".")
@@ -104,11 +137,11 @@ def apply_override(config: dict[str, Any], override: str) -> None:
     if isinstance(node, list):
         if not key.isdigit() or int(key) >= len(node):
             raise ValueError(f"override {override!r}: {parent!r} is a list of {len(node)}; use an index below it.")
-        node[int(key)] = parse_value(text)
+        node[int(key)] = value
         return
     if key not in node and not add:
         raise ValueError(f"override {override!r}: no key {dotted!r} in the config; write +{dotted}={text} to add it.")
-    node[key] = parse_value(text)
+    node[key] = value
 
 
 def resolve_references(config: dict[str, Any]) -> dict[str, Any]:
@@ -158,8 +191,8 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
 
     Raises:
         FileNotFoundError: No such file.
-        TypeError: The file is not a mapping.
-        ValueError: It uses config groups, or an override/reference is invalid.
+        ValueError: The file is not valid YAML or not a mapping, it uses config groups, or an
+            override/reference is invalid.
 
     Example:
         >>> load_config({"lr": 0.1, "optimizer": {"lr": "${lr}"}}, ["lr=0.5"])["optimizer"]
@@ -171,9 +204,17 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist.")
-        config = yaml.load(path.read_text(), Loader=_Loader) or {}
+        try:
+            config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config {path} is not valid YAML: {describe_yaml_error(error)}; fix the file there."
+                             ) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config {path} is not a UTF-8 text file; pass a YAML training config.") from None
         if not isinstance(config, dict):
-            raise TypeError(f"config {path} must be a YAML mapping at the top level, got {type(config).__name__}.")
+            # ValueError like the other bad-file cases: callers (the CLI) handle one kind of bad input.
+            raise ValueError(f"config {path} must be a YAML mapping at the top level (key: value lines), got "  # noqa: TRY004
+                             f"{type(config).__name__}; start the file with a section such as 'model:'.")
     defaults = config.pop("defaults", ["_self_"])
     if defaults not in (["_self_"], [], None):
         raise ValueError(f"config 'defaults: {defaults}' uses Hydra config groups, which convmoe does not compose; "
@@ -181,6 +222,20 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     for override in overrides:
         apply_override(config, override)
     return resolve_references(config)
+
+
+class InstantiationError(TypeError, ValueError):
+    """A ``_target_`` rejected the arguments the config gives it (a misspelt or missing key, as a rule).
+
+    A TypeError, as the call raised; also a ValueError, the kind of error a bad config raises
+    everywhere else, so that the command line reports it as one.
+
+    Example:
+        >>> instantiate({"_target_": "torch.nn.Linear", "in_feature": 2})
+        Traceback (most recent call last):
+        ...
+        convmoe.engine.config.InstantiationError: building torch.nn.Linear: Linear.__init__() got an unexpected keyword argument 'in_feature'; fix the keys of that _target_ in the config.
+    """
 
 
 def locate(path: str) -> Any:
@@ -223,7 +278,8 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
 
     Raises:
         ValueError: A target that cannot be located.
-        TypeError: The target rejected the arguments (the message names the target).
+        InstantiationError: The target rejected the arguments (a TypeError and a ValueError; the
+            message names the target).
 
     Example:
         >>> instantiate({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}).out_features
@@ -247,4 +303,5 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return target(*positional, *args, **fields)
     except TypeError as error:
-        raise TypeError(f"building {node[TARGET_KEY]}: {error}") from error
+        raise InstantiationError(f"building {node[TARGET_KEY]}: {error}; fix the keys of that _target_ in the config."
+                                 ) from error

@@ -317,6 +317,7 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
         {'miou': 0.61, ...}
     """
     from convmoe.engine.config import instantiate, load_config
+    from convmoe.engine.config_check import check_training_config
     from convmoe.engine.distributed import setup_distributed
     from convmoe.engine.trainer import TrainerSettings, build_dataloader
     from convmoe.trust import check_config_targets
@@ -328,6 +329,7 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
             raise ValueError(f"{source} carries no training config; pass config= (--config) naming the dataset.")
         given = load_config(train_config, overrides)
         check_config_targets(given, trust_remote_code, f"the checkpoint {source}")
+    check_training_config(given, TrainerSettings)
     node = given.get(f"{split}_dataset")
     if not node:
         raise ValueError(f"the config has no {split}_dataset section to evaluate; available: "

@@ -6,7 +6,8 @@ runs/<recipe>[_seedN]/      convmoe train output: config, metrics.csv, checkpoin
                             round-trip check (weights.py), FLOPs and latency (cost.py), card (card.py)
 zoo/<model-id>/             config.json, model.safetensors, README.md (front matter + convmoe: metadata)
  ├─ table (table.py)        zoo/README.md from every card's metadata, and the plan (plan.py)
- ├─ check (schema.py)       schema, weights, from_pretrained, 120 MB budget, index and cards up to date
+ ├─ check (schema.py)       schema, weights and their sha256, from_pretrained, 120 MB budget, index and cards
+ │                          up to date
  └─ push (push.py)          huggingface_hub upload, then the Hub commit recorded in the card
 ```
 

@@ -287,7 +287,8 @@ def _cost(meta: Mapping[str, Any]) -> list[str]:
     else:
         lines.append("- Latency: not measured.")
     weights = meta["weights"]
-    lines.append(f"- Weights: `model.safetensors`, {weights['dtype']}, {_mb(weights['bytes'])}.")
+    lines.append(f"- Weights: `model.safetensors`, {weights['dtype']}, {_mb(weights['bytes'])}, sha256 "
+                 f"`{weights['sha256']}`.")
     return lines
 
 
@@ -432,8 +433,8 @@ EXAMPLE_META: dict[str, Any] = {
     "runs": [{"seed": 0, "epoch": 0, "step": 2, "run": "a", "metrics": {"val/top1": 50.0}}], "published_seed": 0,
     "params": 1000, "dense_params": 900, "active_flops": 5000, "dense_flops": 4500,
     "flops": {"input": [1, 3, 32, 32], "method": "example", "block_ratio": 1.1}, "latency": None,
-    "weights": {"dtype": "float32", "bytes": 4000, "check": {"max_abs_diff": 0.0, "max_abs_reference": 1.0,
-                                                              "agreement": 1.0}},
+    "weights": {"dtype": "float32", "bytes": 4000, "sha256": "0" * 64,
+                "check": {"max_abs_diff": 0.0, "max_abs_reference": 1.0, "agreement": 1.0}},
     "reevaluated": {"val/top1": 50.0}, "command": "convmoe train r.yaml",
     "commands": {"train": ["convmoe train r.yaml"], "eval": "convmoe eval convmoe/tiny-moe --config r.yaml"},
     "preprocessing": [], "dense_twin": None, "references": [], "notes": [], "convmoe_version": "0.1.0",

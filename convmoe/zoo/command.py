@@ -2,7 +2,7 @@
 
     convmoe zoo publish RUN_DIR --model-id ID [--seeds RUN ...] [--dense-twin RUN ...] [--float16]
     convmoe zoo table            regenerate zoo/README.md and re-render the cards from their metadata
-    convmoe zoo check            schema, weights, from_pretrained, 120 MB budget, index up to date
+    convmoe zoo check            schema, weights and their sha256, from_pretrained, 120 MB budget, index up to date
     convmoe zoo push ID          upload zoo/ID to the Hub (after the checks)
 """
 
@@ -40,12 +40,14 @@ def _publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
+    from convmoe.engine.cli import parse_device
     from convmoe.zoo.publish import publish
 
+    device = parse_device(args.device) if args.device is not None else None
     result = publish(args.run_dir, args.model_id, dense_twin=args.dense_twin, seeds=args.seeds, float16=args.float16,
                      zoo_dir=args.zoo_dir, config=args.config, dense_config=args.dense_config,
                      recipes_dir=args.recipes_dir, repo_id=args.repo_id, dataset=args.dataset, license=args.license,
-                     base_model=args.base_model, device=args.device, latency_warmup=args.latency_warmup,
+                     base_model=args.base_model, device=device, latency_warmup=args.latency_warmup,
                      latency_reps=args.latency_reps, analysis=not args.no_analysis,
                      analysis_batches=args.analysis_batches, notes=args.note, overwrite=args.overwrite)
     meta = result.front_matter["convmoe"]
@@ -60,9 +62,10 @@ def _table_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_table(args: argparse.Namespace) -> int:
+    from convmoe.zoo.schema import require_zoo_dir
     from convmoe.zoo.table import write_index
 
-    print(f"wrote {write_index(args.zoo_dir)}")
+    print(f"wrote {write_index(require_zoo_dir(args.zoo_dir))}")
     return 0
 
 
@@ -123,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (help_text, add, run_command) in _SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         add(sub)
-        sub.set_defaults(zoo_run=run_command)
+        sub.set_defaults(zoo_run=run_command, command_prog=sub.prog)  # errors read "convmoe zoo check: error: ..."
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     Example:
         >>> parser = argparse.ArgumentParser()
         >>> add_arguments(parser)
-        >>> run(parser.parse_args(["check", "--zoo-dir", "no/such/zoo"]))  # doctest: +SKIP
+        >>> run(parser.parse_args(["check", "--zoo-dir", "no/such/zoo"]))
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: zoo folder no/such/zoo does not exist; pass --zoo-dir with the folder holding the variants (default: zoo, run from the repository root).
     """
     return args.zoo_run(args)

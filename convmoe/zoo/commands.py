@@ -20,6 +20,15 @@ import yaml
 
 from convmoe.engine.config import load_config, parse_value
 
+_UNREADABLE = object()
+
+
+def _reads_back(text: str) -> Any:
+    try:
+        return parse_value(text)
+    except ValueError:  # not YAML as it stands ("[1"): it needs quoting
+        return _UNREADABLE
+
 
 def format_value(value: Any) -> str:
     """The right-hand side of an override that parses back (as YAML) to ``value``.
@@ -30,17 +39,17 @@ def format_value(value: Any) -> str:
     Example:
         >>> format_value(0.0001), format_value("runs/a"), format_value(True), format_value([64, 64])
         ('0.0001', 'runs/a', 'true', '[64, 64]')
-        >>> format_value("1")
-        '"1"'
+        >>> format_value("1"), format_value("[1")
+        ('"1"', '"[1"')
     """
-    if isinstance(value, str) and "${" not in value and parse_value(value) == value:
+    if isinstance(value, str) and "${" not in value and _reads_back(value) == value:
         text = value
     else:
         try:
             text = json.dumps(value)
         except (TypeError, ValueError) as error:
             raise ValueError(f"config value {value!r} cannot be written as an override ({error}).") from None
-    parsed = parse_value(text)
+    parsed = _reads_back(text)
     if parsed != value or type(parsed) is not type(value):
         raise ValueError(f"config value {value!r} does not survive an override round trip (it reads back as "
                          f"{parsed!r}); pass the recipe with that value set instead.")
@@ -104,7 +113,8 @@ def recipe_overrides(recipe: str | Path, config: Mapping[str, Any]) -> list[str]
         the run used the recipe as is.
 
     Raises:
-        ValueError: No overrides reproduce the config (a value no override can express).
+        ValueError: No overrides reproduce the config (a value no override can express), or the recipe is
+            not a valid YAML mapping.
 
     Example:
         >>> import tempfile, os
@@ -113,11 +123,12 @@ def recipe_overrides(recipe: str | Path, config: Mapping[str, Any]) -> list[str]
         >>> recipe_overrides(path, {"root": "/d", "train": {"root": "/d"}, "trainer": {"seed": 1}})
         ['root=/d', 'trainer.seed=1']
     """
-    raw = yaml.safe_load(Path(recipe).read_text()) or {}
+    loaded = load_config(recipe)  # first: its errors name the file (not valid YAML, not a mapping)
+    raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}
     raw.pop("defaults", None)
     overrides: list[str] = []
     # First the values written in the recipe itself; the keys that reference them then follow.
-    first = [d for d in config_diff(load_config(recipe), dict(config))
+    first = [d for d in config_diff(loaded, dict(config))
              if not (isinstance(_raw_value(raw, d[1]), str) and "${" in _raw_value(raw, d[1]))]
     overrides += [_override(*d) for d in first]
     overrides += [_override(*d) for d in config_diff(load_config(recipe, overrides), dict(config))]

@@ -2,7 +2,7 @@
 
     runs (main seed, --seeds, --dense-twin)  -> best epoch of each run from metrics.csv (runs.py)
     the run's recipe                         -> exact train and eval commands (commands.py)
-    best.pt of the main run                  -> zoo/<id>/config.json + model.safetensors (weights.py)
+    best.pt of the main run                  -> zoo/<id>/config.json + model.safetensors, its sha256 (weights.py)
     the saved folder                         -> outputs compared with the checkpoint, metrics evaluated again
     one val input                            -> params, active FLOPs, latency against the dense twin (cost.py)
     the val loader                           -> routing analysis section (convmoe.analysis)
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convmoe.hub import file_sha256
 from convmoe.zoo.card import build_front_matter, render_card
 from convmoe.zoo.commands import eval_command, find_recipe, recipe_overrides, train_command
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency
@@ -328,7 +329,8 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         "dense_flops": cost.dense_flops,
         "flops": {"input": list(inputs.shape), "method": cost.method, "block_ratio": cost.block_ratio},
         "latency": latency,
-        "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size, "check": asdict(check)},
+        "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size,
+                    "sha256": file_sha256(folder / WEIGHTS_NAME), "check": asdict(check)},
         "reevaluated": reevaluated,
         "command": train_command(recipe, overrides[0]),
         "commands": {"train": [train_command(recipe, o) for o in overrides],

@@ -26,6 +26,7 @@ CARD_NAME = "README.md"
 ZOO_BUDGET_BYTES = 120 * 10**6  # the whole zoo folder, weights and cards (120 MB)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 MODEL_ID = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,94}[a-z0-9])?$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _is_number(value: Any) -> bool:
@@ -83,6 +84,7 @@ def _is_flops(value: Any) -> bool:
 
 def _is_weights(value: Any) -> bool:
     return (isinstance(value, Mapping) and value.get("dtype") in ("float16", "float32") and _is_count(value.get("bytes"))
+            and isinstance(value.get("sha256"), str) and bool(SHA256.match(value["sha256"]))
             and (value.get("check") is None or isinstance(value.get("check"), Mapping)))
 
 
@@ -123,7 +125,8 @@ METADATA_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense_flops": (_is_optional_count, "FLOPs per image of the dense equivalent"),
     "flops": (_is_flops, "input size and counting method of the FLOPs"),
     "latency": (_is_latency, "median ms, device, reps, warm-up, input (null when not measured)"),
-    "weights": (_is_weights, "stored dtype, bytes of model.safetensors, and the round-trip check"),
+    "weights": (_is_weights, ("dtype, bytes and sha256 (64 lower-case hex digits) of model.safetensors as published, "
+                              "and the round-trip check")),
     "reevaluated": (_is_metrics, "metrics of the published files, evaluated again at publish time"),
     "command": (lambda v: isinstance(v, str) and v.startswith("convmoe train "), "train command of the published seed"),
     "commands": (_is_commands, "train (one per seed) and eval commands"),
@@ -243,14 +246,15 @@ def check_variant(folder: str | Path, load: bool = True) -> list[str]:
     """Every problem of one zoo variant folder; empty when it is publishable.
 
     Checks: the card's front matter (Hub keys, the ``convmoe:`` block, model-index), the card's
-    prose against its metadata, ``config.json`` and ``model.safetensors`` present, the stored dtype
-    and size as recorded, and (``load``) that :func:`convmoe.from_pretrained` loads the folder.
+    prose against its metadata, ``config.json`` and ``model.safetensors`` present, the stored dtype,
+    size and sha256 as recorded (and ``config.json``'s ``weights_sha256``, when it has one), and
+    (``load``) that :func:`convmoe.from_pretrained` loads the folder.
 
     Example:
         >>> check_variant("no/such/variant")
         ['no/such/variant/README.md does not exist; publish the variant with `convmoe zoo publish`.']
     """
-    from convmoe.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, read_config
+    from convmoe.hub import CONFIG_NAME, WEIGHTS_NAME, file_sha256, from_pretrained, read_config
     from convmoe.zoo.weights import weights_dtype
 
     folder = Path(folder)
@@ -281,8 +285,18 @@ def check_variant(folder: str | Path, load: bool = True) -> list[str]:
     if weights.stat().st_size != meta["weights"]["bytes"]:
         problems.append(f"{weights} has {weights.stat().st_size} bytes, the card records {meta['weights']['bytes']}: "
                         "the weights changed after publishing. Publish the variant again.")
+    digest = file_sha256(weights)
+    if digest != meta["weights"]["sha256"]:
+        problems.append(f"{weights} has sha256 {digest}, the card records {meta['weights']['sha256']}: the file changed "
+                        "after publishing (a corrupted copy or download, or an edit). Restore the published file "
+                        "(download it again, or check it out from version control), or publish the variant again.")
     try:
-        read_config(folder)
+        config = read_config(folder)
+        recorded = config.get("weights_sha256")
+        if recorded is not None and recorded != meta["weights"]["sha256"]:
+            problems.append(f"{folder / CONFIG_NAME} records weights_sha256 {recorded}, the card "
+                            f"{meta['weights']['sha256']}: the two files come from different publishes. Publish the "
+                            "variant again.")
         if load:
             from_pretrained(folder)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
@@ -303,11 +317,34 @@ def variant_folders(zoo_dir: str | Path) -> list[Path]:
     return sorted(p for p in zoo_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
+def require_zoo_dir(zoo_dir: str | Path) -> Path:
+    """``zoo_dir`` as a Path, after checking that the folder exists (a mistyped ``--zoo-dir`` is an
+    error, not an empty zoo).
+
+    Raises:
+        FileNotFoundError: No such folder.
+
+    Example:
+        >>> require_zoo_dir("no/such/zoo")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: zoo folder no/such/zoo does not exist; pass --zoo-dir with the folder holding the variants (default: zoo, run from the repository root).
+    """
+    zoo_dir = Path(zoo_dir)
+    if not zoo_dir.is_dir():
+        raise FileNotFoundError(f"zoo folder {zoo_dir} does not exist; pass --zoo-dir with the folder holding the "
+                                "variants (default: zoo, run from the repository root).")
+    return zoo_dir
+
+
 def check_zoo(zoo_dir: str | Path, load: bool = True, budget_bytes: int = ZOO_BUDGET_BYTES,
               plan: Sequence[PlannedVariant] | None = None) -> list[str]:
     """Every problem of a zoo folder: each variant (:func:`check_variant`), the size budget, and an
     index (``zoo/README.md``) that ``convmoe zoo table`` would write unchanged (``plan`` as in
     :func:`~convmoe.zoo.table.render_index`).
+
+    Raises:
+        FileNotFoundError: ``zoo_dir`` does not exist (:func:`require_zoo_dir`).
 
     Example:
         >>> import tempfile
@@ -316,7 +353,7 @@ def check_zoo(zoo_dir: str | Path, load: bool = True, budget_bytes: int = ZOO_BU
     """
     from convmoe.zoo.table import render_index
 
-    zoo_dir = Path(zoo_dir)
+    zoo_dir = require_zoo_dir(zoo_dir)
     problems = [problem for folder in variant_folders(zoo_dir) for problem in check_variant(folder, load=load)]
     size = folder_bytes(zoo_dir)
     if size > budget_bytes:

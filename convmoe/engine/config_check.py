@@ -1,0 +1,225 @@
+"""Checks of a training config's shape, before anything is built.
+
+:func:`check_training_config` checks sections that must be mappings, ``_target_`` nodes,
+``data_loader`` settings and (given a settings dataclass such as the engine's ``TrainerSettings``)
+the types of the ``trainer`` values, so that a wrong value is named in one sentence instead of
+failing deep inside the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from convmoe.engine.config import TARGET_KEY
+
+# Sections built from a ``_target_``, with a target to show in the fix.
+_TARGET_SECTIONS = {"model": "convmoe.models.create_classifier", "loss": "torch.nn.CrossEntropyLoss",
+                    "optimizer": "torch.optim.AdamW", "init_encoder_from": "convmoe.pretrained.load_efficientnet_lite0"}
+_SETTINGS_SECTIONS = ("trainer", "pl_trainer", "data_loader")
+# DataLoader settings a config may give: their types, and an example value for the fix.
+DATA_LOADER_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "batch_size": (int | None, 8), "shuffle": (bool | None, True), "num_workers": (int, 4),
+    "pin_memory": (bool, True), "drop_last": (bool, True), "timeout": (float, 0),
+    "prefetch_factor": (int | None, 2), "persistent_workers": (bool, True),
+}
+# DataLoader arguments the engine passes itself (a config giving them would collide).
+_ENGINE_LOADER_ARGUMENTS = ("dataset", "sampler", "generator")
+
+
+def _type_names(hint: Any) -> list[str]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [name for arg in typing.get_args(hint) for name in _type_names(arg)]
+    if hint is type(None) or hint is None:
+        return ["null"]
+    names = {bool: "a bool", int: "an int", float: "a float", str: "a string", list: "a list", dict: "a mapping"}
+    return [names.get(typing.get_origin(hint) or hint, f"a {getattr(hint, '__name__', hint)}")]
+
+
+def describe_type(hint: Any) -> str:
+    """A type hint in words, as error messages say it.
+
+    Example:
+        >>> describe_type(int | float | None), describe_type(str)
+        ('an int, a float or null', 'a string')
+    """
+    names = list(dict.fromkeys(_type_names(hint)))
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a simple type hint (``int``, ``float | None``, ``str | int``...).
+
+    A bool is not an int, an int is a float (YAML writes ``1`` for ``1.0``), hints it cannot read pass.
+
+    Example:
+        >>> matches_type(3, float | None), matches_type(True, int), matches_type("abc", int)
+        (True, False, False)
+    """
+    if hint is Any:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    origin = typing.get_origin(hint) or hint
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def _example(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def check_types(section: Mapping[str, Any], schema: Any, where: str) -> None:
+    """Check the values of a settings mapping against a dataclass's field types (or ``{key: (hint, example)}``).
+
+    Keys the schema does not know are left to the caller.
+
+    Args:
+        section: The settings, e.g. a config's ``trainer`` mapping.
+        schema: A dataclass (its fields' type hints; defaults become the example), or a mapping of
+            key to ``(type hint, example value)``.
+        where: The section's dotted name, for the message.
+
+    Raises:
+        ValueError: A value of the wrong type; the message names key, value, expected type and an example.
+
+    Example:
+        >>> check_types({"batch_size": [1]}, DATA_LOADER_SETTINGS, "data_loader")
+        Traceback (most recent call last):
+        ...
+        ValueError: data_loader.batch_size=[1] must be an int or null, got list; set it in the config or override it, e.g. data_loader.batch_size=8.
+    """
+    if dataclasses.is_dataclass(schema):
+        hints = typing.get_type_hints(schema)
+        fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(schema)}
+    else:
+        fields = dict(schema)
+    for key, value in section.items():
+        if key not in fields:
+            continue
+        hint, example = fields[key]
+        if matches_type(value, hint):
+            continue
+        fix = "set it in the config or override it" + (
+            f", e.g. {where}.{key}={_example(example)}" if example is not None and example is not dataclasses.MISSING
+            else "")
+        raise ValueError(f"{where}.{key}={value!r} must be {describe_type(hint)}, got {type(value).__name__}; {fix}.")
+
+
+def _check_data_loader(section: Any, where: str) -> None:
+    if section is None:
+        return
+    if not isinstance(section, Mapping):
+        # ValueError for every bad config value, whatever its kind: callers (the CLI) handle one kind of bad input.
+        raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004
+                         f"as '{where}: {{batch_size: 8, num_workers: 4}}' or override single keys ({where}.batch_size=8).")
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    allowed = sorted(set(inspect.signature(DataLoader).parameters) - set(_ENGINE_LOADER_ARGUMENTS))
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            reason = "the engine sets it itself" if key in _ENGINE_LOADER_ARGUMENTS else f"DataLoader takes {allowed}"
+            raise ValueError(f"{where} has no setting {key!r}{hint}; {reason}. Remove it or fix its name.")
+    check_types(section, DATA_LOADER_SETTINGS, where)
+
+
+def _check_target_node(node: Any, where: str, example: str, also: str = "") -> None:
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{where}={node!r} must be a mapping with a _target_{also}, got {type(node).__name__}; write "  # noqa: TRY004 (as above)
+                         f"'{where}: {{_target_: {example}, ...}}'.")
+    if TARGET_KEY not in node:
+        raise ValueError(f"{where} has no _target_ (keys: {sorted(node)}); add the dotted import path of what builds "
+                         f"it, e.g. '_target_: {example}'.")
+
+
+def _check_dataset(node: Any, where: str) -> None:
+    also = " (or a list of them)"
+    nodes = node if isinstance(node, list) else [node]
+    if isinstance(node, list) and not node:
+        raise ValueError(f"{where} is an empty list; give one dataset node with a _target_, or a list of them.")
+    for index, item in enumerate(nodes):
+        item_where = f"{where}.{index}" if isinstance(node, list) else where
+        _check_target_node(item, item_where, "convmoe.data.CIFAR10Dataset", also)
+        _check_data_loader(item.get("data_loader"), f"{item_where}.data_loader")
+
+
+def _check_scheduler(entry: Any, where: str) -> None:
+    example = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    also = " (or {scheduler: {_target_: ...}, interval: step})"
+    if isinstance(entry, Mapping) and "scheduler" in entry:
+        _check_target_node(entry["scheduler"], f"{where}.scheduler", example)
+        check_types(entry, {"interval": (str, "step"), "frequency": (int, 1), "monitor": (str | None, "val/loss")},
+                    where)
+    else:
+        _check_target_node(entry, where, example, also)
+
+
+def check_training_config(config: Mapping[str, Any], settings: Any = None, required: Sequence[str] = ()) -> None:
+    """Check the shape of a training config before anything is built; raise on the first problem.
+
+    Checks, where present (a null section counts as absent): ``model``, ``loss``, ``optimizer`` and
+    ``init_encoder_from`` are ``_target_`` mappings; ``scheduler`` / ``scheduler_list`` entries too;
+    every ``<split>_dataset`` is a ``_target_`` mapping or a list of them; ``trainer`` / ``pl_trainer`` /
+    ``data_loader`` (top-level and per dataset) are mappings; ``data_loader`` names DataLoader
+    settings of the right types; with ``settings``, the ``trainer`` values have its fields' types.
+
+    Args:
+        config: A loaded config (:func:`load_config`).
+        settings: A dataclass whose fields type the ``trainer`` section (the engine's ``TrainerSettings``).
+        required: Sections that must be present and not null (training needs model, loss, optimizer,
+            train_dataset).
+
+    Raises:
+        ValueError: The first problem, naming the key, what it must be, and the fix.
+
+    Example:
+        >>> check_training_config({"model": {"_target_": "torch.nn.Identity"}, "data_loader": {"batch_size": 4}})
+        >>> check_training_config({"model": 3})
+        Traceback (most recent call last):
+        ...
+        ValueError: model=3 must be a mapping with a _target_, got int; write 'model: {_target_: convmoe.models.create_classifier, ...}'.
+    """
+    missing = [key for key in required if config.get(key) is None]
+    if missing:
+        raise ValueError(f"the config has no {missing[0]!r} section (or it is null); a training config needs "
+                         f"{', '.join(required)}.")
+    for key, example in _TARGET_SECTIONS.items():
+        if config.get(key) is not None:
+            _check_target_node(config[key], key, example)
+    for key in _SETTINGS_SECTIONS:
+        section = config.get(key)
+        if key == "data_loader":
+            _check_data_loader(section, key)
+        elif section is not None and not isinstance(section, Mapping):
+            raise ValueError(f"{key}={section!r} must be a mapping of settings, got {type(section).__name__}; write "
+                             f"it as '{key}: {{max_epochs: 10}}' or override single keys ({key}.max_epochs=10).")
+        elif section is not None and settings is not None:
+            check_types(section, settings, key)
+    for key in config:
+        if str(key).endswith("_dataset") and config[key] is not None:
+            _check_dataset(config[key], key)
+    if config.get("scheduler") is not None:
+        _check_scheduler(config["scheduler"], "scheduler")
+    schedulers = config.get("scheduler_list")
+    if schedulers is not None:
+        if not isinstance(schedulers, list):
+            raise ValueError(f"scheduler_list={schedulers!r} must be a list of scheduler entries, got "
+                             f"{type(schedulers).__name__}; write '- scheduler: {{_target_: ...}}' items.")
+        for index, entry in enumerate(schedulers):
+            _check_scheduler(entry, f"scheduler_list.{index}")
