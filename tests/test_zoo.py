@@ -124,7 +124,7 @@ def hub_cache(zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_net
 
 def val_batch(recipe: Path) -> torch.Tensor:
     from convmoe.engine.distributed import DistributedContext
-    from convmoe.engine.trainer import build_dataloader
+    from convmoe.engine.loaders import build_dataloader
 
     config = load_config(recipe)
     loader = build_dataloader(config["val_dataset"], config.get("data_loader") or {},

@@ -86,7 +86,7 @@ def load_dataset(data: str | Path, split: str | None = None, image_size: Sequenc
 
 def _config_dataset(path: Path, split: str) -> Dataset:
     from convmoe.engine.config import load_config
-    from convmoe.engine.trainer import build_dataset
+    from convmoe.engine.loaders import build_dataset
 
     config = load_config(path)
     node = config.get(f"{split}_dataset")

@@ -319,7 +319,8 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
     from convmoe.engine.config import instantiate, load_config
     from convmoe.engine.config_check import check_training_config
     from convmoe.engine.distributed import setup_distributed
-    from convmoe.engine.trainer import TrainerSettings, build_dataloader
+    from convmoe.engine.loaders import build_dataloader
+    from convmoe.engine.trainer import TrainerSettings
     from convmoe.trust import check_config_targets
 
     given = load_config(config, overrides) if config is not None else None

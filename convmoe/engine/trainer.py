@@ -5,6 +5,10 @@
                       routing statistics averaged over the epoch (MEDoE: extra/train_medoe_*)
                    -> validate: metrics summed over processes (exact under torchrun)
                    -> metrics.csv, TensorBoard, checkpoints/last.pt and best.pt (on the monitored metric)
+
+Resuming continues the same run: the training loader's order is a function of (seed, epoch), and
+checkpoints carry every RNG state, so a run killed at any point and resumed from ``last.pt`` ends
+bit-identical to the uninterrupted one (on a CPU; GPU kernels may not be deterministic).
 """
 
 from __future__ import annotations
@@ -24,15 +28,20 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 import convmoe
-from convmoe.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from convmoe.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap_model,
+)
 from convmoe.engine.config import instantiate, load_config, locate
 from convmoe.engine.distributed import (
-    DistributedContext,
-    ShardSampler,
+    all_gather_objects,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
@@ -47,6 +56,7 @@ from convmoe.engine.evaluate import (
     run_evaluation,
     split_batch,
 )
+from convmoe.engine.loaders import build_dataloader, epoch_seed
 from convmoe.engine.logging import CSVLogger, TensorBoardLogger
 
 # Lightning Trainer keys that mean nothing here: torchrun decides the processes and nodes.
@@ -81,7 +91,8 @@ class TrainerSettings:
         resume: A checkpoint to resume from, or ``"auto"`` for ``checkpoints/last.pt`` if it exists.
         find_unused_parameters: Passed to DistributedDataParallel (MoE blocks do not need it).
         sync_batchnorm: Convert BatchNorm layers to SyncBatchNorm under torchrun.
-        seed: Seed for the model's initialisation and the data order.
+        seed: Seed for the model's initialisation, the data order (a function of seed and epoch) and
+            the random streams.
 
     Example:
         >>> settings = TrainerSettings(max_epochs=3, precision="bf16-mixed")
@@ -171,48 +182,6 @@ class TrainResult:
     test_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def build_dataset(node: Any) -> Dataset:
-    """The dataset of a config's dataset node: a ``_target_`` mapping or a list of them (concatenated);
-    each node's own ``data_loader`` settings are left to :func:`build_dataloader`.
-
-    Example:
-        >>> len(build_dataset([{"_target_": "builtins.list", "_args_": [[1, 2]], "data_loader": {"batch_size": 2}},
-        ...                    {"_target_": "builtins.list", "_args_": [[3]]}]))
-        3
-    """
-    nodes = node if isinstance(node, list) else [node]
-    datasets = [instantiate({k: v for k, v in item.items() if k != "data_loader"}) for item in nodes]
-    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
-
-
-def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedContext, train: bool,
-                     seed: int = 0) -> DataLoader:
-    """A DataLoader for a dataset node: a ``_target_`` mapping or a list of them (concatenated).
-
-    Loader settings are the config's top-level ``data_loader`` updated by the node's own
-    ``data_loader``. Under torchrun, training shards with ``DistributedSampler`` (shuffled when
-    ``shuffle`` is set) and evaluation with :class:`~convmoe.engine.distributed.ShardSampler`.
-
-    Example:
-        >>> ctx = DistributedContext(0, 0, 1, torch.device("cpu"))
-        >>> node = {"_target_": "builtins.list", "_args_": [[1, 2, 3]], "data_loader": {"batch_size": 2}}
-        >>> [batch.tolist() for batch in build_dataloader(node, {}, ctx, train=False)]
-        [[1, 2], [3]]
-    """
-    nodes = node if isinstance(node, list) else [node]
-    settings = dict(defaults)
-    for item in nodes:
-        settings.update(item.get("data_loader") or {})
-    dataset = build_dataset(node)
-    shuffle = bool(settings.pop("shuffle", train))
-    if ctx.distributed:
-        sampler = (DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
-                   if train else ShardSampler(dataset, ctx.rank, ctx.world_size))
-        return DataLoader(dataset, sampler=sampler, **settings)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, shuffle=shuffle, generator=generator if shuffle else None, **settings)
-
-
 def _fill_total_steps(node: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
     # Schedulers such as OneCycleLR need the run's length; fill it when the config leaves it out.
     node = dict(node)
@@ -253,7 +222,7 @@ class Trainer:
         self.precision = resolve_precision(self.settings.precision, self.ctx.device)
         self.output_dir = Path(self.settings.default_root_dir)
         self.task = self.config.get("task", "auto")
-        seed = self.settings.seed or 0
+        self.seed = seed = self.settings.seed or 0
         torch.manual_seed(seed)
 
         model = instantiate(self.config["model"])
@@ -292,6 +261,7 @@ class Trainer:
         mode = self.settings.monitor_mode or ("min" if self.monitor.endswith("loss") else "max")
         self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
         self.start_epoch, self.global_step, self.best_metric = 0, 0, None
+        self._check_schedule_lengths()
         self.tracker = self._build_tracker()
         torch.manual_seed(seed + self.ctx.rank)  # routing noise and expert dropout differ between processes
 
@@ -336,6 +306,38 @@ class Trainer:
                                           int(spec.get("frequency", 1)), spec.get("monitor")))
         return schedulers
 
+    def _scheduler_steps_at_end(self, scheduled: ScheduledLR) -> int:
+        """The step count (``last_epoch``) ``scheduled`` reaches when this run ends at ``max_epochs``."""
+        frequency, done = scheduled.frequency, scheduled.scheduler.last_epoch
+        if scheduled.interval == "step":
+            end = self.global_step + (self.settings.max_epochs - self.start_epoch) * self.steps_per_epoch
+            return done + max(end // frequency - self.global_step // frequency, 0)
+        return done + max(self.settings.max_epochs // frequency - self.start_epoch // frequency, 0)
+
+    def _check_schedule_lengths(self, resumed: str | None = None, saved_config: Mapping[str, Any] | None = None) -> None:
+        """Fail now, not mid-epoch, where a fixed-length schedule (OneCycleLR's ``total_steps``) ends
+        before ``max_epochs`` does; ``resumed`` names the checkpoint a resumed run loaded."""
+        max_epochs = self.settings.max_epochs
+        for scheduled in self.schedulers:
+            total = getattr(scheduled.scheduler, "total_steps", None)
+            if not isinstance(total, int):
+                continue
+            needed = self._scheduler_steps_at_end(scheduled)
+            if needed <= total:
+                continue
+            name = type(scheduled.scheduler).__name__
+            if resumed is None:
+                per_epoch = f" x {self.steps_per_epoch} steps per epoch" if scheduled.interval == "step" else ""
+                raise ValueError(f"the {name} schedule has total_steps={total}, but this run takes {needed} steps "
+                                 f"(max_epochs={max_epochs}{per_epoch}); raise total_steps, or leave it out to have "
+                                 "it filled from max_epochs.")
+            original = _trainer_section(saved_config).get("max_epochs")
+            fixed_by = f" by the original max_epochs={original}" if original is not None else " by the original run"
+            raise ValueError(f"cannot resume {resumed} with trainer.max_epochs={max_epochs}: its {name} schedule was "
+                             f"fixed at total_steps={total}{fixed_by}, and max_epochs={max_epochs} needs {needed} "
+                             "steps; to train longer start a new run (a new trainer.default_root_dir), or use a "
+                             "scheduler without a fixed length (e.g. CosineAnnealingLR).")
+
     # ---- checkpoints --------------------------------------------------------------------------
 
     @property
@@ -343,8 +345,28 @@ class Trainer:
         """Where ``last.pt`` and ``best.pt`` go."""
         return self.output_dir / "checkpoints"
 
-    def state_dict(self, epoch: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Everything needed to resume after ``epoch``."""
+    def set_loader_epoch(self, epoch: int) -> None:
+        """Put the training loader at the start of ``epoch``: its order and worker seeds then depend
+        on (seed, epoch, rank) only, as a resumed run needs.
+
+        Example:
+            >>> trainer.set_loader_epoch(3)  # doctest: +SKIP
+        """
+        sampler = getattr(self.train_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        if self.train_loader.generator is not None:
+            self.train_loader.generator.manual_seed(epoch_seed(self.seed, epoch, self.ctx.rank))
+
+    def state_dict(self, epoch: int, metrics: Mapping[str, Any],
+                   rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything needed to resume after ``epoch``, the RNG states included.
+
+        Args:
+            epoch: The epoch just finished.
+            metrics: Its logged metrics.
+            rng_states: Every process's :meth:`capture_rng_state`, by rank (default: this process's alone).
+        """
         return {
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -357,14 +379,39 @@ class Trainer:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
             "config": self.config,
             "routing_history": list(self.tracker.history) if self.tracker is not None else [],
+            "rng": rng_states if rng_states is not None else [self.capture_rng_state()],
+            "loader": {"next_epoch": epoch + 1, "seed": self.seed},  # the sampler's epoch, set_loader_epoch's seed
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; training continues with the next epoch."""
-        unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def capture_rng_state(self) -> dict[str, Any]:
+        """This process's random states: the global ones
+        (:func:`~convmoe.engine.checkpoint.capture_rng_state`) and the training loader's generator.
+
+        Example:
+            >>> sorted(trainer.capture_rng_state())  # doctest: +SKIP
+            ['cuda', 'loader_generator', 'numpy', 'python', 'torch']
+        """
+        generator = self.train_loader.generator
+        return {**capture_rng_state(), "loader_generator": generator.get_state() if generator is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any], source: str | Path | None = None) -> None:
+        """Restore a :meth:`state_dict`; training continues with the next epoch, as the uninterrupted
+        run would have.
+
+        Args:
+            state: A :meth:`state_dict`, e.g. from :func:`~convmoe.engine.checkpoint.load_checkpoint`.
+            source: The checkpoint's path, named in errors.
+
+        Raises:
+            ValueError: The model, optimizer or schedulers differ from the checkpoint's, or a
+                fixed-length schedule ends before ``max_epochs``; the message names the fix.
+        """
+        where = f"checkpoint {source}" if source is not None else "the checkpoint"
+        saved_config = state.get("config") if isinstance(state.get("config"), Mapping) else {}
+        self._load_model_state(state["model"], where, saved_config)
+        self._load_optimizer_state(state["optimizer"], where, saved_config)
         if len(state["schedulers"]) != len(self.schedulers):
-            raise ValueError(f"the checkpoint has {len(state['schedulers'])} schedulers, the config "
+            raise ValueError(f"{where} has {len(state['schedulers'])} schedulers, the config "
                              f"{len(self.schedulers)}; resume with the config it was trained with.")
         for scheduled, scheduler_state in zip(self.schedulers, state["schedulers"], strict=True):
             scheduled.scheduler.load_state_dict(scheduler_state)
@@ -372,8 +419,60 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
         self.best_metric = state["best_metric"]
+        self._check_schedule_lengths(where, saved_config)
         if self.tracker is not None:  # the curves go on from the resumed epoch
             self.tracker.history = [row for row in state.get("routing_history", []) if row["epoch"] < self.start_epoch]
+        self._restore_rng(state, where)
+
+    def _load_model_state(self, saved: Mapping[str, Any], where: str, saved_config: Mapping[str, Any]) -> None:
+        model = unwrap_model(self.model)
+        current = model.state_dict()
+        problems = []
+        shapes = [f"{k!r} (checkpoint {tuple(saved[k].shape)}, model {tuple(v.shape)})" for k, v in current.items()
+                  if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
+        missing = [repr(k) for k in current if k not in saved]
+        unexpected = [repr(k) for k in saved if k not in current]
+        for label, names in (("shapes differ at", shapes), ("missing", missing), ("unexpected", unexpected)):
+            if names:
+                problems.append(f"{label} {_first_few(names)}")
+        if not problems:
+            model.load_state_dict(saved)
+            return
+        changed = (_config_differences(saved_config["model"], self.config.get("model"), "model")
+                   if "model" in saved_config else [])
+        hint = f"; the config differs from the checkpoint's at {_first_few(changed)}" if changed else ""
+        raise ValueError(f"{where} does not match the model: {'; '.join(problems)}{hint}; resume with the config "
+                         "the run was trained with, or start a new run (a new trainer.default_root_dir).")
+
+    def _load_optimizer_state(self, saved: Mapping[str, Any], where: str, saved_config: Mapping[str, Any]) -> None:
+        fix = "resume with the config the run was trained with, or start a new run (a new trainer.default_root_dir)."
+        saved_target = (saved_config.get("optimizer") or {}).get("_target_")
+        target = (self.config.get("optimizer") or {}).get("_target_")
+        if saved_target and target and saved_target != target:
+            raise ValueError(f"{where} was trained with optimizer {saved_target}, the config builds {target}; {fix}")
+        try:
+            self.optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError) as error:
+            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise ValueError(f"{where}'s optimizer state does not fit the optimizer ({reason}); {fix}") from error
+
+    def _restore_rng(self, state: Mapping[str, Any], where: str) -> None:
+        """Restore this process's RNG states and the loader's generator (a no-op for old checkpoints)."""
+        rng = state.get("rng")
+        if not rng:
+            warnings.warn(f"{where} has no RNG states (written by an older convmoe); training resumes, but the data "
+                          "order and random streams differ from the uninterrupted run's, so the continuation is not "
+                          "exact.", UserWarning, stacklevel=3)
+            return
+        if len(rng) != self.ctx.world_size:
+            warnings.warn(f"{where} holds the RNG states of {len(rng)} processes, this run has "
+                          f"{self.ctx.world_size}; the random streams restart, so the continuation is not exact.",
+                          UserWarning, stacklevel=3)
+            return
+        restore_rng_state(rng[self.ctx.rank])
+        generator, saved = self.train_loader.generator, rng[self.ctx.rank].get("loader_generator")
+        if generator is not None and saved is not None:
+            generator.set_state(saved.cpu())
 
     def _resume_path(self) -> Path | None:
         if self.settings.resume is None:
@@ -393,7 +492,7 @@ class Trainer:
         """
         resume = self._resume_path()
         if resume is not None:
-            self.load_state_dict(load_checkpoint(resume, map_location=self.ctx.device))
+            self.load_state_dict(load_checkpoint(resume, map_location=self.ctx.device), source=resume)
         main = self.ctx.is_main
         csv_logger = CSVLogger(self.output_dir / "metrics.csv", keep_until_epoch=self.start_epoch) if main else None
         tensorboard = TensorBoardLogger(self.output_dir / "tensorboard") if main else None
@@ -410,8 +509,10 @@ class Trainer:
                 self._step_schedulers("epoch", row, epoch)
                 row["step"] = self.global_step
                 improved = self._update_best(row)
+                # Every process's random states, taken where the resumed run will restore them.
+                rng_states = all_gather_objects(self.capture_rng_state()) if self.ctx.distributed else None
                 if main:
-                    self._save(epoch, row, improved)
+                    self._save(epoch, row, improved, rng_states)
                     csv_logger.log(row)
                     tensorboard.log(row, step=epoch)
                     self._print_epoch(row)
@@ -432,9 +533,7 @@ class Trainer:
         the routing statistics (``routing/train_*``, ``extra/train_medoe_*``) and the epoch's duration."""
         model, settings, device = self.model, self.settings, self.ctx.device
         model.train()
-        sampler = getattr(self.train_loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        self.set_loader_epoch(epoch)
         totals = torch.zeros(4, dtype=torch.float64)  # loss, task loss, aux loss, samples
         routing_sums: dict[str, float] = {}
         routing_count = 0
@@ -535,8 +634,9 @@ class Trainer:
             return True
         return False
 
-    def _save(self, epoch: int, row: Mapping[str, Any], improved: bool) -> None:
-        state = self.state_dict(epoch, row)
+    def _save(self, epoch: int, row: Mapping[str, Any], improved: bool,
+              rng_states: list[dict[str, Any]] | None = None) -> None:
+        state = self.state_dict(epoch, row, rng_states)
         save_checkpoint(self.checkpoint_dir / "last.pt", state)
         if improved:
             save_checkpoint(self.checkpoint_dir / "best.pt", state)
@@ -571,6 +671,24 @@ class Trainer:
             tensorboard.log(metrics, step=self.settings.max_epochs - 1)
             print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/iou/" not in k))
         return metrics
+
+
+def _trainer_section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    config = config or {}
+    return config.get("trainer") or config.get("pl_trainer") or {}
+
+
+def _first_few(names: Sequence[str], shown: int = 3) -> str:
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _config_differences(saved: Any, current: Any, prefix: str) -> list[str]:
+    """Dotted keys where two config sections differ, with both values (``a.b (4 -> 2)``)."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        return [difference for key in sorted(set(saved) | set(current), key=str)
+                for difference in _config_differences(saved.get(key), current.get(key), f"{prefix}.{key}")]
+    return [] if saved == current else [f"{prefix} ({saved!r} -> {current!r})"]
 
 
 def train(config: Mapping[str, Any] | str | Path, overrides: Sequence[str] = ()) -> TrainResult:

@@ -106,7 +106,7 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
 
 def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
     from convmoe.engine.distributed import DistributedContext
-    from convmoe.engine.trainer import build_dataloader
+    from convmoe.engine.loaders import build_dataloader
 
     if not config.get("val_dataset"):
         raise ValueError("the run's config has no val_dataset; a zoo variant is measured on it.")
