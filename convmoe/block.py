@@ -16,6 +16,7 @@ from convmoe.export import export_dispatcher, is_exporting
 from convmoe.geometry import ConvGeometry
 from convmoe.losses import BalancingLoss
 from convmoe.routers import create_router
+from convmoe.scope import ScopedModule
 from convmoe.tokens import create_tokens
 from convmoe.types import AuxOutput, Routing
 
@@ -29,7 +30,14 @@ def _detached(routing: Routing) -> Routing:
     })
 
 
-class MoEConv2d(nn.Module):
+def _added(first: AuxOutput, second: AuxOutput) -> AuxOutput:
+    """The losses of two calls of one block in one forward pass: totals and terms add."""
+    terms = {name: term + second.terms[name] if name in second.terms else term for name, term in first.terms.items()}
+    terms.update({name: term for name, term in second.terms.items() if name not in first.terms})
+    return AuxOutput(first.total + second.total, terms, {**first.weights, **second.weights})
+
+
+class MoEConv2d(nn.Module, ScopedModule):
     """A Mixture-of-Experts convolution with the call and output shape of ``nn.Conv2d``.
 
     The forward pass, B batch, N tokens, E experts, k experts per token::
@@ -39,6 +47,12 @@ class MoEConv2d(nn.Module):
                           -> dispatcher(experts)          dense reference or sparse gather/scatter
                           (+ shared expert)               -> y (B, C_out, H_out, W_out)
         on the side: last_aux (balancing losses), last_routing (for routing_stats)
+
+    Side outputs cover the model's current forward pass (see :mod:`convmoe.scope`): ``last_aux`` is
+    the sum over every call of the block in that pass (a head shared by FPN levels runs once per
+    level), ``forward_routings`` holds each call's routing and ``last_routing`` the latest one. A
+    block that did not run in the pass holds None. Called on its own (no scope), each call replaces
+    the last.
 
     Args:
         in_channels: Input channels C_in, as in ``nn.Conv2d``.
@@ -109,6 +123,7 @@ class MoEConv2d(nn.Module):
         self.balancing = BalancingLoss(config.losses)
         self.last_aux: AuxOutput | None = None
         self.last_routing: Routing | None = None
+        self._forward_routings: list[Routing] = []
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -213,17 +228,72 @@ class MoEConv2d(nn.Module):
         if self.shared_expert is not None:
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 
-        # Losses and statistics on the side, where convmoe.aux_loss / routing_stats find them.
-        self.last_aux = self.balancing(routing)
-        self.last_routing = _detached(routing)
+        # Losses and statistics on the side, where convmoe.aux_loss / routing_stats find them; every
+        # call of the model's forward pass counts (a shared head runs once per pyramid level).
+        self._record(self.balancing(routing), _detached(routing))
         return y
+
+    def _record(self, aux: AuxOutput, routing: Routing) -> None:
+        if not self.forward_scope_open:
+            self.reset_forward_state()  # called on its own: this call replaces the last
+        self.last_aux = aux if self.last_aux is None else _added(self.last_aux, aux)
+        self._forward_routings.append(routing)
+        self.last_routing = routing
+
+    def reset_forward_state(self) -> None:
+        """Forget the side outputs (``last_aux``, ``last_routing``, ``forward_routings``) of the last pass.
+
+        Example:
+            >>> block = MoEConv2d(4, 4, 1, num_experts=2)
+            >>> _ = block(torch.randn(1, 4, 3, 3))
+            >>> block.reset_forward_state()
+            >>> block.last_aux is None, block.forward_routings
+            (True, ())
+        """
+        self.last_aux = None
+        self.last_routing = None
+        self._forward_routings = []
+
+    @property
+    def forward_routings(self) -> tuple[Routing, ...]:
+        """The routing of every call of the block in the current forward pass, oldest first.
+
+        ``(last_routing,)`` when ``last_routing`` was set by hand; empty when the block did not run.
+
+        Example:
+            >>> block = MoEConv2d(4, 4, 1, num_experts=2)
+            >>> model = nn.Sequential(block, nn.ReLU(), block)  # one block, called twice
+            >>> from convmoe.scope import add_forward_scope
+            >>> _ = add_forward_scope(model)
+            >>> _ = model(torch.randn(1, 4, 3, 3))
+            >>> len(block.forward_routings)
+            2
+        """
+        if self.last_routing is None:
+            return ()
+        recorded = self._forward_routings
+        if recorded and recorded[-1] is self.last_routing:
+            return tuple(recorded)
+        return (self.last_routing,)
+
+    @property
+    def forward_calls(self) -> int:
+        """How many times the block ran in the current forward pass (0: it did not run)."""
+        return len(self.forward_routings)
 
     def __getstate__(self) -> dict[str, Any]:
         # last_aux holds the autograd graph of the last forward pass: it cannot be deep-copied
         # (copy.deepcopy(model) for an EMA model after a step) and must not travel in a pickle.
         state = super().__getstate__()
         state["last_aux"] = None
+        state["forward_scope_open"] = False
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles from before forward_routings existed hold only the latest call.
+        latest = state.get("last_routing")
+        state.setdefault("_forward_routings", [] if latest is None else [latest])
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from convmoe.dispatch import DISPATCHERS, create_dispatcher
 from convmoe.dropout import DROPOUTS
 from convmoe.experts import EXPERTS
+from convmoe.experts.post import ACTIVATIONS, NORMS
 from convmoe.gates import GATES
 from convmoe.losses import LOSSES
 from convmoe.registry import Registry
@@ -26,6 +29,31 @@ _PART_REGISTRIES: dict[str, Registry] = {
 }
 _REGISTRY_NAMES = {"tokens": "TOKENS", "router": "ROUTERS", "gate": "GATES", "dispatcher": "DISPATCHERS",
                    "experts": "EXPERTS", "dropout": "DROPOUTS"}
+_REQUIRED_PARTS = ("tokens", "router", "dispatcher", "experts")
+
+
+def _is_real(value: Any) -> bool:
+    # bool is an int to Python, but num_experts=True or temperature=False is a mistake.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(name: str, value: Any, fix: str) -> int:
+    """``value`` as an int, or a TypeError (not a number) / ValueError (a fractional number)."""
+    if not _is_real(value):
+        raise TypeError(f"MoEConfig.{name}={value!r} ({type(value).__name__}) must be an int; {fix}.")
+    if not isinstance(value, numbers.Integral):
+        # A value error: JSON and YAML configs have one number type, so 2.5 is a wrong count, not a wrong type.
+        raise ValueError(f"{name}={value!r} must be a positive int; {fix}.")  # noqa: TRY004
+    return int(value)
+
+
+def _number(name: str, value: Any, fix: str) -> float:
+    """``value`` checked to be a finite real number, or a TypeError / ValueError that says so."""
+    if not _is_real(value):
+        raise TypeError(f"MoEConfig.{name}={value!r} ({type(value).__name__}) must be a number; {fix}.")
+    if not math.isfinite(value):
+        raise ValueError(f"MoEConfig.{name}={value!r} must be a finite number; {fix}.")
+    return value if isinstance(value, (int, float)) else float(value)  # numpy scalars: plain, for JSON
 
 
 @dataclass
@@ -53,7 +81,8 @@ class MoEConfig:
         shared_expert: Add a dense expert that every token also passes through.
         losses: Balancing loss name -> weight ("switch", "importance", "z", "diversity").
         dropout: Expert-dropout policy: None or "medoe".
-        drop_rate: Fraction of experts the dropout policy removes per training pass.
+        drop_rate: Fraction of experts the dropout policy removes per training pass; None (the
+            default) uses the policy's own default (0.1 for "medoe", as UPerNetMEDoE), 0.0 drops none.
         upcycle_noise_std: Noise (relative to the weight's std) added to each expert when upcycling.
         router_kwargs: Extra keyword arguments for the router (e.g. ``gate_kwargs``).
         expert_kwargs: Extra keyword arguments for the expert bank.
@@ -79,27 +108,53 @@ class MoEConfig:
     shared_expert: bool = False
     losses: dict[str, float] = field(default_factory=lambda: {"switch": 0.01})
     dropout: Any = None
-    drop_rate: float = 0.0
+    drop_rate: float | None = None
     upcycle_noise_std: float = 0.0
     router_kwargs: dict[str, Any] = field(default_factory=dict)
     expert_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts={self.num_experts!r} must be a positive int.")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k!r} must be in [1, num_experts={self.num_experts}]; "
-                             "lower top_k or raise num_experts.")
+        self._check_sizes()
+        self._check_router_numbers()
+        self._check_parts()
+        self._check_losses()
+        self._check_dropout()
+        self.upcycle_noise_std = _number("upcycle_noise_std", self.upcycle_noise_std, "use 0.0 for exact copies")
+        if self.upcycle_noise_std < 0:
+            raise ValueError(f"upcycle_noise_std={self.upcycle_noise_std} must be >= 0; use 0.0 for exact copies.")
+        if not isinstance(self.shared_expert, bool):
+            raise TypeError(f"MoEConfig.shared_expert={self.shared_expert!r} must be True or False.")
+        for name in ("router_kwargs", "expert_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"MoEConfig.{name}={getattr(self, name)!r} must be a dict of keyword arguments; "
+                                "use {} for none.")
+
+    def _check_sizes(self) -> None:
+        fix = "e.g. num_experts=8"
+        if _integer("num_experts", self.num_experts, fix) < 1:
+            raise ValueError(f"num_experts={self.num_experts!r} must be a positive int; {fix}.")
+        fix = "lower top_k or raise num_experts"
+        if not 1 <= _integer("top_k", self.top_k, fix) <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k!r} must be in [1, num_experts={self.num_experts}]; {fix}.")
+        self.num_experts, self.top_k = int(self.num_experts), int(self.top_k)  # numpy ints: plain, for JSON
+
+    def _check_router_numbers(self) -> None:
+        self.noise_std = _number("noise_std", self.noise_std, "use 0.0 for no router noise")
         if self.noise_std < 0:
-            raise ValueError(f"noise_std={self.noise_std} must be >= 0.")
+            raise ValueError(f"noise_std={self.noise_std} must be >= 0; use 0.0 for no router noise.")
+        self.temperature = _number("temperature", self.temperature, "1.0 is the plain softmax")
         if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0.")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0, or None for no limit.")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate={self.drop_rate} must be in [0, 1).")
-        if self.drop_rate > 0 and self.dropout is None:
-            raise ValueError(f"drop_rate={self.drop_rate} has no effect without a dropout policy; set dropout='medoe'.")
+            raise ValueError(f"temperature={self.temperature} must be > 0; 1.0 is the plain softmax.")
+        if self.capacity_factor is not None:
+            self.capacity_factor = _number("capacity_factor", self.capacity_factor, "e.g. 1.25, or None for no limit")
+            if self.capacity_factor <= 0:
+                raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0, or None for no limit.")
+
+    def _check_parts(self) -> None:
+        for name in _REQUIRED_PARTS:
+            if getattr(self, name) is None:
+                raise TypeError(f"MoEConfig.{name}=None: give a registered name "
+                                f"({', '.join(_PART_REGISTRIES[name].names())}) or a class.")
         for name, registry in _PART_REGISTRIES.items():
             value = getattr(self, name)
             if isinstance(value, str):
@@ -109,10 +164,34 @@ class MoEConfig:
             create_tokens(self.tokens)  # parses the argument ("grid:3x3")
         if isinstance(self.dispatcher, str):
             create_dispatcher(self.dispatcher)  # checks a forced path ("sparse:regions")
+        for name, what, value, choices in (("expert_norm", "norm", self.expert_norm, NORMS),
+                                           ("expert_act", "activation", self.expert_act, sorted(ACTIVATIONS))):
+            if value is not None and value not in choices:
+                raise ValueError(f"unknown expert {what} {value!r} (MoEConfig.{name}); available: {', '.join(choices)}, "
+                                 "or None.")
+
+    def _check_losses(self) -> None:
+        if not isinstance(self.losses, dict):
+            raise TypeError(f"MoEConfig.losses={self.losses!r} must be a dict of loss name -> weight, e.g. "
+                            "{'switch': 0.01}; use {} for no balancing loss.")
         for name, weight in self.losses.items():
             LOSSES.get(name)
-            if weight < 0:
-                raise ValueError(f"loss weight for {name!r} must be >= 0, got {weight}.")
+            fix = "e.g. 0.01, or leave the loss out"
+            if _number(f"losses[{name!r}]", weight, fix) < 0:
+                raise ValueError(f"loss weight for {name!r} must be >= 0, got {weight}; {fix}.")
+
+    def _check_dropout(self) -> None:
+        if self.drop_rate is None:
+            return
+        fix = "e.g. 0.1, or None for the policy's default"
+        self.drop_rate = _number("drop_rate", self.drop_rate, fix)
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate={self.drop_rate} must be in [0, 1); {fix}.")
+        if self.dropout is None:
+            if self.drop_rate > 0:
+                raise ValueError(f"drop_rate={self.drop_rate} has no effect without a dropout policy; set "
+                                 "dropout='medoe'.")
+            self.drop_rate = None  # no policy, no rate: 0.0 (configs saved before None existed) is the default
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; a class-valued part is written by its registered name.

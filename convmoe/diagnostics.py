@@ -1,14 +1,20 @@
-"""Aux losses and routing statistics of a whole model, collected from its MoE blocks."""
+"""Aux losses and routing statistics of a whole model, collected from its MoE blocks.
+
+Both read the blocks that ran in the model's latest forward pass, every call of each (see
+:mod:`convmoe.scope`): a block skipped by layer drop or an early exit adds nothing, a block called
+once per pyramid level adds every level.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from convmoe.scope import ensure_forward_scope
 from convmoe.types import Routing, RoutingStats
 
 
@@ -27,10 +33,14 @@ def moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """Weighted sum of every MoE block's balancing losses from the last forward pass.
+    """Weighted sum of every MoE block's balancing losses from the model's latest forward pass.
 
     A differentiable scalar to add to the task loss; ``0`` when the model has no MoE block or its
-    blocks have no losses.
+    blocks have no losses. Blocks that did not run in that pass add nothing; a block that ran
+    several times (a shared head) adds every call. Pass the module you call (the model, or its
+    DDP / ``torch.compile`` wrapper): the first call adds a forward scope to a model that has none
+    (:func:`convmoe.scope.add_forward_scope`; ``convmoe.patch`` adds it up front), which from the
+    next forward pass on tells which blocks ran in it.
 
     Example:
         >>> from convmoe import MoEConv2d
@@ -39,6 +49,7 @@ def aux_loss(model: nn.Module) -> Tensor:
         >>> aux_loss(model).requires_grad
         True
     """
+    ensure_forward_scope(model)
     terms = [block.last_aux.total for _, block in moe_blocks(model) if block.last_aux is not None]
     if not terms:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -94,6 +105,93 @@ def compute_stats(routing: Routing) -> RoutingStats:
         medoe_expert_utilization=medoe_utilization,
         medoe_expert_entropy=medoe_entropy,
     )
+
+
+# Layout of one block's count vector after the E expert loads.
+_TOKENS, _DROPPED, _ENTROPY_SUM, _ROWS, _CAPACITY, _MEDOE_RANKS, _MEDOE_UTIL, _MEDOE_ENTROPY = range(8)
+_COUNT_FIELDS = 8
+
+
+def routing_counts(routing: Routing) -> Tensor:
+    """Sums that add across ranks and calls: expert loads (E), then tokens, dropped tokens, summed
+    router entropy, entropy rows, total capacity and the MEDoE terms, as one float64 vector (E + 8,).
+
+    Example:
+        >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
+        ...                        torch.tensor([[[0], [1]]]), torch.ones(1, 2, 1))
+        >>> routing_counts(r)[:4].tolist()
+        [1.0, 1.0, 2.0, 0.0]
+    """
+    E = routing.num_experts
+    load = routing.expert_load().double().cpu()
+    probs = routing.probs.detach().reshape(-1, E).double()
+    entropy = -(probs.clamp_min(1e-12).log() * probs).sum(-1) / math.log(E) if E > 1 else torch.ones(probs.shape[0])
+    extra = torch.zeros(_COUNT_FIELDS, dtype=torch.float64)
+    extra[_TOKENS] = routing.dropped.numel()
+    extra[_DROPPED] = float(routing.dropped.sum())
+    extra[_ENTROPY_SUM] = float(entropy.sum())
+    extra[_ROWS] = probs.shape[0]
+    if routing.capacity is not None:
+        extra[_CAPACITY] = E * routing.capacity * routing.capacity_groups
+    if routing.expert_mask is not None:
+        kept = routing.expert_mask.cpu()
+        kept_load = load[kept]
+        kept_total = float(kept_load.sum())
+        extra[_MEDOE_RANKS] = 1.0
+        extra[_MEDOE_UTIL] = float((kept_load > 0).double().mean())
+        extra[_MEDOE_ENTROPY] = (_normalized_entropy(kept_load / kept_total, int(kept.sum()))
+                                 if kept_total > 0 else 0.0)
+    return torch.cat([load, extra])
+
+
+def stats_from_counts(counts: Tensor, num_experts: int) -> RoutingStats:
+    """:class:`~convmoe.types.RoutingStats` from (summed) :func:`routing_counts`; the MEDoE terms are
+    means over the ranks that ran expert dropout.
+
+    Example:
+        >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
+        ...                        torch.tensor([[[0], [1]]]), torch.ones(1, 2, 1))
+        >>> stats_from_counts(routing_counts(r), 2).utilization
+        [0.5, 0.5]
+    """
+    E = num_experts
+    load, extra = counts[:E].double().cpu(), counts[E:].double().cpu()
+    total = float(load.sum())
+    utilization = load / total if total > 0 else torch.zeros(E, dtype=torch.float64)
+    mean_load = total / E
+    medoe_ranks = float(extra[_MEDOE_RANKS])
+    return RoutingStats(
+        num_experts=E,
+        tokens=int(extra[_TOKENS]),
+        utilization=[round(float(u), 6) for u in utilization],
+        utilization_entropy=_normalized_entropy(utilization, E) if total > 0 else 0.0,
+        router_entropy=float(extra[_ENTROPY_SUM] / extra[_ROWS]) if extra[_ROWS] > 0 else 0.0,
+        imbalance=float(load.max()) / mean_load if mean_load > 0 else 0.0,
+        dropped_rate=float(extra[_DROPPED] / extra[_TOKENS]) if extra[_TOKENS] > 0 else 0.0,
+        capacity_ratio=total / float(extra[_CAPACITY]) if extra[_CAPACITY] > 0 else None,
+        dead_experts=[e for e in range(E) if load[e] == 0],
+        active_experts=[e for e in range(E) if load[e] > 0],
+        medoe_expert_utilization=float(extra[_MEDOE_UTIL]) / medoe_ranks if medoe_ranks else None,
+        medoe_expert_entropy=float(extra[_MEDOE_ENTROPY]) / medoe_ranks if medoe_ranks else None,
+    )
+
+
+def stats_of_calls(routings: Sequence[Routing]) -> RoutingStats:
+    """Statistics over several routings of one block (its calls in one forward pass), as if concatenated.
+
+    Loads, tokens and drops add up, router entropy is the mean over all rows; one routing gives
+    :func:`compute_stats`.
+
+    Example:
+        >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
+        ...                        torch.tensor([[[0], [0]]]), torch.ones(1, 2, 1))
+        >>> stats_of_calls([r, r]).tokens, stats_of_calls([r, r]).utilization
+        (4, [1.0, 0.0])
+    """
+    if len(routings) == 1:
+        return compute_stats(routings[0])
+    counts = torch.stack([routing_counts(routing) for routing in routings]).sum(dim=0)
+    return stats_from_counts(counts, routings[0].num_experts)
 
 
 @dataclass(frozen=True)
@@ -156,7 +254,11 @@ class ModelRoutingStats:
 
 
 def routing_stats(model: nn.Module) -> ModelRoutingStats:
-    """Per-block and aggregated routing statistics of the last forward pass.
+    """Per-block and aggregated routing statistics of the model's latest forward pass.
+
+    Only blocks that ran in that pass are listed; a block that ran several times (a shared head)
+    gives the statistics of all its calls together. Like :func:`aux_loss`, the first call adds a
+    forward scope to a model that has none.
 
     Example:
         >>> from convmoe import MoEConv2d
@@ -166,5 +268,14 @@ def routing_stats(model: nn.Module) -> ModelRoutingStats:
         >>> list(stats.blocks), stats["0"].num_experts
         (['0'], 4)
     """
-    return ModelRoutingStats({name: compute_stats(block.last_routing)
-                              for name, block in moe_blocks(model) if block.last_routing is not None})
+    ensure_forward_scope(model)
+    return ModelRoutingStats({name: stats_of_calls(routings) for name, block in moe_blocks(model)
+                              if (routings := _routings(block))})
+
+
+def _routings(block: nn.Module) -> tuple[Routing, ...]:
+    """Every call's routing in the current forward pass (a block without ``forward_routings``: its last)."""
+    routings = getattr(block, "forward_routings", None)
+    if routings is not None:
+        return tuple(routings)
+    return () if block.last_routing is None else (block.last_routing,)

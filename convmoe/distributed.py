@@ -16,87 +16,27 @@ global batch (DDP averages, the loss is a mean). Wrap BatchNorm in ``SyncBatchNo
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from convmoe.diagnostics import ModelRoutingStats, _normalized_entropy, moe_blocks
-from convmoe.types import Routing, RoutingStats
-
-# Layout of one block's count vector after the E expert loads.
-_TOKENS, _DROPPED, _ENTROPY_SUM, _ROWS, _CAPACITY, _MEDOE_RANKS, _MEDOE_UTIL, _MEDOE_ENTROPY = range(8)
-
-
-def routing_counts(routing: Routing) -> Tensor:
-    """Sums that add across ranks: expert loads (E), then tokens, dropped tokens, summed router
-    entropy, entropy rows, total capacity and the MEDoE terms, as one float64 vector (E + 8,).
-
-    Example:
-        >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
-        ...                        torch.tensor([[[0], [1]]]), torch.ones(1, 2, 1))
-        >>> routing_counts(r)[:4].tolist()
-        [1.0, 1.0, 2.0, 0.0]
-    """
-    E = routing.num_experts
-    load = routing.expert_load().double().cpu()
-    probs = routing.probs.detach().reshape(-1, E).double()
-    entropy = -(probs.clamp_min(1e-12).log() * probs).sum(-1) / math.log(E) if E > 1 else torch.ones(probs.shape[0])
-    extra = torch.zeros(8, dtype=torch.float64)
-    extra[_TOKENS] = routing.dropped.numel()
-    extra[_DROPPED] = float(routing.dropped.sum())
-    extra[_ENTROPY_SUM] = float(entropy.sum())
-    extra[_ROWS] = probs.shape[0]
-    if routing.capacity is not None:
-        extra[_CAPACITY] = E * routing.capacity * routing.capacity_groups
-    if routing.expert_mask is not None:
-        kept = routing.expert_mask.cpu()
-        kept_load = load[kept]
-        kept_total = float(kept_load.sum())
-        extra[_MEDOE_RANKS] = 1.0
-        extra[_MEDOE_UTIL] = float((kept_load > 0).double().mean())
-        extra[_MEDOE_ENTROPY] = (_normalized_entropy(kept_load / kept_total, int(kept.sum()))
-                                 if kept_total > 0 else 0.0)
-    return torch.cat([load, extra])
-
-
-def stats_from_counts(counts: Tensor, num_experts: int) -> RoutingStats:
-    """:class:`~convmoe.types.RoutingStats` from (summed) :func:`routing_counts`; the MEDoE terms are
-    means over the ranks that ran expert dropout.
-
-    Example:
-        >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
-        ...                        torch.tensor([[[0], [1]]]), torch.ones(1, 2, 1))
-        >>> stats_from_counts(routing_counts(r), 2).utilization
-        [0.5, 0.5]
-    """
-    E = num_experts
-    load, extra = counts[:E].double().cpu(), counts[E:].double().cpu()
-    total = float(load.sum())
-    utilization = load / total if total > 0 else torch.zeros(E, dtype=torch.float64)
-    mean_load = total / E
-    medoe_ranks = float(extra[_MEDOE_RANKS])
-    return RoutingStats(
-        num_experts=E,
-        tokens=int(extra[_TOKENS]),
-        utilization=[round(float(u), 6) for u in utilization],
-        utilization_entropy=_normalized_entropy(utilization, E) if total > 0 else 0.0,
-        router_entropy=float(extra[_ENTROPY_SUM] / extra[_ROWS]) if extra[_ROWS] > 0 else 0.0,
-        imbalance=float(load.max()) / mean_load if mean_load > 0 else 0.0,
-        dropped_rate=float(extra[_DROPPED] / extra[_TOKENS]) if extra[_TOKENS] > 0 else 0.0,
-        capacity_ratio=total / float(extra[_CAPACITY]) if extra[_CAPACITY] > 0 else None,
-        dead_experts=[e for e in range(E) if load[e] == 0],
-        active_experts=[e for e in range(E) if load[e] > 0],
-        medoe_expert_utilization=float(extra[_MEDOE_UTIL]) / medoe_ranks if medoe_ranks else None,
-        medoe_expert_entropy=float(extra[_MEDOE_ENTROPY]) / medoe_ranks if medoe_ranks else None,
-    )
+from convmoe.diagnostics import (
+    _COUNT_FIELDS,
+    ModelRoutingStats,
+    _routings,
+    moe_blocks,
+    routing_counts,
+    stats_from_counts,
+)
+from convmoe.scope import ensure_forward_scope
+from convmoe.types import Routing
 
 
 def global_routing_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> ModelRoutingStats:
-    """Routing statistics of the last forward pass over the batches of all ranks (a collective).
+    """Routing statistics of the latest forward pass over the batches of all ranks (a collective).
 
-    Every rank must call it after the same forward passes (the blocks are matched by order). The
+    Every rank must call it after the same forward passes (the blocks are matched by order; a block
+    that did not run on a rank counts zero tokens there, one that ran on no rank is left out). The
     loads, drop counts and router entropies are summed over ranks with one ``all_reduce``, so the
     result equals ``convmoe.routing_stats`` of one process that routed the global batch (for
     ``image`` tokens with a capacity limit, capacity stays per rank). Without an initialised process
@@ -107,7 +47,7 @@ def global_routing_stats(model: nn.Module, group: dist.ProcessGroup | None = Non
         group: The process group; the default group when None.
 
     Raises:
-        ValueError: A block has not run a forward pass on this rank.
+        ValueError: No block has run a forward pass on this rank.
 
     Example:
         >>> from convmoe import MoEConv2d
@@ -116,12 +56,16 @@ def global_routing_stats(model: nn.Module, group: dist.ProcessGroup | None = Non
         >>> global_routing_stats(model)["0"].tokens
         128
     """
+    ensure_forward_scope(model)
     blocks = list(moe_blocks(model))
-    missing = [name for name, block in blocks if block.last_routing is None]
-    if missing:
-        raise ValueError(f"global_routing_stats(): blocks {missing} have no routing yet on this rank; run the same "
-                         "forward pass on every rank first.")
-    vectors = [routing_counts(block.last_routing) for _, block in blocks]
+    routings = {name: _routings(block) for name, block in blocks}
+    if blocks and not any(routings.values()):
+        raise ValueError(f"global_routing_stats(): blocks {list(routings)} have no routing yet on this rank; run the "
+                         "same forward pass on every rank first.")
+    # A block that did not run on this rank (layer drop) still takes part in the all_reduce, with zeros.
+    sizes = {name: _num_experts(name, block, routings[name]) for name, block in blocks}
+    vectors = [torch.stack([routing_counts(r) for r in routings[name]]).sum(dim=0) if routings[name]
+               else torch.zeros(sizes[name] + _COUNT_FIELDS, dtype=torch.float64) for name, _ in blocks]
     if vectors and dist.is_available() and dist.is_initialized():
         flat = torch.cat(vectors)
         backend = dist.get_backend(group)
@@ -129,8 +73,17 @@ def global_routing_stats(model: nn.Module, group: dist.ProcessGroup | None = Non
         flat = flat.to(device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         vectors = list(flat.cpu().split([v.numel() for v in vectors]))
-    return ModelRoutingStats({name: stats_from_counts(counts, block.last_routing.num_experts)
-                              for (name, block), counts in zip(blocks, vectors, strict=True)})
+    stats = {name: stats_from_counts(counts, sizes[name]) for (name, _), counts in zip(blocks, vectors, strict=True)}
+    return ModelRoutingStats({name: s for name, s in stats.items() if s.tokens > 0})
 
+
+def _num_experts(name: str, block: nn.Module, routings: tuple[Routing, ...]) -> int:
+    if routings:
+        return routings[0].num_experts
+    config = getattr(block, "config", None)
+    if config is None:
+        raise ValueError(f"global_routing_stats(): block {name!r} did not run in this forward pass and has no config "
+                         "to tell its number of experts; run it on every rank.")
+    return config.num_experts
 
 __all__ = ["global_routing_stats"]

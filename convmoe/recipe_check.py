@@ -68,18 +68,21 @@ def choose_recipe(model: nn.Module, candidates: Sequence[BaseRecipe], spec: Mapp
         try:
             rebuilt = _build_patched(recipe, spec, torch.device("meta"))
             _compare_tensors(recipe, rebuilt.state_dict(), state)
-            _compare_structure(recipe, structure_signature(rebuilt), signature, model)
+            _compare_structure(recipe, structure_signature(rebuilt), signature)
+            if probe:
+                probe_outputs(model, recipe, spec, state)
         except RecipeMismatch as error:
             first_error = first_error or error
             continue
-        if probe:
-            probe_outputs(model, recipe, spec, state)
         return recipe
-    if first_error is None or len(candidates) > 1:
-        tried = ", ".join(sorted({f"{c.library}:{c.name}" for c in candidates})) or "none"
-        raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__} (no guessed "
-                             f"recipe rebuilds it; tried {tried}): {how_to_pass_base(model)}")
-    raise first_error
+    if first_error is None:
+        raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__}: "
+                             f"{how_to_pass_base(model)}")
+    if len(candidates) == 1:
+        raise RecipeMismatch(f"{first_error}; {how_to_pass_base(model)}")
+    tried = ", ".join(sorted({f"{c.library}:{c.name}" for c in candidates}))
+    raise RecipeMismatch(f"save_pretrained cannot tell how to rebuild this {type(model).__name__}: no guessed recipe "
+                         f"rebuilds it (tried {tried}; the first guess: {first_error}); {how_to_pass_base(model)}")
 
 
 def structure_signature(model: nn.Module) -> list[tuple[Any, ...]]:
@@ -144,13 +147,13 @@ def probe_outputs(model: nn.Module, recipe: BaseRecipe, spec: Mapping[str, Any],
     if len(got_tensors) != len(expected_tensors) or any(a.shape != b.shape for a, b in
                                                          zip(expected_tensors, got_tensors, strict=True)):
         raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its forward "
-                             f"pass (it fails or returns other outputs); {how_to_pass_base(model)}")
+                             "pass (it fails or returns other outputs)")
     for a, b in zip(expected_tensors, got_tensors, strict=True):
         if a.numel() and not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
             difference = (a.float() - b.float()).abs().max().item()
             raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its "
                                  f"outputs (max abs difference {difference:.3g} on a probe input): the model was "
-                                 f"created with arguments the recipe lacks; {how_to_pass_base(model)}")
+                                 "created with arguments the recipe lacks")
 
 
 def how_to_pass_base(model: nn.Module) -> str:
@@ -189,14 +192,14 @@ def _build_patched(recipe: BaseRecipe, spec: Mapping[str, Any], device: torch.de
     except RecipeMismatch:
         raise
     except Exception as error:
-        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} cannot be built ({type(error).__name__}: {error}); "
-                             "pass the right base= to save_pretrained.") from error
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} cannot be built ({type(error).__name__}: "
+                             f"{error})") from error
     try:
         with device:
             apply_spec(model, dict(spec), upcycle=False)
     except (ValueError, TypeError) as error:
-        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} does not rebuild this model: {error} Pass the right "
-                             "base= to save_pretrained.") from error
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} does not rebuild this model: "
+                             f"{str(error).rstrip('.')}") from error
     return model
 
 
@@ -223,19 +226,17 @@ def _compare_tensors(recipe: BaseRecipe, expected: Mapping[str, Tensor], state: 
             f"not in the rebuilt model {listing(missing)}" if missing else "",
             f"only in the rebuilt model {listing(extra)}" if extra else "",
             f"shape mismatch {listing(mismatched, quote=False)}" if mismatched else "") if part)
-        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} does not rebuild this model's tensors ({details}); "
-                             "pass the right base= to save_pretrained (e.g. with num_classes or in_chans).")
+        raise RecipeMismatch(f"the base recipe {recipe.to_dict()} does not rebuild this model's tensors ({details})")
 
 
-def _compare_structure(recipe: BaseRecipe, rebuilt: list[tuple[Any, ...]], signature: list[tuple[Any, ...]],
-                       model: nn.Module) -> None:
+def _compare_structure(recipe: BaseRecipe, rebuilt: list[tuple[Any, ...]], signature: list[tuple[Any, ...]]) -> None:
     if rebuilt == signature:
         return
     differing = next(((a, b) for a, b in zip(signature, rebuilt, strict=False) if a != b), None)
     where = (f"{differing[0][0] or 'the model'!r}: model {differing[0][1:]} vs recipe {differing[1][1:]}"
              if differing else f"{len(signature)} modules vs {len(rebuilt)}")
     raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its structure "
-                         f"({where}); {how_to_pass_base(model)}")
+                         f"({where})")
 
 
 def _padding(conv: nn.Conv2d) -> Any:

@@ -157,6 +157,6 @@ def test_unknown_builders_get_the_fix_for_their_own_library(tmp_path):
         convmoe.save_pretrained(Custom(), tmp_path / "custom")
     model = torchvision.models.resnet18(num_classes=3)
     model.fc = nn.Linear(512, 3, bias=False)  # no torchvision builder makes this
-    with pytest.raises(ValueError, match=r"no guessed recipe rebuilds it; tried torchvision:resnet101, .*"
+    with pytest.raises(ValueError, match=r"no guessed recipe rebuilds it \(tried torchvision:resnet101, .*"
                                          r"'library': 'torchvision', 'name': 'BUILDER'"):
         convmoe.save_pretrained(model, tmp_path / "tv")

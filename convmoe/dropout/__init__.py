@@ -20,15 +20,23 @@ Example:
 DROPOUTS.register("medoe")(MEDoEDropout)
 
 
-def create_dropout(spec: str | type[nn.Module] | nn.Module | None, **kwargs: Any) -> nn.Module | None:
+def create_dropout(spec: str | type[nn.Module] | nn.Module | None, drop_rate: float | None = None,
+                   **kwargs: Any) -> nn.Module | None:
     """Build a policy from a registered name, a class or an instance; None stays None.
 
+    Args:
+        spec: A registered name (``"medoe"``), a class, an instance, or None.
+        drop_rate: Fraction of experts to drop; None keeps the policy's default (0.1 for MEDoE).
+        **kwargs: Other keyword arguments of the policy's class.
+
     Example:
-        >>> create_dropout("medoe", drop_rate=0.2)
-        MEDoEDropout(drop_rate=0.2)
+        >>> create_dropout("medoe", drop_rate=0.2), create_dropout("medoe")
+        (MEDoEDropout(drop_rate=0.2), MEDoEDropout(drop_rate=0.1))
     """
     if spec is None:
         return None
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
     return DROPOUTS.create(spec, **kwargs)
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+MEDOE_DROP_RATE = 0.1
+"""MEDoE's default drop rate (``MoEConfig(dropout="medoe")`` without ``drop_rate``; UPerNetMEDoE's default).
+
+Example:
+    >>> MEDoEDropout().drop_rate == MEDOE_DROP_RATE
+    True
+"""
+
 
 class MEDoEDropout(nn.Module):
     """Mixture-of-experts dropout: in training, ``round(drop_rate * E)`` random experts (at most
@@ -12,7 +20,7 @@ class MEDoEDropout(nn.Module):
     renormalises over the rest. No effect in eval.
 
     Args:
-        drop_rate: Fraction of experts dropped per training forward pass, in [0, 1).
+        drop_rate: Fraction of experts dropped per training forward pass, in [0, 1); 0.1 by default.
 
     Example:
         >>> policy = MEDoEDropout(drop_rate=0.25)
@@ -20,7 +28,7 @@ class MEDoEDropout(nn.Module):
         2
     """
 
-    def __init__(self, drop_rate: float = 0.1) -> None:
+    def __init__(self, drop_rate: float = MEDOE_DROP_RATE) -> None:
         super().__init__()
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}.")

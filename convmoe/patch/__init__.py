@@ -46,8 +46,9 @@ class _CallablePackage(types.ModuleType):
     """Makes ``convmoe.patch(...)`` call :func:`patch` while ``convmoe.patch.apply_spec`` stays reachable."""
 
     def __call__(self, model: nn.Module, targets: TargetSpec, config: Any = None, exclude: TargetSpec | None = None,
-                 upcycle: bool = True) -> nn.Module:
-        return patch(model, targets=targets, config=config, exclude=exclude, upcycle=upcycle)
+                 upcycle: bool = True, example_inputs: Any = None) -> nn.Module:
+        return patch(model, targets=targets, config=config, exclude=exclude, upcycle=upcycle,
+                     example_inputs=example_inputs)
 
 
 sys.modules[__name__].__class__ = _CallablePackage

@@ -7,13 +7,16 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from convmoe.block import MoEConv2d
 from convmoe.config import MoEConfig
 from convmoe.patch.converters import dense_template, find_converter, get_converter, refusal_reason
-from convmoe.patch.targets import TargetSpec, select_targets
+from convmoe.patch.targets import TargetSpec, describe_spec, listed_names, select_targets
+from convmoe.patch.unpatch import call_with_inputs
 from convmoe.presets import get_preset
+from convmoe.scope import UNUSED_FIX, add_forward_scope
 
 SPEC_VERSION = 1
 
@@ -83,13 +86,46 @@ def _build(name: str, conv: nn.Module, config: MoEConfig, upcycle: bool) -> tupl
                           f"{_geometry(conv)}): {error}") from error
 
 
+def _never_run(model: nn.Module, names: list[str], example_inputs: Any) -> list[str]:
+    """The convs among ``names`` that an eval-mode, no-grad forward pass on ``example_inputs`` does not call.
+
+    Training modes, the random number generator and the side outputs of existing MoE blocks are
+    restored afterwards.
+    """
+    modules = dict(model.named_modules())
+    called: set[str] = set()
+    handles = [modules[name].register_forward_hook(lambda *_, name=name: called.add(name)) for name in names]
+    modes = {module: module.training for module in model.modules()}
+    blocks = [module for module in model.modules() if isinstance(module, MoEConv2d)]
+    side_outputs = [(block.last_aux, block.last_routing, block._forward_routings) for block in blocks]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            call_with_inputs(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+        for block, (aux, routing, routings) in zip(blocks, side_outputs, strict=True):
+            block.last_aux, block.last_routing, block._forward_routings = aux, routing, routings
+    return [name for name in names if name not in called]
+
+
 def patch(model: nn.Module, targets: TargetSpec, config: ConfigSpec = None, exclude: TargetSpec | None = None,
-          upcycle: bool = True) -> nn.Module:
+          upcycle: bool = True, example_inputs: Any = None) -> nn.Module:
     """Replace the selected convolutions of ``model`` by MoE blocks, in place.
 
     Every new :class:`~convmoe.block.MoEConv2d` has ``.name`` (its qualified name) and ``.config``.
     With ``upcycle`` (the default) every expert starts as a copy of the conv it replaces, so the
     patched model computes what the dense one computed until training changes it.
+
+    The model gets a forward scope (:mod:`convmoe.scope`), so ``convmoe.aux_loss`` and
+    ``convmoe.routing_stats`` count exactly the blocks and calls of its latest forward pass. After
+    the first training forward pass, a ``UserWarning`` names the blocks that did not run (a conv the
+    forward pass never calls, e.g. a stage that smp's ``encoder_depth`` leaves out): they get no
+    routing, aux loss or gradient. ``example_inputs`` checks this up front.
 
     Args:
         model: Any ``nn.Module`` (timm, segmentation_models_pytorch, your own).
@@ -101,13 +137,18 @@ def patch(model: nn.Module, targets: TargetSpec, config: ConfigSpec = None, excl
             that conv dense). None is ``MoEConfig()``.
         exclude: Same kinds of spec; these modules (and every conv inside them) stay dense.
         upcycle: Copy the dense weights into every expert (False: fresh random experts).
+        example_inputs: A batch the model accepts (a tensor, a tuple of arguments or a dict of
+            keyword arguments): before patching, the model runs on it once (eval mode, no grad;
+            training modes and the random state are restored), and a selected conv that does not
+            run is an error.
 
     Returns:
         ``model``, patched.
 
     Raises:
         ValueError: A target matches no module (the message lists the closest names), matches no
-            convolution, or only convolutions that cannot be converted; a config does not fit a conv.
+            convolution, or only convolutions that cannot be converted; a config does not fit a conv;
+            with ``example_inputs``, a selected conv does not run (the model is left unchanged).
         TypeError: A target or config of an unsupported type.
 
     Example:
@@ -121,6 +162,12 @@ def patch(model: nn.Module, targets: TargetSpec, config: ConfigSpec = None, excl
         ('layer4.0.conv2', True)
     """
     selection = select_targets(model, targets, exclude)
+    if example_inputs is not None:
+        unused = _never_run(model, selection.names, example_inputs)
+        if unused:
+            raise ValueError(f"patch(): targets {describe_spec(targets)} selected {len(unused)} conv(s) that an eval-mode "
+                             f"forward pass on example_inputs never calls: {listed_names(unused)}; as MoE blocks they "
+                             f"would get no routing, aux loss or gradient. {UNUSED_FIX} The model is unchanged.")
     modules = dict(model.named_modules())
     built: list[tuple[str, MoEConv2d]] = []
     for name in selection.names:
@@ -136,6 +183,8 @@ def patch(model: nn.Module, targets: TargetSpec, config: ConfigSpec = None, excl
     # Swap only once every block is built, so a failure leaves the model untouched.
     for name, block in built:
         _set_submodule(model, name, block)
+    if built:
+        add_forward_scope(model, check_unused=True)
     return model
 
 
@@ -216,4 +265,6 @@ def apply_spec(model: nn.Module, spec: dict[str, Any], upcycle: bool = False) ->
         built.append((name, _adopt(block, name, converter, conv)))
     for name, block in built:
         _set_submodule(model, name, block)
+    if built:
+        add_forward_scope(model, check_unused=True)
     return model

@@ -5,7 +5,8 @@ One syntax, one rule. A spec is
 - a string starting with ``"re:"``: a regular expression, matched in full against qualified module
   names (``"re:decoder\\..*"``);
 - a placement name (``"last"``, ``"last_stage"``, ``"decoder_last"``, ``"fusion"``; see
-  :mod:`convmoe.patch.placements`);
+  :mod:`convmoe.patch.placements`); a string that matches no module but is close to a placement
+  name (``"last-stage"``) is an error that suggests the placement;
 - any other string: a glob over qualified names (``"layer4.*.conv2"``; ``*`` also crosses dots) or,
   without wildcards, an exact name;
 - a module class (every instance), or a predicate ``(name, module) -> bool``;
@@ -117,7 +118,13 @@ def _closest(query: str, convs: list[str], is_glob: bool) -> list[str]:
     return close or difflib.get_close_matches(query, convs, n=_MAX_LISTED, cutoff=0.0)
 
 
-def _listed(names: Sequence[str]) -> str:
+def listed_names(names: Sequence[str]) -> str:
+    """Names for a message: the first five quoted, then how many more.
+
+    Example:
+        >>> listed_names(["a", "b"])
+        "'a', 'b'"
+    """
     shown = ", ".join(repr(name) for name in names[:_MAX_LISTED])
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
@@ -138,17 +145,32 @@ def _no_conv_message(spec: Any, matched: list[str], modules: dict[str, nn.Module
             f"{', '.join(parts)}{more}.")
 
 
+def _closest_placement(spec: str) -> str | None:
+    """The placement a string that matched no module probably meant ('last-stage' -> 'last_stage')."""
+    if spec.startswith("re:") or any(char in spec for char in "*?[."):
+        return None
+    normalized = re.sub(r"[\s-]+", "_", spec.strip().lower())
+    if normalized in PLACEMENTS:
+        return normalized
+    close = difflib.get_close_matches(normalized, list(PLACEMENTS), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def _match_all(specs: Any, model: nn.Module, modules: dict[str, nn.Module], convs: list[str],
                what: str) -> list[tuple[Any, list[str]]]:
     """(spec, matched names) for every spec of a targets/exclude argument; each must match a module."""
     results = []
     for spec in _flatten(specs, what):
         matched = _match(spec, model, modules, what)
+        placement = _closest_placement(spec) if isinstance(spec, str) and not matched else None
+        if placement is not None:
+            raise ValueError(f"patch(): {what} {describe_spec(spec)} matched no module; did you mean the placement "
+                             f"{placement!r}? Placements: {', '.join(sorted(PLACEMENTS))}.")
         if not matched:
             is_regex = isinstance(spec, str) and spec.startswith("re:")
             query = spec[3:] if is_regex else str(spec)
             closest = _closest(query, convs, is_glob=not is_regex) if isinstance(spec, str) else convs[:_MAX_LISTED]
-            hint = f"; closest names: {_listed(closest)}" if closest else "; the model has no convolution"
+            hint = f"; closest names: {listed_names(closest)}" if closest else "; the model has no convolution"
             raise ValueError(f"patch(): {what} {describe_spec(spec)} matched no module{hint}.")
         results.append((spec, matched))
     return results
@@ -235,13 +257,13 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec | 
         names = [name for name in names if name not in excluded]
         if not names:
             raise ValueError(f"patch(): exclude {describe_spec(exclude)} removes every conv that targets "
-                             f"{describe_spec(targets)} selected ({_listed(excluded)}); nothing is left to patch.")
+                             f"{describe_spec(targets)} selected ({listed_names(excluded)}); nothing is left to patch.")
 
     shared = _shared_names(model)
     refused: dict[str, str] = {}
     for name in names:
         aliases = shared.get(id(modules[name]), [name])
-        reason = (f"the same module is registered under several names ({_listed(aliases)}); patching one would "
+        reason = (f"the same module is registered under several names ({listed_names(aliases)}); patching one would "
                   "leave the others dense" if len(aliases) > 1 else can_convert(modules[name]))
         if reason is not None:
             refused[name] = reason

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from convmoe.block import MoEConv2d
 from convmoe.experts import ConvExperts
+from convmoe.scope import remove_forward_scope
 
 HOWS = ("average", "usage")
 
@@ -62,8 +63,8 @@ def _check_foldable(name: str, block: MoEConv2d) -> None:
 def usage_weights(block: MoEConv2d) -> Tensor:
     """Each expert's share of the combine weight over the tokens of the block's last forward pass, (E,).
 
-    Every token counts once (per-pixel tokens: every output position). Falls back to the average
-    when no token reached an expert.
+    Every token counts once (per-pixel tokens: every output position), in every call of the pass (a
+    shared head: every pyramid level). Falls back to the average when no token reached an expert.
 
     Raises:
         ValueError: The block has not run a forward pass.
@@ -78,7 +79,7 @@ def usage_weights(block: MoEConv2d) -> Tensor:
         where = f" {block.name!r}" if block.name else ""
         raise ValueError(f"unpatch(how='usage'): block{where} has no routing yet; pass inputs= (a batch to measure "
                          "on) or run a forward pass first.")
-    totals = block.last_routing.dense_weights().float().sum(dim=(0, 1))
+    totals = sum(routing.dense_weights().float().sum(dim=(0, 1)) for routing in block.forward_routings)
     if float(totals.sum()) <= 0:
         return torch.full_like(totals, 1.0 / totals.numel())
     return totals / totals.sum()
@@ -138,7 +139,13 @@ def _to_conv(block: MoEConv2d, weight: Tensor, bias: Tensor | None) -> nn.Module
     return conv.train(block.training)
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_with_inputs(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``; a tuple is unpacked as arguments, a dict as keyword arguments.
+
+    Example:
+        >>> call_with_inputs(nn.Flatten(), (torch.zeros(1, 2, 2),)).shape
+        torch.Size([1, 4])
+    """
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple):
@@ -170,6 +177,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> UnpatchReport:
     """Fold every MoE block of ``model`` back into one plain convolution, in place.
+
+    The forward scopes inside ``model`` (:mod:`convmoe.scope`, which ``patch`` adds) go with the blocks.
 
     Args:
         model: A model with :class:`~convmoe.block.MoEConv2d` blocks (conv experts, no expert
@@ -207,7 +216,7 @@ def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> Unpat
     if inputs is not None:
         model.eval()
         with torch.no_grad():
-            before = _call(model, inputs)
+            before = call_with_inputs(model, inputs)
 
     weights = {}
     for name, block in blocks.items():
@@ -218,11 +227,13 @@ def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> Unpat
             weights[name] = torch.full((E,), 1.0 / E, device=block.experts.weight.device)
     for name, block in blocks.items():
         _set_submodule(model, name, _to_conv(block, *fold_block(block, weights[name])))
+    for module in model.modules():  # no MoE block is left to scope
+        remove_forward_scope(module)
 
     report = UnpatchReport(list(blocks), how, {name: [float(w) for w in value] for name, value in weights.items()})
     if inputs is not None:
         with torch.no_grad():
-            after = _call(model, inputs)
+            after = call_with_inputs(model, inputs)
         model.train(was_training)
         max_abs, max_rel = _difference(before, after)
         report = UnpatchReport(report.modules, how, report.expert_weights, max_abs, max_rel)

@@ -30,7 +30,10 @@ def _block_summary(block: nn.Module) -> str:
     if config.shared_expert:
         text += ", a shared expert"
     if config.dropout:
-        text += f", {config.dropout} expert dropout {config.drop_rate:g} in training"
+        from convmoe.dropout import create_dropout
+
+        rate = config.drop_rate if config.drop_rate is not None else create_dropout(config.dropout).drop_rate
+        text += f", {config.dropout} expert dropout {rate:g} in training"
     return text
 
 
