@@ -241,62 +241,6 @@ def get_recipe(model: nn.Module) -> BaseRecipe | None:
     return recipe if isinstance(recipe, BaseRecipe) else None
 
 
-def infer_recipe(model: nn.Module) -> BaseRecipe | None:
-    """The recipe of ``model`` when it can be known, else None.
-
-    Tried in order: the recorded recipe (``create_model``, ``from_pretrained``); an smp model's init
-    config; a timm model's ``pretrained_cfg["architecture"]`` with its ``num_classes`` and input
-    channels. ``save_pretrained`` checks an inferred recipe by rebuilding the model's shapes.
-
-    Example:
-        >>> import timm
-        >>> infer_recipe(timm.create_model("test_resnet", num_classes=7)).to_dict()
-        {'library': 'timm', 'name': 'test_resnet', 'kwargs': {'num_classes': 7}}
-        >>> infer_recipe(nn.Conv2d(3, 3, 1)) is None
-        True
-    """
-    recorded = get_recipe(model)
-    if recorded is not None:
-        return recorded
-    if getattr(model, RECIPE_ERROR_ATTRIBUTE, None):  # create_model got arguments a guess would silently drop
-        return None
-    return _infer_smp(model) or _infer_timm(model)
-
-
-def _infer_smp(model: nn.Module) -> BaseRecipe | None:
-    if not type(model).__module__.startswith("segmentation_models_pytorch"):
-        return None
-    config = getattr(model, "_hub_mixin_config", None)
-    if not isinstance(config, Mapping):
-        return None
-    smp = _import_smp()
-    arch = type(model).__name__
-    if smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower()) is not type(model):
-        return None
-    try:
-        return BaseRecipe("smp", arch, dict(config))
-    except ValueError:
-        return None
-
-
-def _infer_timm(model: nn.Module) -> BaseRecipe | None:
-    pretrained_cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if not isinstance(pretrained_cfg, Mapping) or not pretrained_cfg.get("architecture"):
-        return None
-    import timm
-
-    name = pretrained_cfg["architecture"]
-    if not timm.is_model(name):
-        return None
-    kwargs: dict[str, Any] = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        kwargs["num_classes"] = model.num_classes
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != 3:
-        kwargs["in_chans"] = first_conv.in_channels
-    return BaseRecipe("timm", name, kwargs)
-
-
 def _jsonable(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     """A JSON round trip of ``kwargs`` (tuples become lists); names the offending argument."""
     for key, value in kwargs.items():

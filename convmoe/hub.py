@@ -19,30 +19,25 @@ pair is detected.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from convmoe.atomic_files import atomic_write, file_sha256
 from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, record_recipe
+from convmoe.hub_files import CONFIG_NAME, WEIGHTS_NAME, resolve_file
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FORMAT_NAME = "convmoe"
 FORMAT_VERSION = 1
 _ALIASES_KEY = "convmoe_aliases"
 _SAVE_ID_KEY = "convmoe_save_id"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TRUE = {"1", "on", "yes", "true"}
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
@@ -101,18 +96,16 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
     from safetensors.torch import save_file
 
     # Weights first: a crash before the config is renamed leaves either the old pair or a pair whose
     # save_id differ, which from_pretrained reports instead of loading mixed files.
-    with _atomic_file(folder / WEIGHTS_NAME) as temporary:
+    with atomic_write(folder / WEIGHTS_NAME) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
         config["weights_sha256"] = file_sha256(temporary)
     config_text = json.dumps(config, indent=2, sort_keys=False) + "\n"
-    with _atomic_file(folder / CONFIG_NAME) as temporary:
+    with atomic_write(folder / CONFIG_NAME) as temporary:
         temporary.write_text(config_text, encoding="utf-8")
-    _fsync_directory(folder)
     return folder
 
 
@@ -163,7 +156,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike[str], revision: str | None
     """
     from convmoe.patch import apply_spec
 
-    config_path, weights_path = _resolve_files(path_or_hub_id, revision, cache_dir)
+    config_path = resolve_file(path_or_hub_id, CONFIG_NAME, revision, cache_dir)
+    weights_path = resolve_file(path_or_hub_id, WEIGHTS_NAME, revision, cache_dir)
     config = read_config(config_path)
     recipe = BaseRecipe.from_dict(config["base"])
     state, metadata = _read_weights(weights_path)  # safetensors: parsing cannot run code
@@ -217,117 +211,6 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         if key not in config:
             raise ValueError(f"{path} lacks {key!r}; the file is corrupt or hand-edited, save the model again.")
     return config
-
-
-# -- resolving a folder or a Hub id -------------------------------------------------------------------
-
-
-def _resolve_files(path_or_hub_id: str | os.PathLike[str], revision: str | None,
-                   cache_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
-    return (resolve_file(path_or_hub_id, CONFIG_NAME, revision, cache_dir),
-            resolve_file(path_or_hub_id, WEIGHTS_NAME, revision, cache_dir))
-
-
-def resolve_file(path_or_hub_id: str | os.PathLike[str], filename: str, revision: str | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The local path of ``filename`` in a checkpoint folder or a Hub repo (downloaded to the cache).
-
-    An existing folder wins over a Hub id spelled the same; ``"hf-hub:org/name"`` always means the
-    Hub. Something that looks like a path (``/``, ``./``, ``~``, more than one ``/``) and does not exist
-    is reported as a missing folder, never sent to the Hub.
-
-    Raises:
-        FileNotFoundError: No such folder or file; a Hub repo or file that cannot be had.
-        ValueError: ``revision`` given for a local folder.
-
-    Example:
-        >>> resolve_file("/no/such/folder", "config.json")
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: '/no/such/folder' is neither an existing folder nor a Hub repo id ('org/name'); check the path.
-    """
-    text = os.fspath(path_or_hub_id)
-    hub_id = text.removeprefix("hf-hub:")
-    local = Path(text).expanduser()
-    if local.exists() and not text.startswith("hf-hub:"):
-        if not local.is_dir():
-            raise FileNotFoundError(f"{local} is a file; a convmoe checkpoint is the folder holding {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}.")
-        if revision is not None:
-            raise ValueError(f"revision={revision!r} applies to Hub repos only; {local} is a local folder.")
-        file = local / filename
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing; a convmoe checkpoint folder holds {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME}. Save the model again with convmoe.save_pretrained.")
-        return file
-    if not _HUB_ID.match(hub_id):
-        raise FileNotFoundError(f"{text!r} is neither an existing folder nor a Hub repo id ('org/name'); check the "
-                                "path.")
-    try:
-        return _hub_file(hub_id, filename, revision, cache_dir)
-    except FileNotFoundError as error:
-        if text.startswith("hf-hub:"):
-            raise
-        raise FileNotFoundError(f"{error} (No local folder {text!r} exists either.)") from error.__cause__
-
-
-def _hub_offline() -> bool:
-    """Offline mode, read now: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    if value is not None:
-        return value.strip().lower() in _TRUE
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_cache_dir() -> Path:
-    """The Hub cache folder, from the environment as it is now: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``,
-    else huggingface_hub's default.
-
-    Example:
-        >>> hub_cache_dir().name
-        'hub'
-    """
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
-def _hub_file(repo_id: str, filename: str, revision: str | None, cache_dir: str | os.PathLike[str] | None) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
-    offline = _hub_offline()
-    where = f"Hub repo {repo_id!r} (revision {revision or 'main'!r})"
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, local_files_only=offline))
-    except LocalEntryNotFoundError as error:
-        if offline:
-            raise FileNotFoundError(f"{filename} of {where} is not in the Hub cache {cache} and huggingface_hub is "
-                                    "offline (HF_HUB_OFFLINE=1); download it once with network access (unset "
-                                    "HF_HUB_OFFLINE), set HF_HUB_CACHE to the cache that holds it, or pass a local "
-                                    "folder.") from error
-        raise FileNotFoundError(f"{filename} of {where} is not in the Hub cache {cache} and the Hub could not be "
-                                f"reached ({error}); check the network, or pass a local folder.") from error
-    except RevisionNotFoundError as error:
-        raise FileNotFoundError(f"{where}: the revision does not exist; check the branch, tag or commit.") from error
-    except EntryNotFoundError as error:
-        raise FileNotFoundError(f"{where} has no {filename}; it is not a convmoe checkpoint (upload the folder "
-                                "written by convmoe.save_pretrained).") from error
-    except RepositoryNotFoundError as error:
-        raise FileNotFoundError(f"{where} was not found on the Hub (or it is private: log in with `hf auth login`); "
-                                "check the id.") from error
 
 
 # -- weights -------------------------------------------------------------------------------------------
@@ -465,23 +348,6 @@ def _base_candidates(model: nn.Module, base: Any) -> list[BaseRecipe]:
 # -- integrity -----------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file, in hex, read in 1 MiB chunks.
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "empty"
-        >>> _ = path.write_bytes(b"")
-        >>> file_sha256(path)[:16]
-        'e3b0c44298fc1c14'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_weights_hash(weights_path: Path, expected: Any, config_path: Path | str) -> None:
     """Raise unless ``weights_path`` has the sha256 that ``config_path`` pins (None: nothing pinned).
 
@@ -508,55 +374,3 @@ def check_weights_hash(weights_path: Path, expected: Any, config_path: Path | st
         raise ValueError(f"{weights_path} has sha256 {actual[:16]}..., but {config_path} pins {expected[:16]}...; the "
                          "weights are corrupt or were modified after saving. Download them again (for a Hub repo, "
                          "delete the cached file with `hf cache delete`) or save the model again.")
-
-
-# -- atomic files --------------------------------------------------------------------------------------
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files that a killed :func:`save_pretrained` left in ``folder``.
-
-    Returns:
-        The files removed.
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / ".model.safetensors.abc123.tmp").write_bytes(b"partial")
-        >>> [p.name for p in remove_stale_temporaries(folder)]
-        ['.model.safetensors.abc123.tmp']
-    """
-    removed = []
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        for stale in folder.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-            removed.append(stale)
-    return removed
-
-
-@contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success fsync it and rename it over ``target``."""
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        # mkstemp makes the file private (0600); a checkpoint keeps the mode of the file it replaces.
-        os.chmod(temporary, target.stat().st_mode & 0o777 if target.exists() else 0o644)
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def _fsync_directory(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

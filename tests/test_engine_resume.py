@@ -101,7 +101,7 @@ def _kill_and_resume(root: Path, launched: list[subprocess.Popen]):
     finish(mid_epoch, expect_kill=True)
     finish(in_save, expect_kill=True)
     checkpoints = root / "in_save" / "out" / "checkpoints"
-    assert list(checkpoints.glob("last.pt.*.tmp")), "the kill inside the write left no temporary"
+    assert list(checkpoints.glob(".last.pt.*.tmp")), "the kill inside the write left no temporary"
     assert load_checkpoint(checkpoints / "last.pt")["epoch"] == 0  # the previous good checkpoint
     # The resumed runs read one epoch's items, fewer than pause_at: they do not pause again.
     resumed = [start(train_command(root / run / "run.yaml", "trainer.resume=auto")) for run in ("mid_epoch", "in_save")]
@@ -246,7 +246,7 @@ def test_load_checkpoint_reports_a_junk_file_in_one_line(tmp_path, kind):
 
 
 def test_save_checkpoint_removes_stale_temporaries_of_that_name(tmp_path):
-    for name in ("last.pt.tmp", "last.pt.k3j2_x.tmp", "best.pt.a1b2.tmp"):
+    for name in ("last.pt.tmp", "last.pt.k3j2_x.tmp", ".last.pt.q9w8.tmp", "best.pt.a1b2.tmp"):
         (tmp_path / name).write_bytes(b"half a checkpoint")
     save_checkpoint(tmp_path / "last.pt", {"epoch": 4})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt.a1b2.tmp", "last.pt"]

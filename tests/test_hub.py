@@ -19,12 +19,12 @@ from torch import nn
 
 import convmoe
 from convmoe import MoEConfig
+from convmoe.atomic_files import file_sha256
 from convmoe.factory import BaseRecipe, create_model, get_recipe
 from convmoe.hub import (
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
-    file_sha256,
     from_pretrained,
     read_config,
     save_pretrained,

@@ -24,10 +24,10 @@ from conftest import make_hub_cache
 from test_engine import classification_config, read_rows, segmentation_config
 
 import convmoe
+from convmoe.atomic_files import file_sha256
 from convmoe.cli import main
 from convmoe.engine import load_checkpoint, load_config, load_model, train
 from convmoe.engine.evaluate import split_batch
-from convmoe.hub import file_sha256
 from convmoe.zoo import (
     PLANNED,
     ZOO_BUDGET_BYTES,

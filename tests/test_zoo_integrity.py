@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from convmoe.atomic_files import file_sha256
 from convmoe.cli import main
-from convmoe.hub import file_sha256
 from convmoe.zoo import check_variant, check_zoo, split_front_matter, validate_metadata
 from convmoe.zoo.card import EXAMPLE_META
 from convmoe.zoo.schema import variant_folders

@@ -7,17 +7,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from convmoe.atomic_files import atomic_write
 
 # 2: checkpoints carry the RNG states ("rng") and the loader's position ("loader").
 CHECKPOINT_VERSION = 2
@@ -39,7 +37,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a unique temporary file beside it, fsync, then a rename.
 
     A process killed mid-write leaves ``path`` as it was (the previous checkpoint) and a stale
-    ``<name>.*.tmp``, which the next save of ``path`` removes. ``state`` holds tensors, numbers,
+    ``.<name>.*.tmp``, which the next save of ``path`` removes (:mod:`convmoe.atomic_files`). ``state`` holds tensors, numbers,
     strings, lists and dicts only, so it loads with ``weights_only=True``.
 
     Example:
@@ -50,52 +48,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    handle, temporary = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save({"version": CHECKPOINT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    _fsync_folder(path.parent)
+    with atomic_write(path) as temporary:
+        torch.save({"version": CHECKPOINT_VERSION, **state}, temporary)
     return path
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Delete the temporary files a killed :func:`save_checkpoint` of ``path`` left behind.
-
-    Returns:
-        The removed files: ``<name>.tmp`` (older convmoe) and ``<name>.*.tmp``.
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "last.pt.x1y2.tmp").write_bytes(b"half")
-        >>> [p.name for p in remove_stale_temporaries(folder / "last.pt")]
-        ['last.pt.x1y2.tmp']
-    """
-    path = Path(path)
-    pattern = glob.escape(str(path))
-    stale = sorted({Path(p) for p in (*glob.glob(pattern + ".tmp"), *glob.glob(pattern + ".*.tmp"))})
-    for file in stale:
-        with contextlib.suppress(FileNotFoundError):
-            file.unlink()
-    return stale
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable once the folder's entry is on disk; not every platform can open a folder.
-    with contextlib.suppress(OSError):
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -275,7 +275,8 @@ def _without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
 
 def _load_pretrained(source: str, trust_remote_code: bool) -> nn.Module:
     from convmoe import models
-    from convmoe.hub import from_pretrained, resolve_file
+    from convmoe.hub import from_pretrained
+    from convmoe.hub_files import resolve_file
 
     class_name = json.loads(resolve_file(source, "config.json").read_text()).get("_model_class")
     if class_name in models.__all__:

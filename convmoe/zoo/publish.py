@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convmoe.hub import file_sha256
+from convmoe.atomic_files import file_sha256
 from convmoe.zoo.card import build_front_matter, render_card
 from convmoe.zoo.commands import eval_command, find_recipe, recipe_overrides, train_command
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency

@@ -254,7 +254,8 @@ def check_variant(folder: str | Path, load: bool = True) -> list[str]:
         >>> check_variant("no/such/variant")
         ['no/such/variant/README.md does not exist; publish the variant with `convmoe zoo publish`.']
     """
-    from convmoe.hub import CONFIG_NAME, WEIGHTS_NAME, file_sha256, from_pretrained, read_config
+    from convmoe.atomic_files import file_sha256
+    from convmoe.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, read_config
     from convmoe.zoo.weights import weights_dtype
 
     folder = Path(folder)
