@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -30,6 +31,9 @@ _PART_REGISTRIES: dict[str, Registry] = {
 _REGISTRY_NAMES = {"tokens": "TOKENS", "router": "ROUTERS", "gate": "GATES", "dispatcher": "DISPATCHERS",
                    "experts": "EXPERTS", "dropout": "DROPOUTS"}
 _REQUIRED_PARTS = ("tokens", "router", "dispatcher", "experts")
+# Capacity of routers that need one when the config leaves it out (expert choice, positional): the
+# one home of this default.
+DEFAULT_CAPACITY_FACTOR = 1.25
 
 
 def _is_real(value: Any) -> bool:
@@ -210,6 +214,42 @@ class MoEConfig:
                                 f"convmoe.{_REGISTRY_NAMES[name]}.register('name') and use the name.")
             out[name] = registered
         return out
+
+    @classmethod
+    def coerce(cls, value: MoEConfig | dict[str, Any] | str | None, where: str = "config") -> MoEConfig:
+        """The one conversion to an MoEConfig, used by every entry point (``MoEConv2d``, ``patch``,
+        ``create_classifier``, ``UPerNetMoE``).
+
+        Args:
+            value: An MoEConfig (copied, so the caller's stays unchanged), a dict of its fields
+                (optionally with ``"preset"``: a preset name whose fields the others override), a
+                preset name, or None for the defaults.
+            where: What the value configures, for the error message.
+
+        Raises:
+            TypeError: Any other type.
+            ValueError: Unknown keys or preset names, invalid values.
+
+        Example:
+            >>> MoEConfig.coerce({"preset": "shared_expert_moe", "num_experts": 4}).num_experts
+            4
+            >>> MoEConfig.coerce("upernet_fusion_moe").top_k, MoEConfig.coerce(None) == MoEConfig()
+            (2, True)
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, MoEConfig):
+            return copy.deepcopy(value)
+        if isinstance(value, str | dict):
+            from convmoe.presets import get_preset  # presets build MoEConfigs: imported when a name is used
+
+            if isinstance(value, str):
+                return get_preset(value)
+            fields = dict(value)
+            preset = fields.pop("preset", None)
+            return get_preset(preset, **fields) if preset is not None else cls.from_dict(fields)
+        raise TypeError(f"{where} must be an MoEConfig, a dict of its fields or a preset name, got "
+                        f"{type(value).__name__}.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from convmoe.block import MoEConv2d
+from convmoe.config import DEFAULT_CAPACITY_FACTOR
 from convmoe.routers.expert_choice import ExpertChoiceRouter
 
 
@@ -85,7 +86,7 @@ def _dense_macs(block: MoEConv2d) -> int:
 def _analytic_k_eff(block: MoEConv2d) -> float:
     c = block.config
     if isinstance(block.router, ExpertChoiceRouter):
-        return min((c.capacity_factor or 1.25) * c.top_k, c.num_experts)
+        return min((c.capacity_factor or DEFAULT_CAPACITY_FACTOR) * c.top_k, c.num_experts)
     return float(c.top_k)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from convmoe.config import MoEConfig
+from convmoe.config import DEFAULT_CAPACITY_FACTOR, MoEConfig
 
 
 def upernet_fusion_moe(shared_expert: bool = False, **overrides: Any) -> MoEConfig:
@@ -37,7 +37,7 @@ def upernet_fusion_moe_expert_choice(**overrides: Any) -> MoEConfig:
         >>> upernet_fusion_moe_expert_choice().losses
         {}
     """
-    base = MoEConfig(num_experts=8, top_k=2, tokens="pixel", router="expert_choice", capacity_factor=1.25,
+    base = MoEConfig(num_experts=8, top_k=2, tokens="pixel", router="expert_choice", capacity_factor=DEFAULT_CAPACITY_FACTOR,
                      losses={})
     return base.replace(**overrides)
 
@@ -69,7 +69,7 @@ def positional_conv_experts(**overrides: Any) -> MoEConfig:
         >>> positional_conv_experts().experts
         'residual'
     """
-    base = MoEConfig(num_experts=8, top_k=1, tokens="patch:8", router="positional", capacity_factor=1.25,
+    base = MoEConfig(num_experts=8, top_k=1, tokens="patch:8", router="positional", capacity_factor=DEFAULT_CAPACITY_FACTOR,
                      experts="residual", losses={"switch": 0.01, "z": 0.001, "diversity": 0.01})
     return base.replace(**overrides)
 

@@ -9,16 +9,13 @@ import timm
 from torch import nn
 
 from convmoe.config import MoEConfig
-from convmoe.presets import get_preset
 
 # Models whose ImageNet weights ship inside a pip package, loaded by convmoe.pretrained (no download).
 PACKAGED_WEIGHTS = {"efficientnet_lite0": "load_efficientnet_lite0"}
 
 
 def resolve_moe_config(moe_config: MoEConfig | dict[str, Any] | str | None) -> MoEConfig:
-    """A :class:`~convmoe.MoEConfig` from an instance, a dict of its fields, or a preset name.
-
-    A dict may name a preset under ``"preset"``; its other keys then override the preset's fields.
+    """:meth:`convmoe.MoEConfig.coerce` under the name the engine's configs have used.
 
     Example:
         >>> resolve_moe_config({"preset": "shared_expert_moe", "num_experts": 4}).num_experts
@@ -26,17 +23,7 @@ def resolve_moe_config(moe_config: MoEConfig | dict[str, Any] | str | None) -> M
         >>> resolve_moe_config("upernet_fusion_moe").top_k
         2
     """
-    if moe_config is None:
-        return MoEConfig()
-    if isinstance(moe_config, MoEConfig):
-        return moe_config
-    if isinstance(moe_config, str):
-        return get_preset(moe_config)
-    if isinstance(moe_config, dict):
-        fields = dict(moe_config)
-        preset = fields.pop("preset", None)
-        return get_preset(preset, **fields) if preset else MoEConfig.from_dict(fields)
-    raise TypeError(f"moe_config must be a MoEConfig, a dict or a preset name, got {type(moe_config).__name__}.")
+    return MoEConfig.coerce(moe_config, where="moe_config")
 
 
 def _packaged_model(model_name: str) -> nn.Module:

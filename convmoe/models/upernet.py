@@ -12,7 +12,7 @@ from segmentation_models_pytorch.base.hub_mixin import supports_config_loading
 from torch import nn
 
 from convmoe.block import MoEConv2d
-from convmoe.config import MoEConfig
+from convmoe.config import DEFAULT_CAPACITY_FACTOR, MoEConfig
 from convmoe.experts.conv import ConvExperts
 from convmoe.presets import upernet_fusion_moe, upernet_fusion_moe_expert_choice
 
@@ -20,7 +20,7 @@ ROUTINGS = ("token_choice", "expert_choice")
 
 
 def upernet_moe_config(routing: str = "token_choice", num_experts: int = 8, top_k: int = 2,
-                       noise_std: float = 1.0, capacity_factor: float = 1.25, use_shared_expert: bool = False,
+                       noise_std: float = 1.0, capacity_factor: float = DEFAULT_CAPACITY_FACTOR, use_shared_expert: bool = False,
                        aux_loss_weight: float = 0.01, overrides: dict[str, Any] | None = None) -> MoEConfig:
     """The MoEConfig of a UPerNetMoE decoder block, from the model's ``moe_*`` keywords.
 
@@ -154,7 +154,7 @@ class UPerNetMoE(smp.UPerNet):
         moe_num_experts: int = 8,
         moe_top_k: int = 2,
         moe_noise_std: float = 1.0,
-        moe_capacity_factor: float = 1.25,
+        moe_capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
         moe_use_shared_expert: bool = False,
         moe_routing: str = "token_choice",
         moe_aux_loss_weight: float = 0.01,
@@ -243,7 +243,7 @@ class UPerNetMEDoE(UPerNetMoE):
         moe_num_experts: int = 8,
         moe_top_k: int = 2,
         moe_noise_std: float = 1.0,
-        moe_capacity_factor: float = 1.25,
+        moe_capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
         moe_use_shared_expert: bool = False,
         moe_routing: str = "token_choice",
         moe_aux_loss_weight: float = 0.01,

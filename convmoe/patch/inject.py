@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import difflib
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,6 @@ from convmoe.config import MoEConfig
 from convmoe.patch.converters import dense_template, find_converter, get_converter, refusal_reason
 from convmoe.patch.targets import TargetSpec, describe_spec, listed_names, select_targets
 from convmoe.patch.unpatch import call_with_inputs
-from convmoe.presets import get_preset
 from convmoe.scope import UNUSED_FIX, add_forward_scope
 
 SPEC_VERSION = 1
@@ -24,16 +22,8 @@ ConfigSpec = MoEConfig | dict | str | Callable[[str, nn.Module], MoEConfig | dic
 
 
 def _as_config(value: Any, name: str) -> MoEConfig | None:
-    if value is None:
-        return None
-    if isinstance(value, MoEConfig):
-        return copy.deepcopy(value)
-    if isinstance(value, dict):
-        return MoEConfig.from_dict(value)
-    if isinstance(value, str):
-        return get_preset(value)
-    raise TypeError(f"patch(): the config for {name!r} must be an MoEConfig, a dict of its fields or a preset name, "
-                    f"got {type(value).__name__}.")
+    # None from a callable leaves that conv dense; anything else is read like every other config.
+    return None if value is None else MoEConfig.coerce(value, where=f"patch(): the config for {name!r}")
 
 
 def config_for(config: ConfigSpec, name: str, conv: nn.Module) -> MoEConfig | None:
@@ -46,7 +36,7 @@ def config_for(config: ConfigSpec, name: str, conv: nn.Module) -> MoEConfig | No
         4
     """
     if config is None:
-        return MoEConfig()
+        return MoEConfig.coerce(None)
     if callable(config) and not isinstance(config, (MoEConfig, dict, str)):
         return _as_config(config(name, conv), name)
     return _as_config(config, name)
