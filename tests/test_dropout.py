@@ -38,10 +38,16 @@ def test_medoe_drops_exactly_round_rate_times_experts(drop_rate: float, num_expe
     assert policy.eval()(num_experts, top_k, CPU) is None
 
 
-def test_medoe_draws_different_experts() -> None:
+def test_medoe_draws_every_subset_uniformly() -> None:
+    # 0.5 of 8 experts: 4 dropped per pass, each of the C(8, 4) = 70 subsets equally likely, so every
+    # expert is dropped half the time.
+    torch.manual_seed(0)
     policy = MEDoEDropout(0.5).train()
-    masks = {tuple(policy(8, 2, CPU).tolist()) for _ in range(20)}
-    assert len(masks) > 1
+    masks = torch.stack([policy(8, 2, CPU) for _ in range(4000)])
+    assert set((~masks).sum(dim=1).tolist()) == {4}
+    assert len({tuple(mask.tolist()) for mask in masks}) == 70
+    dropped = (~masks).float().mean(dim=0)
+    assert torch.all((dropped - 0.5).abs() < 0.04), dropped  # 0.04 is > 5 binomial standard deviations
 
 
 @pytest.mark.parametrize("tokens", TOKEN_SPECS)
