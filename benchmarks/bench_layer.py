@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median_ms, machine, write_jsonl
 
 from convmoe import MoEConv2d
+from convmoe.dispatch.sparse import DEPRECATED_PATHS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tokens", nargs="+", default=["pixel", "grid:3x3", "patch:8", "image"])
     parser.add_argument("--dispatchers", nargs="+", default=["dense", "sparse"],
-                        help="dispatcher specs, e.g. dense sparse sparse:columns sparse:regions")
+                        help="dispatcher specs, e.g. dense sparse sparse:gathered sparse:regions sparse:merged "
+                             "(the old sparse:pixels, sparse:columns, sparse:mixed still work)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     parser.add_argument("--phases", nargs="+", default=["train", "eval"], choices=["train", "eval"])
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -59,7 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise-tolerance", type=float, default=1.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="append JSON lines here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.dispatchers = [current_spec(spec) for spec in args.dispatchers]
+    return args
+
+
+def current_spec(spec: str) -> str:
+    """``spec`` with an old sparse path name replaced by its current one (a note on stderr)."""
+    name, _, path = spec.partition(":")
+    if name == "sparse" and path in DEPRECATED_PATHS:
+        print(f"# {spec!r} is deprecated; using 'sparse:{DEPRECATED_PATHS[path]}'", file=sys.stderr)
+        return f"sparse:{DEPRECATED_PATHS[path]}"
+    return spec
 
 
 def make_step(module: nn.Module, x: torch.Tensor, mode: str, autocast: Callable[[], contextlib.AbstractContextManager]):

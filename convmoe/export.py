@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from convmoe.diagnostics import moe_blocks
 from convmoe.dispatch import DenseDispatcher, SparseDispatcher
+from convmoe.dispatch.merged import merged_conv
 from convmoe.types import Routing, Tokens
 
 
@@ -80,12 +81,13 @@ class ExportDispatcher(nn.Module):
             raise ValueError(f"the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) mis-converts "
                              f"the pooling of {tokens.kind!r} tokens (wrong outputs, no error of its own); export with "
                              "dynamo=True, the default since torch 2.9.")
-        if experts.patch_local:
+        capabilities = experts.capabilities
+        if capabilities.sees_no_halo:
             return _regions_static(x_pad, tokens, routing, experts)
         # CondConv runs a conv with B * groups groups: ONNX's Conv takes a fixed group count.
-        mixed_ok = not torch.onnx.is_in_onnx_export() and getattr(experts, "is_linear", False)
-        if tokens.num_tokens == 1 and mixed_ok and hasattr(experts, "forward_mixed"):
-            return experts.forward_mixed(x_pad, routing.dense_weights()[:, 0])
+        merged_ok = capabilities.gathered_columns and capabilities.linear and not torch.onnx.is_in_onnx_export()
+        if tokens.num_tokens == 1 and merged_ok:
+            return merged_conv(experts, x_pad, routing.dense_weights()[:, 0])
         return self.dense(x_pad, tokens, routing, experts, out_size)
 
 

@@ -27,33 +27,8 @@ from convmoe import (
     MoEConv2d,
     create_dispatcher,
 )
-from convmoe.dispatch.sparse import PATHS as SPARSE_PATH_NAMES
 
 TOKEN_SPECS = ["pixel", "grid:3x3", "grid:2x4", "patch:4", "image"]
-# every forced sparse path ('sparse:pixels', 'sparse:regions', 'sparse:mixed', ...), from the dispatcher itself
-SPARSE_PATHS = [f"sparse:{path}" for path in SPARSE_PATH_NAMES if path != "auto"]
-DISPATCHER_SPECS = [*DISPATCHERS.names(), *SPARSE_PATHS]
-
-
-def path_applies(dispatcher: str, tokens: str, *, experts: str = "conv", linear: bool = True) -> bool:
-    """Whether ``dispatcher`` can run ``tokens`` with these experts (forced sparse paths are restricted).
-
-    'regions' runs anything; 'pixels' needs pixel tokens and conv experts; 'mixed' one token per
-    image and linear conv experts; any other forced path is taken to need conv experts.
-
-    Example:
-        >>> path_applies("sparse:pixels", "grid:3x3")
-        False
-    """
-    if dispatcher in ("dense", "sparse", "sparse:regions"):
-        return True
-    if dispatcher == "sparse:pixels":
-        return tokens == "pixel" and experts == "conv"
-    if dispatcher == "sparse:mixed":
-        return tokens == "image" and experts == "conv" and linear
-    return experts == "conv"
-
-
 def default_top_k(router: str) -> int:
     """top_k used for ``router`` in the tests: 2, except the top-1 positional router.
 

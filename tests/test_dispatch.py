@@ -7,14 +7,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
-    DISPATCHER_SPECS,
-    SPARSE_PATHS,
     TOKEN_SPECS,
     default_top_k,
     gradients,
     make_block,
     max_abs_diff,
-    path_applies,
     run_seeded,
     with_dispatcher,
 )
@@ -24,7 +21,25 @@ from torch import Tensor, nn
 
 from convmoe import DISPATCHERS, ROUTERS, MoEConv2d, create_dispatcher
 from convmoe.dispatch import DenseDispatcher, SparseDispatcher, every_pair, routed
-from convmoe.dispatch.sparse import PATHS
+from convmoe.dispatch.sparse import DEPRECATED_PATHS, PATHS
+
+# every forced sparse path ('sparse:gathered', 'sparse:regions', 'sparse:merged'), from the dispatcher itself
+SPARSE_PATHS = [f"sparse:{path}" for path in PATHS if path != "auto"]
+DISPATCHER_SPECS = [*DISPATCHERS.names(), *SPARSE_PATHS]
+
+
+def path_applies(dispatcher: str, tokens: str, *, experts: str = "conv", linear: bool = True) -> bool:
+    """Whether ``dispatcher`` can run ``tokens`` with these experts (forced sparse paths are restricted).
+
+    'regions' runs anything; 'gathered' needs conv experts; 'merged' one token per image and linear
+    conv experts.
+    """
+    if dispatcher in ("dense", "sparse", "sparse:regions"):
+        return True
+    if dispatcher == "sparse:merged":
+        return tokens == "image" and experts == "conv" and linear
+    return experts == "conv"
+
 
 COMBINATIONS = [
     (router, tokens, dispatcher)
@@ -153,13 +168,13 @@ def test_dropped_tokens_output_zero(tokens: str, dispatcher: str) -> None:
 
 
 @pytest.mark.parametrize(("tokens", "kwargs", "allowed"), [
-    ("image", {}, {"mixed"}),  # CondConv: one grouped conv, wherever it applies
-    ("pixel", {"experts": "residual"}, {"regions"}),  # patch-local experts: only regions apply
+    ("image", {}, {"merged"}),  # CondConv: one grouped conv, wherever it applies
+    ("pixel", {"experts": "residual"}, {"regions"}),  # experts that see no halo: only regions apply
     ("image", {"experts": "residual"}, {"regions"}),
     ("grid:3x3", {"experts": "residual"}, {"regions"}),
-    *[(tokens, kwargs, set(PATHS) - {"auto", "mixed"})
+    *[(tokens, kwargs, set(PATHS) - {"auto", "merged"})
       for tokens in ("pixel", "grid:3x3", "patch:4") for kwargs in ({}, {"expert_act": "relu"}, {"groups": 2})],
-    ("image", {"expert_norm": "layer"}, set(PATHS) - {"auto", "mixed", "pixels"}),
+    ("image", {"expert_norm": "layer"}, set(PATHS) - {"auto", "merged"}),
 ])
 def test_auto_path_choice(tokens: str, kwargs: dict, allowed: set[str], x_small: Tensor) -> None:
     block = make_block(tokens=tokens, **kwargs)
@@ -171,15 +186,15 @@ def test_auto_path_choice(tokens: str, kwargs: dict, allowed: set[str], x_small:
 
 
 @pytest.mark.parametrize(("dispatcher", "tokens", "kwargs", "match"), [
-    ("sparse:pixels", "grid:3x3", {}, r"sparse path 'pixels' needs 'pixel' tokens and conv experts; use path='auto'"),
-    ("sparse:pixels", "pixel", {"experts": "residual"}, r"sparse path 'pixels' needs 'pixel' tokens and conv experts"),
-    ("sparse:mixed", "pixel", {}, (r"sparse path 'mixed' needs one token per image \('image' tokens\) and linear conv "
-                                  r"experts")),
-    ("sparse:mixed", "image", {"expert_act": "silu"}, (r"sparse path 'mixed' needs one token per image.*"
-                                                      r"\(no expert norm or activation\)")),
-    ("sparse:mixed", "image", {"experts": "residual"}, r"sparse path 'mixed' needs one token per image"),
-    *[(f"sparse:{path}", "grid:3x3", {"experts": "residual"}, rf"sparse path '{path}' needs .*conv experts")
-      for path in PATHS if path not in ("auto", "regions", "mixed")],
+    ("sparse:gathered", "pixel", {"experts": "residual"}, (r"sparse path 'gathered' needs conv experts "
+                                                           r"\(capabilities.gathered_columns, a halo\), "
+                                                           r"ResidualConvExperts has .*sees_no_halo=True.*; "
+                                                           r"use path='auto' or 'regions'")),
+    ("sparse:merged", "pixel", {}, (r"sparse path 'merged' needs one token per image \('image' tokens\) and linear "
+                                   r"conv experts")),
+    ("sparse:merged", "image", {"expert_act": "silu"}, (r"sparse path 'merged' needs one token per image.*"
+                                                       r"\(no expert norm or activation\)")),
+    ("sparse:merged", "image", {"experts": "residual"}, r"sparse path 'merged' needs one token per image"),
 ])
 def test_forced_path_that_cannot_apply_raises(dispatcher: str, tokens: str, kwargs: dict, match: str,
                                               x_small: Tensor) -> None:
@@ -190,15 +205,33 @@ def test_forced_path_that_cannot_apply_raises(dispatcher: str, tokens: str, kwar
 
 def test_unknown_sparse_path_raises() -> None:
     with pytest.raises(ValueError, match=rf"unknown sparse dispatch path 'pixel'; available: {', '.join(PATHS)} "
-                                         r"\(did you mean 'pixels'\?\)"):
+                                         r"\(did you mean 'gathered'\?\)"):
         create_dispatcher("sparse:pixel")
+
+
+@pytest.mark.parametrize(("old", "new"), list(DEPRECATED_PATHS.items()))
+def test_old_path_names_still_work_with_a_deprecation_warning(old: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=rf"sparse path '{old}' is deprecated; use '{new}'") as caught:
+        dispatcher = SparseDispatcher(path=old)
+    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller
+    assert dispatcher.path == new
+    with pytest.warns(DeprecationWarning, match=rf"sparse path '{old}'"):
+        assert create_dispatcher(f"sparse:{old}").path == new
+    with pytest.warns(DeprecationWarning, match=rf"sparse path '{old}'"):
+        block = make_block(tokens="image" if new == "merged" else "pixel", dispatcher=f"sparse:{old}")
+    assert block.dispatcher.path == new
+
+
+def test_old_gathered_max_positions_keyword_is_deprecated() -> None:
+    with pytest.warns(DeprecationWarning, match="columns_max_positions is deprecated; use gathered_max_positions"):
+        assert SparseDispatcher(columns_max_positions=16).gathered_max_positions == 16
 
 
 def test_create_dispatcher_specs() -> None:
     assert isinstance(create_dispatcher("dense"), DenseDispatcher)
     assert create_dispatcher("sparse").path == "auto"
     assert create_dispatcher("sparse:regions").path == "regions"
-    instance = SparseDispatcher("pixels")
+    instance = SparseDispatcher("gathered")
     assert create_dispatcher(instance) is instance
     with pytest.raises(ValueError, match=r"unknown dispatcher 'sprase'; available: dense, sparse \(did you mean 'sparse'\?\)"):
         create_dispatcher("sprase")

@@ -1,4 +1,4 @@
-"""Expert banks: every forward_* method against plain per-expert convolutions."""
+"""Expert banks and their dispatch kernels against plain per-expert convolutions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convmoe import EXPERTS, ConvGeometry, create_experts
-from convmoe.experts import ConvExperts, ExpertPostOps, ResidualConvExperts
+from convmoe.dispatch.gathered import gathered_experts
+from convmoe.dispatch.merged import merged_conv
+from convmoe.experts import ConvExperts, ExpertCapabilities, ExpertPostOps, ResidualConvExperts
 
 E = 3
 GEOMETRIES = [
@@ -62,14 +64,14 @@ def test_forward_all_and_segments_match_per_expert_convs(geometry_kwargs: dict, 
 
 @pytest.mark.parametrize("post", [{}, {"act": "silu"}, {"norm": "layer"}, {"bias": False}])
 @pytest.mark.parametrize(("geometry_kwargs", "groups"), GEOMETRIES)
-def test_forward_columns_matches_convs(geometry_kwargs: dict, groups: int, post: dict) -> None:
+def test_gathered_kernel_matches_convs(geometry_kwargs: dict, groups: int, post: dict) -> None:
     experts = bank(geometry_kwargs, groups, **post)
     g = experts.geometry
     x_pad = g.pad(torch.randn(1, 4, 9, 7))
     columns = F.unfold(x_pad, g.kernel_size, dilation=g.dilation, stride=g.stride)[0].t()  # (L, C_in * kh * kw)
     L = columns.shape[0]
     counts = [L // 3, 0, L - L // 3]
-    out = experts.forward_columns(columns, counts)
+    out = gathered_experts(experts, columns, counts)
     assert out.shape == (L, 8)
     reference = [expert_conv(experts, e, x_pad).flatten(2)[0].t() for e in range(E)]  # (L, C_out) each
     expected = torch.cat([reference[0][:counts[0]], reference[2][counts[0]:]])
@@ -77,18 +79,32 @@ def test_forward_columns_matches_convs(geometry_kwargs: dict, groups: int, post:
 
 
 @pytest.mark.parametrize(("geometry_kwargs", "groups"), GEOMETRIES)
-def test_forward_mixed_is_the_weighted_sum_of_experts(geometry_kwargs: dict, groups: int) -> None:
+def test_merged_conv_is_the_weighted_sum_of_experts(geometry_kwargs: dict, groups: int) -> None:
     experts = bank(geometry_kwargs, groups)
     x_pad = experts.geometry.pad(torch.randn(2, 4, 9, 7))
     weights = torch.tensor([[0.5, 0.0, 0.5], [0.1, 0.7, 0.2]])
     expected = (experts.forward_all(x_pad) * weights[:, :, None, None, None]).sum(1)
-    torch.testing.assert_close(experts.forward_mixed(x_pad, weights), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_conv(experts, x_pad, weights), expected, atol=1e-5, rtol=0)
+
+
+def test_old_kernel_methods_are_deprecated_and_still_compute() -> None:
+    experts = bank({"kernel_size": 3, "padding": 1}, 1)
+    x_pad, weights = experts.geometry.pad(torch.randn(2, 4, 5, 5)), torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    with pytest.warns(DeprecationWarning, match=r"ConvExperts.forward_mixed is deprecated; use .*merged_conv"):
+        mixed = experts.forward_mixed(x_pad, weights)
+    torch.testing.assert_close(mixed, merged_conv(experts, x_pad, weights))
+    columns = torch.randn(5, 36)
+    with pytest.warns(DeprecationWarning, match=r"ConvExperts.forward_columns is deprecated; use .*gathered_experts"):
+        out = experts.forward_columns(columns, [2, 0, 3])
+    torch.testing.assert_close(out, gathered_experts(experts, columns, [2, 0, 3]))
+    with pytest.warns(DeprecationWarning, match=r"patch_local is deprecated; use capabilities.sees_no_halo"):
+        assert not experts.patch_local
 
 
 def test_empty_segments_give_empty_outputs() -> None:
     experts = bank({"kernel_size": 3, "padding": 1}, 1)
     assert experts.forward_segments(torch.randn(0, 4, 5, 5), [0, 0, 0]).shape[0] == 0
-    assert experts.forward_columns(torch.randn(0, 36), [0, 0, 0]).shape == (0, 8)
+    assert gathered_experts(experts, torch.randn(0, 36), [0, 0, 0]).shape == (0, 8)
 
 
 def test_load_dense_copies_the_conv_into_every_expert() -> None:
@@ -143,8 +159,20 @@ def test_residual_experts_compute_each_region_as_an_image() -> None:
         h = F.group_norm(F.conv2d(h, experts.conv2[e], padding=1), 2, experts.norm2_weight[e], experts.norm2_bias[e])
         expected = F.conv2d(x[row:row + 1], experts.skip[e]) + h
         torch.testing.assert_close(out[row:row + 1], expected, atol=1e-5, rtol=0)
-    assert experts.patch_local
+    assert experts.capabilities == ExpertCapabilities(sees_no_halo=True)
     assert not experts.is_linear
+
+
+@pytest.mark.parametrize(("post", "linear"), [({}, True), ({"act": "relu"}, False), ({"norm": "layer"}, False)])
+def test_conv_experts_declare_their_capabilities(post: dict, linear: bool) -> None:
+    experts = bank({"kernel_size": 3, "padding": 1}, 1, **post)
+    assert experts.capabilities == ExpertCapabilities(gathered_columns=True, linear=linear, dense_forward=True)
+    assert experts.is_linear is linear
+    conv = experts.stacked_conv()
+    assert conv.weight is experts.weight
+    assert conv.bias is experts.bias
+    assert conv.post is experts.post
+    assert conv.groups == 1
 
 
 def test_residual_experts_accept_a_single_1x1_region() -> None:

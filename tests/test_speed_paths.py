@@ -12,6 +12,7 @@ from torch import Tensor
 
 from convmoe import ConvGeometry, MoEConv2d
 from convmoe.dispatch.assignments import routed
+from convmoe.dispatch.gathered import gathered_experts
 from convmoe.dispatch.grouped import (
     GatheredColumns,
     gathered_segment_matmul,
@@ -103,7 +104,7 @@ def test_gather_rows_reads_windows_from_the_channels_last_map() -> None:
     assert torch.equal(windows[0], expected)
 
 
-def test_forward_columns_accepts_channels_last_receptive_fields() -> None:
+def test_gathered_kernel_accepts_channels_last_receptive_fields() -> None:
     experts = ConvExperts(4, 8, num_experts=3, geometry=ConvGeometry.create(3, dilation=2), act="gelu", norm="layer")
     with torch.no_grad():
         for parameter in experts.parameters():
@@ -112,12 +113,12 @@ def test_forward_columns_accepts_channels_last_receptive_fields() -> None:
     unfolded = F.unfold(x, 3, dilation=2)[0].t()  # (L, C * 9), channel-major
     channels_last = unfolded.reshape(-1, 4, 9).transpose(1, 2)  # (L, 9, C)
     counts = torch.tensor([4, 0, unfolded.shape[0] - 4])
-    torch.testing.assert_close(experts.forward_columns(channels_last, counts),
-                               experts.forward_columns(unfolded, counts.tolist()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gathered_experts(experts, channels_last, counts),
+                               gathered_experts(experts, unfolded, counts.tolist()), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "grid:2x4", "patch:4", "patch:2", "image"])
-@pytest.mark.parametrize("spec", ["sparse:columns", "sparse:regions", "sparse"])
+@pytest.mark.parametrize("spec", ["sparse:gathered", "sparse:regions", "sparse"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("out_channels", [8, 64])  # 64: fewer rows than E x C_out, the columns are transposed
 def test_sparse_paths_keep_the_input_memory_format_and_match_dense(tokens: str, spec: str, out_channels: int,
@@ -134,19 +135,20 @@ def test_sparse_paths_keep_the_input_memory_format_and_match_dense(tokens: str, 
     assert max_abs_diff(dx, dx_ref) <= 1e-4
 
 
-def test_auto_prefers_columns_for_small_tokens_and_regions_for_large_ones(x_small: Tensor) -> None:
+def test_auto_prefers_gathered_for_small_tokens_and_regions_for_large_ones(x_small: Tensor) -> None:
     def chosen(tokens: str, **kwargs) -> str:
         block = make_block(tokens=tokens, **kwargs)
         return block.dispatcher.choose_path(block.tokens.split(x_small), block.experts)
 
-    assert chosen("pixel") == "pixels"
-    assert chosen("patch:2") == "columns"
+    assert chosen("pixel") == "gathered"
+    assert chosen("pixel", groups=2) == "gathered"  # per-pixel tokens: gathered, grouped or not
+    assert chosen("patch:2") == "gathered"
     assert chosen("patch:2", groups=2) == "regions"  # grouped experts: a conv per expert
     assert chosen("patch:8") == "regions"
-    assert chosen("image") == "mixed"
+    assert chosen("image") == "merged"
     block = make_block(tokens="patch:8", dispatcher="sparse")
-    block.dispatcher.columns_max_positions = 64
-    assert block.dispatcher.choose_path(block.tokens.split(x_small), block.experts) == "columns"
+    block.dispatcher.gathered_max_positions = 64
+    assert block.dispatcher.choose_path(block.tokens.split(x_small), block.experts) == "gathered"
 
 
 def test_expert_counts_stay_a_tensor() -> None:
@@ -177,8 +179,8 @@ def test_cuda_bfloat16_autocast_channels_last_matches_dense(tokens: str) -> None
 
 @pytest.mark.parametrize("tokens", ["pixel", "patch:2", "grid:3x3"])
 @pytest.mark.parametrize("post", [{}, {"expert_act": "relu"}])
-def test_depthwise_experts_on_columns_match_dense(tokens: str, post: dict) -> None:
-    block = make_block(8, 8, 5, padding=2, groups=8, tokens=tokens, dispatcher="sparse:columns", **post).eval()
+def test_depthwise_experts_on_the_gathered_path_match_dense(tokens: str, post: dict) -> None:
+    block = make_block(8, 8, 5, padding=2, groups=8, tokens=tokens, dispatcher="sparse:gathered", **post).eval()
     x = torch.randn(2, 8, 9, 9).requires_grad_()
     y = block(x)
     dense = with_dispatcher(block, "dense")
@@ -191,13 +193,13 @@ def test_depthwise_experts_on_columns_match_dense(tokens: str, post: dict) -> No
         assert max_abs_diff(g, w) <= 1e-4
 
 
-@pytest.mark.parametrize("dispatcher", ["sparse", "sparse:columns", "sparse:regions", "sparse:mixed", "dense"])
+@pytest.mark.parametrize("dispatcher", ["sparse", "sparse:gathered", "sparse:regions", "sparse:merged", "dense"])
 @pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "image"])
 def test_channels_last_model_computes_the_same_forward_and_backward(tokens: str, dispatcher: str) -> None:
     """``.to(memory_format=torch.channels_last)`` reaches the 5-D expert weight (each expert becomes a
     channels-last conv weight), and every path computes what the contiguous block does."""
-    if dispatcher == "sparse:mixed" and tokens != "image":
-        pytest.skip("the mixed path routes whole images")
+    if dispatcher == "sparse:merged" and tokens != "image":
+        pytest.skip("the merged path routes whole images")
     block = make_block(8, 6, tokens=tokens, dispatcher=dispatcher, top_k=2, noise_std=0.0).train()
     x = torch.randn(2, 8, 9, 9)
     converted = copy.deepcopy(block).to(memory_format=torch.channels_last)

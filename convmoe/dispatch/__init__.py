@@ -1,4 +1,10 @@
-"""Dispatchers: send tokens to experts and combine the results."""
+"""Dispatchers: send tokens to experts and combine the results.
+
+The strategies live here, the experts' weights and per-expert math in :mod:`convmoe.experts`: ``dense``
+(the reference), and ``sparse`` with its paths ``merged`` (:mod:`~convmoe.dispatch.merged`),
+``gathered`` (:mod:`~convmoe.dispatch.gathered`) and ``regions`` (:mod:`~convmoe.dispatch.regions`),
+chosen from the bank's :class:`~convmoe.experts.ExpertCapabilities` in ``SparseDispatcher.choose_path``.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ DISPATCHERS.register("sparse")(SparseDispatcher)
 
 
 def create_dispatcher(spec: str | type[nn.Module] | nn.Module, **kwargs: Any) -> nn.Module:
-    """Build a dispatcher from ``"dense"``, ``"sparse"`` (``"sparse:columns"``, ``"sparse:regions"`` etc. force
-    a path), a class or an instance.
+    """Build a dispatcher from ``"dense"``, ``"sparse"`` (``"sparse:gathered"``, ``"sparse:regions"``,
+    ``"sparse:merged"`` force a path; the old ``"sparse:pixels"``, ``"sparse:columns"``, ``"sparse:mixed"``
+    still work, with a ``DeprecationWarning``), a class or an instance.
 
     Example:
         >>> create_dispatcher("sparse:regions")

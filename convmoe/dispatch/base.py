@@ -6,14 +6,15 @@ from typing import Protocol
 
 from torch import Tensor
 
+from convmoe.experts.base import ExpertBank
 from convmoe.types import Routing, Tokens
 
 
 class Dispatcher(Protocol):
     """``dispatcher(x_pad, tokens, routing, experts, out_size) -> y`` (B, C_out, H_out, W_out).
 
-    ``x_pad`` is the input with the conv's padding already applied; ``experts`` follows
-    :class:`~convmoe.experts.ExpertBank`.
+    ``x_pad`` is the input with the conv's padding already applied; ``experts`` is an
+    :class:`~convmoe.experts.ExpertBank`, whose ``capabilities`` say which paths it allows.
 
     Example:
         >>> import torch
@@ -27,4 +28,5 @@ class Dispatcher(Protocol):
         torch.Size([1, 4, 5, 5])
     """
 
-    def __call__(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts, out_size: tuple[int, int]) -> Tensor: ...
+    def __call__(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
+                 out_size: tuple[int, int]) -> Tensor: ...

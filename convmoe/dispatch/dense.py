@@ -6,14 +6,16 @@ from torch import Tensor, nn
 
 from convmoe.dispatch.assignments import every_pair
 from convmoe.dispatch.regions import run_regions
+from convmoe.experts.base import ExpertBank
 from convmoe.types import Routing, Tokens
 
 
 class DenseDispatcher(nn.Module):
     """Compute all E experts everywhere and weight them: simple, obviously correct, E/k times the work.
 
-    For conv experts this is one conv with E * C_out output channels over the whole map, and each
-    output position takes the combine weights of its token. Patch-local experts run on every region.
+    A bank with ``capabilities.dense_forward`` (conv experts) runs as one conv with E * C_out output
+    channels over the whole map (``forward_all``), and each output position takes the combine weights
+    of its token. Any other bank, and one that sees no halo, runs every expert on every region.
 
     Example:
         >>> import torch
@@ -23,8 +25,10 @@ class DenseDispatcher(nn.Module):
         torch.Size([1, 4, 6, 6])
     """
 
-    def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts, out_size: tuple[int, int]) -> Tensor:
-        if experts.patch_local:
+    def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
+                out_size: tuple[int, int]) -> Tensor:
+        capabilities = experts.capabilities
+        if capabilities.sees_no_halo or not capabilities.dense_forward:
             return run_regions(x_pad, tokens, every_pair(routing), experts, out_size)
         all_outputs = experts.forward_all(x_pad)  # (B, E, C_out, H_out, W_out)
         weight = routing.dense_weights()[:, tokens.token_map]  # (B, H_out * W_out, E)

@@ -1,41 +1,68 @@
-"""The sparse dispatcher: only the routed tokens reach each expert."""
+"""The sparse dispatcher: only the routed tokens reach each expert; its path is chosen here, from capabilities."""
 
 from __future__ import annotations
 
 import difflib
+import warnings
 
 from torch import Tensor, nn
 
 from convmoe.dispatch.assignments import routed
-from convmoe.dispatch.regions import run_columns, run_regions
+from convmoe.dispatch.gathered import run_gathered
+from convmoe.dispatch.merged import merged_conv
+from convmoe.dispatch.regions import run_regions
 from convmoe.dispatch.tiles import TileLayout
+from convmoe.experts.base import ExpertBank
 from convmoe.types import Routing, Tokens
 
-PATHS = ("auto", "pixels", "columns", "regions", "mixed")
+PATHS = ("auto", "gathered", "regions", "merged")
+DEPRECATED_PATHS = {"pixels": "gathered", "columns": "gathered", "mixed": "merged"}
+"""Old path names, still accepted (with a ``DeprecationWarning``): saved configs may carry them."""
+
+
+def resolve_path(path: str) -> str:
+    """The current name of sparse path ``path``; an old name warns, an unknown one raises.
+
+    Example:
+        >>> resolve_path("regions")
+        'regions'
+    """
+    if path in DEPRECATED_PATHS:
+        warnings.warn(f"sparse path {path!r} is deprecated; use {DEPRECATED_PATHS[path]!r}.", DeprecationWarning,
+                      stacklevel=3)
+        return DEPRECATED_PATHS[path]
+    if path not in PATHS:
+        hint = difflib.get_close_matches(path, [*PATHS, *DEPRECATED_PATHS], n=1)
+        suggestion = f" (did you mean {DEPRECATED_PATHS.get(hint[0], hint[0])!r}?)" if hint else ""
+        raise ValueError(f"unknown sparse dispatch path {path!r}; available: {', '.join(PATHS)}{suggestion}")
+    return path
 
 
 class SparseDispatcher(nn.Module):
     """Gather per expert, compute, scatter-add with the combine weights; cost tracks the active experts.
 
-    Paths (``path="auto"`` picks the fastest correct one):
+    Paths (``path="auto"`` picks the fastest correct one from the experts' capabilities):
 
-    - ``"mixed"``: one token per image and linear experts: mix each sample's expert weights and run
-      one grouped conv (CondConv).
-    - ``"columns"``: conv experts: the receptive field of every routed output position becomes a
-      row (gathered from the channels-last input), and the experts run as matrix products over
-      their rows: one ``grouped_mm`` on GPU (no host sync), a cache-sized chunk at a time on CPU.
-    - ``"pixels"``: ``"columns"`` restricted to per-pixel tokens.
-    - ``"regions"``: any tokens and experts: gather each routed tile with its halo, one conv per
-      expert over its stacked tiles.
+    - ``"merged"``: one token per image and ``linear`` stacked-conv experts: each image's experts
+      merged into one conv, one grouped conv for the batch (CondConv; :mod:`convmoe.dispatch.merged`).
+    - ``"gathered"``: ``gathered_columns`` experts (stacked convs that see a halo): the receptive
+      field of every routed output position becomes a row (gathered from the channels-last input),
+      and the experts run as matrix products over their rows: one ``grouped_mm`` on GPU (no host
+      sync), a cache-sized chunk at a time on CPU (:mod:`convmoe.dispatch.gathered`).
+    - ``"regions"``: any bank: crop each routed token's region (with its halo unless the bank
+      ``sees_no_halo``), one ``forward_segments`` call (:mod:`convmoe.dispatch.regions`).
 
-    ``"auto"`` uses ``"mixed"`` where it applies, ``"pixels"`` for per-pixel tokens, ``"columns"``
-    for tokens of at most ``columns_max_positions`` output positions with ungrouped experts (small
-    patches), and ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive
-    fields (measured on CPU: patch:2 3.1x vs 6.2x a dense conv, patch:4 6.9x vs 3.5x).
+    ``"auto"`` uses ``"merged"`` where it applies, ``"gathered"`` for per-pixel tokens and for tokens
+    of at most ``gathered_max_positions`` output positions with ungrouped experts (small patches),
+    and ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive fields
+    (measured on CPU: patch:2 3.1x vs 6.2x a dense conv, patch:4 6.9x vs 3.5x). The old names
+    ``"mixed"`` (now ``"merged"``), ``"pixels"`` and ``"columns"`` (now ``"gathered"``) still work,
+    with a ``DeprecationWarning``.
 
     Args:
         path: Force a path; an impossible choice raises ``ValueError``.
-        columns_max_positions: Largest token (in output positions) ``"auto"`` sends to ``"columns"``.
+        gathered_max_positions: Largest token (in output positions) ``"auto"`` sends to ``"gathered"``.
+        columns_max_positions: Deprecated name of ``gathered_max_positions``.
 
     Example:
         >>> import torch
@@ -43,47 +70,53 @@ class SparseDispatcher(nn.Module):
         >>> block = MoEConv2d(4, 4, 3, padding=1, config=MoEConfig(tokens="grid:2x2", dispatcher="sparse"))
         >>> block(torch.randn(1, 4, 6, 6)).shape
         torch.Size([1, 4, 6, 6])
+        >>> block.dispatcher.choose_path(block.tokens.split(torch.randn(1, 4, 6, 6)), block.experts)
+        'regions'
     """
 
-    def __init__(self, path: str = "auto", columns_max_positions: int = 4) -> None:
+    def __init__(self, path: str = "auto", gathered_max_positions: int = 4,
+                 columns_max_positions: int | None = None) -> None:
         super().__init__()
-        if path not in PATHS:
-            hint = difflib.get_close_matches(path, PATHS, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"unknown sparse dispatch path {path!r}; available: {', '.join(PATHS)}{suggestion}")
-        self.path = path
-        self.columns_max_positions = columns_max_positions
+        self.path = resolve_path(path)
+        if columns_max_positions is not None:
+            warnings.warn("columns_max_positions is deprecated; use gathered_max_positions.", DeprecationWarning,
+                          stacklevel=2)
+            gathered_max_positions = columns_max_positions
+        self.gathered_max_positions = gathered_max_positions
 
-    def choose_path(self, tokens: Tokens, experts) -> str:
-        """The path used for these tokens and experts."""
-        conv_experts = hasattr(experts, "forward_columns") and not experts.patch_local
-        mixed_ok = tokens.num_tokens == 1 and getattr(experts, "is_linear", False) and not experts.patch_local
-        columns_ok = conv_experts
-        pixels_ok = tokens.is_pixel and conv_experts
-        if self.path == "mixed" and not mixed_ok:
-            raise ValueError("sparse path 'mixed' needs one token per image ('image' tokens) and linear conv experts "
+    def choose_path(self, tokens: Tokens, experts: ExpertBank) -> str:
+        """The path used for these tokens and experts: the one place a path is chosen.
+
+        Raises:
+            ValueError: The forced path cannot run these tokens or experts.
+        """
+        capabilities = experts.capabilities
+        gathered_ok = capabilities.gathered_columns and not capabilities.sees_no_halo
+        merged_ok = tokens.num_tokens == 1 and gathered_ok and capabilities.linear
+        if self.path == "merged" and not merged_ok:
+            raise ValueError("sparse path 'merged' needs one token per image ('image' tokens) and linear conv experts "
                              "(no expert norm or activation); use path='auto'.")
-        if self.path == "pixels" and not pixels_ok:
-            raise ValueError("sparse path 'pixels' needs 'pixel' tokens and conv experts; use path='auto'.")
-        if self.path == "columns" and not columns_ok:
-            raise ValueError("sparse path 'columns' needs conv experts; use path='auto' or 'regions'.")
+        if self.path == "gathered" and not gathered_ok:
+            raise ValueError(f"sparse path 'gathered' needs conv experts (capabilities.gathered_columns, a halo), "
+                             f"{type(experts).__name__} has {capabilities}; use path='auto' or 'regions'.")
         if self.path != "auto":
             return self.path
-        if mixed_ok:
-            return "mixed"
-        if pixels_ok:
-            return "pixels"
+        if merged_ok:
+            return "merged"
+        if gathered_ok and tokens.is_pixel:
+            return "gathered"
         tile = TileLayout.from_tokens(tokens).tile
-        if columns_ok and getattr(experts, "groups", 1) == 1 and tile[0] * tile[1] <= self.columns_max_positions:
-            return "columns"
+        if gathered_ok and experts.stacked_conv().groups == 1 and tile[0] * tile[1] <= self.gathered_max_positions:
+            return "gathered"
         return "regions"
 
-    def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts, out_size: tuple[int, int]) -> Tensor:
+    def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
+                out_size: tuple[int, int]) -> Tensor:
         path = self.choose_path(tokens, experts)
-        if path == "mixed":
-            return experts.forward_mixed(x_pad, routing.dense_weights()[:, 0])
-        if path in ("pixels", "columns"):
-            return run_columns(x_pad, tokens, routed(routing), experts, out_size)
+        if path == "merged":
+            return merged_conv(experts, x_pad, routing.dense_weights()[:, 0])
+        if path == "gathered":
+            return run_gathered(x_pad, tokens, routed(routing), experts, out_size)
         return run_regions(x_pad, tokens, routed(routing), experts, out_size)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,8 @@
-"""Experts: banks of E experts stored as stacked weights."""
+"""Experts: banks of E experts stored as stacked weights.
+
+Every bank subclasses :class:`ExpertBank` (the contract) and declares its :class:`ExpertCapabilities`;
+the dispatch strategies that use them live in :mod:`convmoe.dispatch`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,16 @@ from typing import Any
 
 from torch import nn
 
-from convmoe.experts.base import ExpertBank
+from convmoe.experts.base import ExpertBank, ExpertCapabilities, StackedConv
 from convmoe.experts.conv import ConvExperts
 from convmoe.experts.post import ExpertPostOps
 from convmoe.experts.residual import ResidualConvExperts
 from convmoe.geometry import ConvGeometry
 from convmoe.registry import Registry
 
-EXPERTS: Registry[nn.Module] = Registry("experts")
-"""Expert banks by name: ``"conv"`` and ``"residual"``; ``create_experts`` builds them.
+EXPERTS: Registry[ExpertBank] = Registry("experts")
+"""Expert banks by name: ``"conv"`` and ``"residual"``; ``create_experts`` builds them. A bank registered
+here (``EXPERTS.register("mine")(MyBank)``) must subclass :class:`ExpertBank`.
 
 Example:
     >>> EXPERTS.names()
@@ -24,18 +29,24 @@ EXPERTS.register("conv")(ConvExperts)
 EXPERTS.register("residual")(ResidualConvExperts)
 
 
-def create_experts(spec: str | type[nn.Module] | nn.Module, in_channels: int, out_channels: int, num_experts: int,
-                   geometry: ConvGeometry, **kwargs: Any) -> nn.Module:
+def create_experts(spec: str | type[ExpertBank] | ExpertBank, in_channels: int, out_channels: int, num_experts: int,
+                   geometry: ConvGeometry, **kwargs: Any) -> ExpertBank:
     """Build an expert bank from a registered name, a class or an instance.
+
+    Raises:
+        TypeError: The bank does not subclass :class:`ExpertBank`.
 
     Example:
         >>> create_experts("conv", 4, 4, num_experts=2, geometry=ConvGeometry.create(3)).weight.shape
         torch.Size([2, 4, 4, 3, 3])
     """
-    if isinstance(spec, nn.Module):
-        return spec
-    return EXPERTS.create(spec, in_channels=in_channels, out_channels=out_channels, num_experts=num_experts,
-                          geometry=geometry, **kwargs)
+    bank = spec if isinstance(spec, nn.Module) else EXPERTS.create(
+        spec, in_channels=in_channels, out_channels=out_channels, num_experts=num_experts, geometry=geometry, **kwargs)
+    if not isinstance(bank, ExpertBank):
+        raise TypeError(f"experts {type(bank).__name__} do not subclass convmoe.experts.ExpertBank; subclass it and "
+                        "implement forward_segments (and declare capabilities for the fast paths).")
+    return bank
 
 
-__all__ = ["EXPERTS", "ConvExperts", "ExpertBank", "ExpertPostOps", "ResidualConvExperts", "create_experts"]
+__all__ = ["EXPERTS", "ConvExperts", "ExpertBank", "ExpertCapabilities", "ExpertPostOps", "ResidualConvExperts",
+           "StackedConv", "create_experts"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -10,13 +11,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from convmoe.dispatch.grouped import GatheredColumns, gathered_segment_matmul, segment_matmul
-from convmoe.experts.post import ACTIVATIONS, ExpertPostOps
+from convmoe.experts.base import ExpertBank, ExpertCapabilities, StackedConv
+from convmoe.experts.post import ExpertPostOps
 from convmoe.geometry import ConvGeometry
 
 
-class ConvExperts(nn.Module):
+def _deprecated(name: str, replacement: str) -> None:
+    if not torch.compiler.is_compiling():  # dynamo refuses warnings.warn in a full graph
+        warnings.warn(f"{name} is deprecated; use {replacement}.", DeprecationWarning, stacklevel=3)
+
+
+class ConvExperts(ExpertBank):
     """E convolutions stored as one weight, (E, C_out, C_in / groups, kh, kw), plus optional post-ops.
+
+    Capabilities: ``gathered_columns`` (``stacked_conv()``), ``dense_forward`` (``forward_all``), and
+    ``linear`` when there are no post-ops; the dispatch kernels live in :mod:`convmoe.dispatch`.
 
     Args:
         in_channels: C_in.
@@ -33,25 +42,25 @@ class ConvExperts(nn.Module):
         >>> experts = ConvExperts(4, 6, num_experts=3, geometry=ConvGeometry.create(3, padding=1))
         >>> experts.forward_all(experts.geometry.pad(torch.randn(2, 4, 5, 5))).shape
         torch.Size([2, 3, 6, 5, 5])
+        >>> experts.capabilities.linear, ConvExperts(4, 6, 3, ConvGeometry.create(3), act="relu").is_linear
+        (True, False)
     """
-
-    patch_local = False
-    accepts_gathered_columns = True  # forward_columns takes GatheredColumns (see the dispatcher's columns path)
 
     def __init__(self, in_channels: int, out_channels: int, num_experts: int, geometry: ConvGeometry,
                  groups: int = 1, bias: bool = True, norm: str | None = None, act: str | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must both be divisible "
                              f"by groups={groups}.")
-        self.in_channels, self.out_channels, self.num_experts = in_channels, out_channels, num_experts
-        self.geometry, self.groups = geometry, groups
+        super().__init__(in_channels, out_channels, num_experts, geometry)
+        self.groups = groups
         kh, kw = geometry.kernel_size
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels // groups, kh, kw,
                                                device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels, device=device, dtype=dtype)) if bias else None
         self.post = ExpertPostOps(num_experts, out_channels, norm, act, device=device, dtype=dtype)
+        # linear only without post-ops: a norm or activation does not commute with mixing the weights
+        self.capabilities = ExpertCapabilities(gathered_columns=True, linear=self.post.is_identity, dense_forward=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,10 +71,6 @@ class ConvExperts(nn.Module):
             fan_in = self.weight[0].numel() // self.out_channels
             bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
-
-    @property
-    def is_linear(self) -> bool:
-        return self.post.is_identity
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConvExperts:
         """``nn.Module._apply`` that lets ``.to(memory_format=...)`` reach the experts.
@@ -138,136 +143,28 @@ class ConvExperts(nn.Module):
             return windows.new_zeros(0, self.out_channels, 0, 0)
         return torch.cat(outputs)
 
-    def column_weight(self, channels_last: bool = False) -> Tensor:
-        """Every expert's weight as a matrix over receptive-field columns, (E, C_in * kh * kw, C_out).
-
-        Rows follow ``F.unfold``'s (C_in, kh, kw) order, or (kh, kw, C_in) with ``channels_last``
-        (columns gathered from a channels-last map). Needs ``groups == 1``.
-        """
-        weight = self.weight if not channels_last else self.weight.permute(0, 1, 3, 4, 2)
-        return weight.reshape(self.num_experts, self.out_channels, -1).transpose(1, 2)
-
-    def forward_columns(self, columns: Tensor | GatheredColumns, counts: Tensor | list[int]) -> Tensor:
-        """Expert e on the e-th segment of receptive-field columns, (M, C_out).
-
-        The fast path for small tokens: all experts in one grouped matrix product (no host sync when
-        ``counts`` is a tensor and the backend has ``grouped_mm``), instead of a conv on each window.
-        On CPU, :class:`~convmoe.dispatch.grouped.GatheredColumns` are gathered and multiplied a
-        cache-sized chunk at a time.
-
-        Args:
-            columns: One receptive field per output position, sorted by expert: (M, C_in * kh * kw)
-                in ``F.unfold``'s order, (M, kh * kw, C_in) as gathered from a channels-last map,
-                or ``GatheredColumns`` saying where to read the latter.
-            counts: Rows of each expert, (E,) int tensor or list.
+    def stacked_conv(self) -> StackedConv:
+        """The experts as one stacked conv, for the gathered and merged kernels of :mod:`convmoe.dispatch`.
 
         Example:
-            >>> experts = ConvExperts(2, 3, num_experts=2, geometry=ConvGeometry.create(3))
-            >>> experts.forward_columns(torch.randn(5, 18), [2, 3]).shape
-            torch.Size([5, 3])
-            >>> experts.forward_columns(torch.randn(5, 9, 2), torch.tensor([2, 3])).shape
-            torch.Size([5, 3])
+            >>> ConvExperts(2, 3, num_experts=4, geometry=ConvGeometry.create(3)).stacked_conv().weight.shape
+            torch.Size([4, 3, 2, 3, 3])
         """
-        if isinstance(columns, GatheredColumns) and (self.groups != 1 or columns.rows.device.type != "cpu"):
-            columns = columns.materialize()
-        channels_last = not isinstance(columns, Tensor) or columns.dim() == 3
-        M = columns.shape[0]
-        if self.groups == 1:
-            if isinstance(columns, GatheredColumns):
-                counts = counts.tolist() if isinstance(counts, Tensor) else counts
-                # few rows and large weights (deep layers, small batches): transpose the columns
-                # rather than reorder the experts' weights (E x C_out x K) on every call
-                channels_first = self.num_experts * self.out_channels >= M
-                weight = self.column_weight(channels_last=not channels_first).to(columns.rows.dtype)
-                y = gathered_segment_matmul(columns, weight, counts, channels_first=channels_first)
-            else:
-                weight = self.column_weight(channels_last)
-                y = segment_matmul(columns.flatten(1), weight.to(columns.dtype), counts)
-            counts = torch.as_tensor(counts, device=y.device)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=M)
-            return self._post_rows(y, counts)
-        counts = counts.tolist() if isinstance(counts, Tensor) else counts
-        if self.groups == self.in_channels == self.out_channels:
-            return self._depthwise_columns(columns, counts, channels_last)
-        outputs = []
-        groups, out_per_group = self.groups, self.out_channels // self.groups
-        if channels_last:  # (M, T, C_in) -> (M, groups, T * C_in / groups), as the weight below
-            columns = columns.reshape(M, -1, groups, self.in_channels // groups).transpose(1, 2)
-        columns = columns.reshape(M, groups, -1)
-        weights = (self.weight if not channels_last else self.weight.permute(0, 1, 3, 4, 2)).unbind(0)
-        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
-        for e, segment in enumerate(columns.split(counts)):
-            if segment.shape[0] == 0:
-                continue
-            weight = weights[e].reshape(groups, out_per_group, -1).to(segment.dtype)
-            y = torch.einsum("mgk,gok->mgo", segment, weight)
-            y = y.reshape(segment.shape[0], self.out_channels)
-            outputs.append(self._finish_rows(y, biases[e], e))
-        if not outputs:
-            return columns.new_zeros(0, self.out_channels)
-        return torch.cat(outputs)
+        return StackedConv(self.weight, self.bias, self.groups, self.post)
 
-    def _finish_rows(self, y: Tensor, bias: Tensor | None, expert: int) -> Tensor:
-        """Expert ``expert``'s bias and post-ops on its output rows (M, C_out)."""
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        if not self.post.is_identity:
-            y = self.post(y[:, :, None, None], expert)[:, :, 0, 0]
-        return y
+    def forward_columns(self, columns: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """Deprecated: :func:`convmoe.dispatch.gathered.gathered_experts`."""
+        from convmoe.dispatch.gathered import gathered_experts
 
-    def _depthwise_columns(self, columns: Tensor, counts: list[int], channels_last: bool) -> Tensor:
-        """Depthwise experts on columns: a weighted sum over the taps per channel (a batched product of
-        one-row matrices per channel would be far slower), (M, C)."""
-        C = self.out_channels
-        taps = columns.reshape(columns.shape[0], -1, C) if channels_last else columns.reshape(
-            columns.shape[0], C, -1).transpose(1, 2)  # (M, T, C)
-        weights = self.weight.flatten(1).reshape(self.num_experts, C, -1).transpose(1, 2).unbind(0)  # (T, C) each
-        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
-        outputs = []
-        for e, segment in enumerate(taps.split(counts)):
-            if segment.shape[0] == 0:
-                continue
-            y = (segment * weights[e].to(segment.dtype)).sum(dim=1)
-            outputs.append(self._finish_rows(y, biases[e], e))
-        if not outputs:
-            return columns.new_zeros(0, C)
-        return torch.cat(outputs)
-
-    def _post_rows(self, y: Tensor, counts: Tensor) -> Tensor:
-        """The post-ops on rows (M, C_out) sorted by expert: per-expert LayerNorm affine, then the activation."""
-        post = self.post
-        if post.norm == "layer":
-            y = F.layer_norm(y, (self.out_channels,), eps=1e-5)
-            weight = post.norm_weight.to(y.dtype).repeat_interleave(counts, dim=0, output_size=y.shape[0])
-            bias = post.norm_bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=y.shape[0])
-            y = torch.addcmul(bias, y, weight)
-        if post.act is not None:
-            y = ACTIVATIONS[post.act](y)
-        return y
+        _deprecated("ConvExperts.forward_columns", "convmoe.dispatch.gathered.gathered_experts(experts, columns, counts)")
+        return gathered_experts(self, columns, counts)
 
     def forward_mixed(self, x_pad: Tensor, weights: Tensor) -> Tensor:
-        """Per-sample mixture of the experts' weights (CondConv), one grouped conv, (B, C_out, H_out, W_out).
+        """Deprecated: :func:`convmoe.dispatch.merged.merged_conv`."""
+        from convmoe.dispatch.merged import merged_conv
 
-        Exact for linear experts only: sum_e w_e (W_e * x + b_e) = (sum_e w_e W_e) * x + sum_e w_e b_e.
-        """
-        B = x_pad.shape[0]
-        weights = weights.to(self.weight.dtype)
-        expert_weight, expert_bias = self.weight, self.bias
-        # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling
-        # or exporting: the selection has a data-dependent shape.
-        if x_pad.device.type == "cpu" and not torch.compiler.is_compiling():
-            used = (weights != 0).any(dim=0).nonzero().flatten()
-            if used.numel() < self.num_experts:
-                weights, expert_weight = weights[:, used], expert_weight[used]
-                expert_bias = None if expert_bias is None else expert_bias[used]
-        mixed = torch.einsum("be,eoikl->boikl", weights, expert_weight).flatten(0, 1)
-        bias = None if expert_bias is None else (weights @ expert_bias).flatten()
-        y = self._conv(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed, bias, self.groups * B)
-        y = y.reshape(B, self.out_channels, *y.shape[2:])
-        if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
-            y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
-        return y
+        _deprecated("ConvExperts.forward_mixed", "convmoe.dispatch.merged.merged_conv(experts, x_pad, weights)")
+        return merged_conv(self, x_pad, weights)
 
     def extra_repr(self) -> str:
         g = self.geometry

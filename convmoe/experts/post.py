@@ -59,5 +59,27 @@ class ExpertPostOps(nn.Module):
             y = ACTIVATIONS[self.act](y)
         return y
 
+    def forward_rows(self, y: Tensor, expert: int | Tensor) -> Tensor:
+        """Apply the ops to output rows (M, C): of one ``expert``, or of rows sorted by expert with
+        ``expert`` the (E,) int64 rows of each expert.
+
+        Example:
+            >>> post = ExpertPostOps(2, 2, act="relu")
+            >>> post.forward_rows(torch.tensor([[-1.0, 1.0], [2.0, -2.0]]), torch.tensor([1, 1]))
+            tensor([[0., 1.],
+                    [2., 0.]])
+        """
+        if self.norm == "layer":
+            y = F.layer_norm(y, (y.shape[1],), eps=1e-5)
+            if isinstance(expert, Tensor):
+                weight = self.norm_weight.to(y.dtype).repeat_interleave(expert, dim=0, output_size=y.shape[0])
+                bias = self.norm_bias.to(y.dtype).repeat_interleave(expert, dim=0, output_size=y.shape[0])
+            else:
+                weight, bias = self.norm_weight[expert].to(y.dtype), self.norm_bias[expert].to(y.dtype)
+            y = torch.addcmul(bias, y, weight)
+        if self.act is not None:
+            y = ACTIVATIONS[self.act](y)
+        return y
+
     def extra_repr(self) -> str:
         return f"norm={self.norm}, act={self.act}"

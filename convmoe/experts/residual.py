@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convmoe.experts.base import ExpertBank, ExpertCapabilities
 from convmoe.geometry import ConvGeometry
 
 
@@ -21,12 +22,12 @@ def _group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor) -> Tensor:
     return torch.group_norm(x, groups, weight, bias, 1e-5, False)
 
 
-class ResidualConvExperts(nn.Module):
+class ResidualConvExperts(ExpertBank):
     """E residual blocks, each ``x + GN(conv3x3(SiLU(GN(conv3x3(x)))))`` (1x1 projection on the skip
     when channels change), the experts of positional-convolution-expert layers.
 
     Every token's region is processed as an image of its own (zero padding at its border, group
-    norm statistics over the region), so the bank is ``patch_local`` and keeps the spatial size:
+    norm statistics over the region), so the bank ``sees_no_halo`` and keeps the spatial size:
     it replaces only stride-1 convs whose output has the input's size.
 
     Args:
@@ -42,13 +43,11 @@ class ResidualConvExperts(nn.Module):
         torch.Size([3, 8, 4, 4])
     """
 
-    patch_local = True
-    is_linear = False
+    capabilities = ExpertCapabilities(sees_no_halo=True)
 
     def __init__(self, in_channels: int, out_channels: int, num_experts: int, geometry: ConvGeometry,
                  norm_groups: int = 8, device: torch.device | None = None, dtype: torch.dtype | None = None,
                  **unused: object) -> None:
-        super().__init__()
         spans = [s - 1 for s in geometry.span]
         keeps_size = geometry.stride == (1, 1) and spans == [
             geometry.padding[0] + geometry.padding[1], geometry.padding[2] + geometry.padding[3]]
@@ -58,9 +57,9 @@ class ResidualConvExperts(nn.Module):
         bad = {k: v for k, v in unused.items() if k in ("norm", "act") and v is not None}
         if bad or unused.get("groups", 1) != 1:
             raise ValueError(f"residual experts have their own norm and activation and no conv groups; got {bad or unused}.")
-        self.in_channels, self.out_channels, self.num_experts = in_channels, out_channels, num_experts
-        self.geometry = ConvGeometry.create(1)
-        self.groups = _norm_groups(out_channels, norm_groups)
+        # windows are the regions themselves: the experts pad inside, so a 1x1 geometry maps them
+        super().__init__(in_channels, out_channels, num_experts, ConvGeometry.create(1))
+        self.norm_groups = _norm_groups(out_channels, norm_groups)
         kw = {"device": device, "dtype": dtype}
         self.conv1 = nn.Parameter(torch.empty(num_experts, out_channels, in_channels, 3, 3, **kw))
         self.conv2 = nn.Parameter(torch.empty(num_experts, out_channels, out_channels, 3, 3, **kw))
@@ -98,8 +97,8 @@ class ResidualConvExperts(nn.Module):
             if x.shape[0] == 0:
                 continue
             h = F.conv2d(x, conv1[e], padding=1)
-            h = F.silu(_group_norm(h, self.groups, norm1_weight[e], norm1_bias[e]))
-            h = _group_norm(F.conv2d(h, conv2[e], padding=1), self.groups, norm2_weight[e], norm2_bias[e])
+            h = F.silu(_group_norm(h, self.norm_groups, norm1_weight[e], norm1_bias[e]))
+            h = _group_norm(F.conv2d(h, conv2[e], padding=1), self.norm_groups, norm2_weight[e], norm2_bias[e])
             skip = x if skips is None else F.conv2d(x, skips[e])
             outputs.append(skip + h)
         if not outputs:
@@ -107,4 +106,4 @@ class ResidualConvExperts(nn.Module):
         return torch.cat(outputs)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, experts={self.num_experts}, norm_groups={self.groups}"
+        return f"{self.in_channels}, {self.out_channels}, experts={self.num_experts}, norm_groups={self.norm_groups}"
