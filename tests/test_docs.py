@@ -8,6 +8,12 @@
   ``pycon`` blocks run as doctests. A block whose fence has ``title="NAME"`` is written to that file
   first (a recipe the next blocks read). A block preceded by ``<!-- docs-test: skip (reason) -->``
   is not run (network, GPU, processes).
+- Printed output shown on a page is checked: a ``text`` block preceded by
+  ``<!-- docs-test: output -->`` must be what the ``python`` block before it printed (compared as
+  doctests compare: ``...`` matches anything, whitespace runs are equal); a ``python`` block may not
+  show a value as a comment after ``print(...)`` (show an output block, or use ``pycon``).
+- Docstrings render as Markdown: the built site shows no Sphinx role (``:class:`...```) as text,
+  and dataclass signatures show values, not ``default_factory`` calls.
 - The zoo page includes ``zoo/README.md`` (generated from the cards by ``convmoe zoo table``); the
   benchmark page includes ``benchmarks/README.md``.
 """
@@ -15,10 +21,12 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import doctest
 import importlib
 import importlib.util
 import inspect
+import io
 import os
 import pkgutil
 import re
@@ -37,6 +45,9 @@ from convmoe.registry import Registry
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SKIP_MARKER = re.compile(r"<!--\s*docs-test:\s*skip\b(?P<reason>.*?)-->")
+OUTPUT_MARKER = re.compile(r"<!--\s*docs-test:\s*output\s*-->")
+# print(...) followed by a comment that starts like a value: `print(x)  # ['a', 'b']`.
+PRINTED_AS_COMMENT = re.compile(r"\bprint\(.*\)\s*#\s*[\[({'\"\d-]")
 FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)(?P<options>.*)$")
 FENCE_TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 DOCTEST_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -143,6 +154,96 @@ def test_strict_build_has_no_warnings(build: Build) -> None:
     assert not warnings, "\n".join(warnings)
     assert (build.site / "index.html").is_file()
     assert (build.site / "search" / "search_index.json").is_file(), "the search index was not built"
+
+
+RAW_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):(?:`|&#x60;|<code>)")
+
+
+def test_no_raw_sphinx_roles(build: Build) -> None:
+    """Docstrings' Sphinx roles (``:class:`~convmoe.MoEConv2d```) render as links, never as text.
+
+    ``docs/gen/griffe_roles.py`` converts them when the docstrings are loaded; a role it cannot
+    resolve fails the strict build (see ``test_unresolvable_role_fails_the_build``).
+    """
+    raw = []
+    for page in sorted(build.site.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        raw += [
+            f"{page.relative_to(build.site)}: ...{text[max(0, m.start() - 60) : m.end() + 40]}..."
+            for m in RAW_ROLE.finditer(text)
+        ]
+    assert not raw, f"{len(raw)} Sphinx role(s) shown as text in the built site:\n" + "\n".join(raw[:10])
+
+
+def _griffe_module(name: str) -> ModuleType:
+    pytest.importorskip("griffe", reason="the docs toolchain is not installed")
+    spec = importlib.util.spec_from_file_location(f"convmoe_docs_{name}", DOCS / "gen" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sphinx_roles_become_cross_references(caplog: pytest.LogCaptureFixture) -> None:
+    """The conversion itself, on the real package: relative and absolute names, ``~``, titles, and
+    a name that resolves to nothing logs a warning (which fails ``mkdocs build --strict``)."""
+    import griffe
+
+    roles = _griffe_module("griffe_roles")
+    package = griffe.load("convmoe", search_paths=[str(ROOT)])
+    block = package["block.MoEConv2d"]
+    assert (
+        roles.convert(block, ":class:`~convmoe.MoEConfig`", "t") == "[`MoEConfig`][convmoe.config.MoEConfig]"
+    )
+    assert roles.convert(block, ":class:`convmoe.config.MoEConfig`", "t") == (
+        "[`convmoe.config.MoEConfig`][convmoe.config.MoEConfig]"
+    )
+    # A method (like a module or a helper outside __all__) may have no entry: a link if it has one.
+    assert roles.convert(block, ":meth:`from_conv`", "t") == (
+        '<autoref identifier="convmoe.block.MoEConv2d.from_conv" optional><code>from_conv()</code></autoref>'
+    )
+    assert roles.convert(block, ":func:`the patch <convmoe.patch.patch>`", "t").startswith("[`the patch`][")
+    with caplog.at_level("WARNING", logger="mkdocs.plugins.convmoe_docs.roles"):
+        assert roles.convert(block, ":class:`convmoe.NoSuchThing`", "here") == "`convmoe.NoSuchThing`"
+    assert "here: the docstring's :class:`convmoe.NoSuchThing` cannot be resolved" in caplog.text
+
+
+def test_dataclass_signatures_are_readable(build: Build) -> None:
+    """MoEConfig's signature shows default values and part types, not ``default_factory`` calls or ``Any``."""
+    html = (build.site / "api" / "block" / "index.html").read_text(encoding="utf-8")
+    start = html.index('id="convmoe.MoEConfig"')
+    signature = re.sub(r"<[^>]+>", "", html[start : html.index("</code></pre>", start)])
+    signature = signature.replace("&quot;", '"').replace("&#34;", '"')
+    assert "lambda" not in signature, signature
+    assert "dict()" not in signature, signature
+    assert 'losses: dict[str, float] = {"switch": 0.01}' in signature, signature
+    assert 'tokens: str | type = "pixel"' in signature, signature
+    assert "gate: str | type | None = None" in signature, signature
+    assert "tokens: Any" not in signature, signature
+
+
+def test_patch_page_starts_with_the_entry_points(build: Build) -> None:
+    html = (build.site / "api" / "patch" / "index.html").read_text(encoding="utf-8")
+    entries = [
+        e for e in re.findall(r'<h2 id="(convmoe\.[\w.]+)"', html) if e != "convmoe.patch"
+    ]  # the module
+    assert entries[:3] == [
+        "convmoe.patch.patch",
+        "convmoe.patch.patch_spec",
+        "convmoe.patch.unpatch.unpatch",
+    ], entries
+
+
+def test_figures_are_small_and_shown() -> None:
+    """The PNGs docs/gen/figures.py writes are committed small and every one is on a page."""
+    pages = "\n".join(page.read_text(encoding="utf-8") for page in DOCS.rglob("*.md"))
+    figures = sorted((DOCS / "assets").glob("*.png"))
+    assert len(figures) >= 4, figures
+    for figure in figures:
+        assert figure.stat().st_size < 150_000, (
+            f"{figure.name} is {figure.stat().st_size} bytes (keep it < 150 kB)"
+        )
+        assert f"assets/{figure.name})" in pages, f"docs/assets/{figure.name} is not shown on any page"
 
 
 def _api_ids(site: Path) -> set[str]:
@@ -266,6 +367,7 @@ class Block:
     line: int
     skip: str | None
     title: str | None = None  # ```yaml title="run.yaml"```: the page's examples read it as a file
+    output: bool = False  # <!-- docs-test: output --> before it: what the python block before printed
 
 
 def code_blocks(text: str) -> list[Block]:
@@ -292,6 +394,7 @@ def code_blocks(text: str) -> list[Block]:
                 i + 2,
                 marker["reason"].strip(" ()") or "marked skip" if marker else None,
                 title["title"] if title else None,
+                bool(OUTPUT_MARKER.search(previous)),
             )
         )
         i = j + 1
@@ -310,14 +413,38 @@ def test_code_blocks_parser() -> None:
     page = (
         "text\n\n<!-- docs-test: skip (needs a GPU) -->\n```python\nx = 1\n```\n\n"
         "!!! note\n    ```pycon\n    >>> 1 + 1\n    2\n    ```\n\n"
-        '```yaml title="run.yaml"\na: 1\n```\n'
+        '```yaml title="run.yaml"\na: 1\n```\n\n<!-- docs-test: output -->\n```text\n1\n```\n'
     )
     blocks = code_blocks(page)
-    assert [(b.lang, b.code, b.skip, b.title) for b in blocks] == [
-        ("python", "x = 1\n", "needs a GPU", None),
-        ("pycon", ">>> 1 + 1\n2\n", None, None),
-        ("yaml", "a: 1\n", None, "run.yaml"),
+    assert [(b.lang, b.code, b.skip, b.title, b.output) for b in blocks] == [
+        ("python", "x = 1\n", "needs a GPU", None, False),
+        ("pycon", ">>> 1 + 1\n2\n", None, None, False),
+        ("yaml", "a: 1\n", None, "run.yaml", False),
+        ("text", "1\n", None, None, True),
     ]
+
+
+def test_output_blocks_are_checked() -> None:
+    """The convention the page tests use: an output block compares as a doctest's expected output."""
+    checker = doctest.OutputChecker()
+    assert checker.check_output("a   1\nb ...\n", "a 1\nb 0.25\n", DOCTEST_FLAGS)
+    assert not checker.check_output("a 1\n", "a 2\n", DOCTEST_FLAGS)
+
+
+@pytest.mark.parametrize("page", _pages_with_examples())
+def test_printed_values_are_output_blocks(page: str) -> None:
+    """A value shown as a comment after print() is never checked: pages show output blocks instead."""
+    comments = [
+        f"{page}:{block.line + offset}: {line.strip()}"
+        for block in code_blocks((DOCS / page).read_text(encoding="utf-8"))
+        if block.lang == "python"
+        for offset, line in enumerate(block.code.splitlines())
+        if PRINTED_AS_COMMENT.search(line)
+    ]
+    assert not comments, (
+        "printed values shown as comments (move them to a text block after "
+        "<!-- docs-test: output -->):\n" + "\n".join(comments)
+    )
 
 
 @pytest.mark.parametrize("page", _pages_with_examples())
@@ -327,15 +454,27 @@ def test_page_examples(page: str, isolated: Path) -> None:
     runner = doctest.DocTestRunner(optionflags=DOCTEST_FLAGS)
     parser = doctest.DocTestParser()
     report: list[str] = []
+    printed: str | None = None  # what the last python block printed
     for block in code_blocks(path.read_text(encoding="utf-8")):
         if block.title and not block.skip:
             (isolated / block.title).parent.mkdir(parents=True, exist_ok=True)
             (isolated / block.title).write_text(block.code, encoding="utf-8")
+        where = f"{path.relative_to(ROOT)}:{block.line}"
+        if block.output and not block.skip:
+            assert printed is not None, f"the output block at {where} follows no python block that ran"
+            assert doctest.OutputChecker().check_output(block.code, printed, DOCTEST_FLAGS), (
+                f"the output block at {where} is not what the python block before it printed.\n"
+                f"--- shown on the page:\n{block.code}--- printed:\n{printed}"
+            )
+            printed = None
         if block.skip or block.lang not in ("python", "pycon"):
             continue
-        where = f"{path.relative_to(ROOT)}:{block.line}"
         if block.lang == "python":
-            exec(compile(block.code, where, "exec"), namespace)  # noqa: S102 (running the page's examples is the test)
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout):
+                exec(compile(block.code, where, "exec"), namespace)  # noqa: S102 (running the page's examples is the test)
+            printed = stdout.getvalue()
+            sys.stdout.write(printed)
         else:
             test = parser.get_doctest(block.code, namespace, where, str(path), block.line - 1)
             runner.run(test, out=report.append, clear_globs=False)
