@@ -23,9 +23,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import convmoe
+from convmoe import __version__, demo
 from convmoe.analysis import command as analysis_command
 from convmoe.engine import cli as engine_cli
 from convmoe.errors import report_error
+from convmoe.hub import from_pretrained
 from convmoe.zoo import command as zoo_command
 
 
@@ -62,8 +65,6 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from convmoe import demo
-
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1.")
     options = {"seed": args.seed, "progress": not args.no_progress}
@@ -83,9 +84,6 @@ def _describe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_describe(args: argparse.Namespace) -> int:
-    import convmoe
-    from convmoe.hub import from_pretrained
-
     model = from_pretrained(args.path, revision=args.revision, trust_remote_code=args.trust_remote_code)
     print(convmoe.describe(model))
     return 0
@@ -114,8 +112,6 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
         >>> build_parser().parse_args(["demo", "--synthetic"]).synthetic
         True
     """
-    from convmoe import __version__
-
     parser = argparse.ArgumentParser(prog="convmoe", description="Sparse Mixture-of-Experts for CNNs.")
     parser.add_argument("--version", action="version", version=f"convmoe {__version__}")
     parser.add_argument("--debug", action="store_true",

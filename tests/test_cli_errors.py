@@ -328,11 +328,11 @@ def recorder(calls: list[dict]) -> object:
 
 @pytest.mark.parametrize("flag", [[], ["--trust-remote-code"]])
 def test_trust_remote_code_reaches_from_pretrained_evaluate_and_load_model(monkeypatch, tmp_path, flag):
-    evaluate_module = importlib.import_module("convmoe.engine.evaluate")  # convmoe.engine.evaluate is the function
     calls: list[dict] = []
-    monkeypatch.setattr(importlib.import_module("convmoe.hub"), "from_pretrained", recorder(calls))
-    monkeypatch.setattr(evaluate_module, "evaluate", recorder(calls))
-    monkeypatch.setattr(evaluate_module, "load_model", recorder(calls))
+    # Patched where the commands use them: convmoe describe, convmoe eval, convmoe analyze (Hub id / revision).
+    for module, name in (("convmoe.cli", "from_pretrained"), ("convmoe.engine.cli", "evaluate"),
+                         ("convmoe.analysis.command", "load_model"), ("convmoe.analysis.command", "from_pretrained")):
+        monkeypatch.setattr(importlib.import_module(module), name, recorder(calls))
     for argv in (["describe", "org/name"], ["eval", "org/name"],
                  ["analyze", "org/name", str(tmp_path), "--out", str(tmp_path / "a")],
                  ["analyze", "org/name", str(tmp_path), "--revision", "v1", "--out", str(tmp_path / "a")]):

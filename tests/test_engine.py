@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from convmoe.engine import Trainer, evaluate, instantiate, load_checkpoint, load_config, train
+from convmoe.engine.callbacks import Callback
 from convmoe.engine.config import apply_override, parse_value
 from convmoe.models import UPerNetMoE
 
@@ -179,6 +180,45 @@ def test_routing_tracking_follows_classification_labels_and_can_be_turned_off(tm
     assert not any(key.endswith("/specialization") for key in row)
     assert not (tmp_path / "off" / "routing_history.json").exists()
     assert "routing/train_utilization_entropy" in row  # the routing statistics stay
+
+
+class _Recorder(Callback):
+    """Counts the hooks the trainer calls, and adds one metric and one checkpoint key."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def setup(self, trainer):
+        self.calls.append("setup")
+
+    def on_train_batch_end(self, trainer, target, batch_index):
+        self.calls.append(f"batch{batch_index}")
+
+    def on_train_epoch_end(self, trainer, epoch):
+        return {"extra/recorded": float(epoch + 1)}
+
+    def on_save_checkpoint(self, trainer, checkpoint):
+        checkpoint["recorder"] = list(self.calls)
+
+    def on_epoch_saved(self, trainer, epoch):
+        self.calls.append(f"saved{epoch}")
+
+
+def test_callbacks_run_in_the_loop_and_the_routing_tracker_is_one_of_them(tmp_path):
+    config = classification_config(tmp_path, moe_targets="last", moe_config={"num_experts": 4, "top_k": 1})
+    recorder = _Recorder()
+    trainer = Trainer(config, callbacks=[recorder])
+    assert [type(c).__name__ for c in trainer.callbacks] == ["_Recorder", "RoutingTrackerCallback"]
+    [row] = trainer.fit().history
+    assert recorder.calls == ["setup", "batch0", "batch1", "saved0"]
+    assert row["extra/recorded"] == 1.0
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["recorder"] == ["setup", "batch0", "batch1"]
+    # trainer.routing_tracker names the class track_routing adds (the engine does not import analysis)
+    config["trainer"]["routing_tracker"] = "test_engine._Recorder"
+    assert [type(c).__name__ for c in Trainer(config).callbacks] == ["_Recorder"]
+    config["trainer"]["routing_tracker"] = "torch.nn.ReLU"
+    with pytest.raises(TypeError, match=r"not a convmoe\.engine\.callbacks\.Callback subclass"):
+        Trainer(config)
 
 
 @pytest.mark.parametrize(("aux_weight", "router_moves"), [(0.01, True), (0.0, False)])

@@ -29,8 +29,6 @@ from convmoe.cli import main
 from convmoe.engine import load_checkpoint, load_config, load_model, train
 from convmoe.engine.evaluate import split_batch
 from convmoe.zoo import (
-    PLANNED,
-    ZOO_BUDGET_BYTES,
     check_variant,
     check_zoo,
     publish,
@@ -40,9 +38,10 @@ from convmoe.zoo import (
     split_front_matter,
     validate_metadata,
 )
-from convmoe.zoo.card import EXAMPLE_META, format_metric, metric_label, render_card
+from convmoe.zoo.card import EXAMPLE_META, render_card
+from convmoe.zoo.card_format import format_metric, metric_label
 from convmoe.zoo.commands import find_recipe, format_value, recipe_overrides
-from convmoe.zoo.plan import check_plan, estimated_weight_bytes
+from convmoe.zoo.plan import PLAN_NAME, PlannedVariant, ZooPlan, check_plan, estimated_weight_bytes, load_plan
 from convmoe.zoo.publish import _check_round_trip
 from convmoe.zoo.weights import OutputCheck, base_recipe_for
 
@@ -532,9 +531,12 @@ def test_every_real_variant_passes_the_schema_and_loads():
 
 
 def test_plan_names_real_recipes_and_fits_the_budget():
-    assert check_plan(ROOT) == []
+    plan = load_plan(ROOT / "zoo")
+    assert plan is not None
+    assert plan.root == ROOT
+    assert check_plan(plan) == []
     sizes = []
-    for variant in PLANNED:
+    for variant in plan.variants:
         config = load_config(ROOT / variant.config)
         assert config["trainer"]["default_root_dir"] == variant.run_dir(variant.seeds[0])
         assert config["trainer"]["seed"] == variant.seeds[0]
@@ -543,7 +545,7 @@ def test_plan_names_real_recipes_and_fits_the_budget():
             assert load_config(ROOT / recipe, overrides)["trainer"]["seed"] in variant.seeds
         sizes.append(estimated_weight_bytes(ROOT / variant.config, variant.float16))
     # A card is about 10 KB and its routing heatmaps 40-150 KB: the plan must leave that room.
-    assert sum(sizes) + 250_000 * len(PLANNED) <= ZOO_BUDGET_BYTES, [s / 1e6 for s in sizes]
+    assert sum(sizes) + 250_000 * len(plan.variants) <= plan.budget_bytes, [s / 1e6 for s in sizes]
 
 
 def test_example_card_renders_and_parses():
@@ -552,3 +554,58 @@ def test_example_card_renders_and_parses():
     card = render_card(build_front_matter(EXAMPLE_META))
     assert rerender(card) == card
     assert split_front_matter(card)[0]["convmoe"] == EXAMPLE_META
+
+
+# -- the plan is data beside the zoo ---------------------------------------------------------------------------
+
+
+def _write_plan(zoo_dir: Path, text: str) -> Path:
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    (zoo_dir / PLAN_NAME).write_text(text)
+    return zoo_dir
+
+
+def test_plan_is_read_from_the_zoo_folder_with_its_own_root(tmp_path):
+    recipe = tmp_path / "repo" / "configs" / "a.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(yaml.safe_dump({"trainer": {"default_root_dir": "runs/a", "seed": 1}}))
+    zoo_dir = _write_plan(tmp_path / "repo" / "zoo", yaml.safe_dump({
+        "root": "..", "budget_bytes": 1000, "data_command": "unpack {dataset}",
+        "variants": [{"model_id": "a", "config": "configs/a.yaml", "dense_config": None, "dataset": "camvid",
+                      "seeds": [1, 2]}],
+        "not_published": [{"config": "configs/b.yaml", "reason": "why"}]}))
+    plan = load_plan(zoo_dir)
+    assert plan.root == (tmp_path / "repo").resolve()
+    assert (plan.budget_bytes, plan.not_published) == (1000, (("configs/b.yaml", "why"),))
+    [variant] = plan.variants
+    assert variant == PlannedVariant("a", "configs/a.yaml", None, "camvid", seeds=(1, 2))
+    # the recipe is found through the plan's root, whatever the working folder
+    assert (variant.run_dir(1), variant.run_dir(2)) == ("runs/a", "runs/a_seed2")
+    assert variant.data_command() == "unpack camvid"
+    assert check_plan(plan) == []
+    assert load_plan(tmp_path / "nowhere") is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n", "must hold a mapping"),
+    ("variant: []\n", r"unknown keys \['variant'\]"),
+    ("budget_bytes: -1\n", "must be a positive integer"),
+    ("variants: [{model_id: a, config: c.yaml}]\n", "needs dataset"),
+    ("variants: [{model_id: a, config: c.yaml, dataset: camvid, seeds: []}]\n", "non-empty list of integers"),
+    ("variants: [{model_id: a, config: c.yaml, dataset: camvid, float32: true}]\n", r"unknown keys \['float32'\]"),
+])
+def test_malformed_plan_is_named(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_plan(_write_plan(tmp_path / "zoo", text))
+
+
+def test_zoo_check_reports_the_plan_and_its_budget(tmp_path):
+    zoo_dir = _write_plan(tmp_path / "zoo", yaml.safe_dump({
+        "budget_bytes": 10, "variants": [{"model_id": "a", "config": "missing.yaml", "dataset": "camvid"}]}))
+    problems = check_zoo(zoo_dir, load=False)
+    assert problems[0] == f"planned recipe {(tmp_path / 'zoo' / 'missing.yaml').as_posix()} does not exist."
+    assert "over the budget of 0 MB" in problems[1]
+    with pytest.raises(ValueError, match="cannot be rendered: planned recipe"):
+        render_index(zoo_dir)
+    assert check_zoo(_write_plan(tmp_path / "bad", "[1]\n"), load=False)[-1].endswith("got list.")
+    assert "## Planned variants" not in render_index(tmp_path / "zoo", plan=ZooPlan(()))

@@ -10,6 +10,7 @@ collect_routing(model, loader)         per layer: class x expert counts, expert 
 routing_maps / plot_routing_maps       the expert of every token over the image, per layer
 analyze(model, loader, out_dir)        all of the above + report.json;  model_card_section(report)
 RoutingTracker                         the same statistics per epoch during training, and their curves
+RoutingTrackerCallback                 the tracker run by the engine's trainer (trainer.track_routing)
 ```
 
 Plots need matplotlib (``pip install 'convmoe[analysis]'``); it is imported only when a figure is drawn.
@@ -50,6 +51,7 @@ from convmoe.analysis.report import (
 from convmoe.analysis.spatial import plot_routing_map, plot_routing_maps, routing_maps
 from convmoe.analysis.specialization import SpecializationScore, mutual_information, specialization_score
 from convmoe.analysis.tracking import RoutingTracker, load_history, plot_tracking
+from convmoe.analysis.tracking_callback import RoutingTrackerCallback
 
 __all__ = [
     "AnalysisReport",
@@ -63,6 +65,7 @@ __all__ = [
     "RoutingCollection",
     "RoutingCollector",
     "RoutingTracker",
+    "RoutingTrackerCallback",
     "SpecializationScore",
     "analyze",
     "balance_figures",

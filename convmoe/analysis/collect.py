@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from convmoe.analysis.labels import NO_LABEL, token_labels
 from convmoe.analysis.layers import OutputSizeRecorder, layer_tokens, moe_layers
+from convmoe.engine.evaluate import split_batch
 from convmoe.types import Routing, Tokens
 
 
@@ -337,8 +338,6 @@ def collect_routing(model: nn.Module, loader: Iterable, *, device: str | torch.d
         >>> collection.task, collection.images, list(collection.layers)
         ('classification', 2, ['0'])
     """
-    from convmoe.engine.evaluate import split_batch
-
     if not any(True for _ in moe_layers(model)):
         raise ValueError("the model has no MoE block to analyse; patch it first (convmoe.patch) or load an MoE model.")
     if device is None:

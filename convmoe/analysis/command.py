@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from convmoe.analysis.datasets import load_dataset
+from convmoe.analysis.model_card import CARD_IMAGE_NAME, model_card_section
+from convmoe.analysis.report import analyze
 from convmoe.engine.cli import add_trust_remote_code_argument, parse_device
+from convmoe.engine.config import load_config
+from convmoe.engine.config_check import check_training_config
+from convmoe.engine.evaluate import load_model
+from convmoe.hub import from_pretrained
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +79,7 @@ def load_analysis_model(source: str, revision: str | None = None, trust_remote_c
         FileNotFoundError: checkpoint no/such/file.pt does not exist.
     """
     if revision is not None:
-        from convmoe.hub import from_pretrained
-
         return from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code).eval()
-    from convmoe.engine.evaluate import load_model
-
     return load_model(source, None, trust_remote_code=trust_remote_code)[0]
 
 
@@ -90,9 +93,6 @@ def check_data_config(data: str, split: str | None) -> None:
     Example:
         >>> check_data_config("tests/fixtures/camvid", None)  # a folder: nothing to check
     """
-    from convmoe.engine.config import load_config
-    from convmoe.engine.config_check import check_training_config
-
     path = Path(data)
     if path.suffix not in (".yaml", ".yml") or not path.is_file():
         return
@@ -135,12 +135,6 @@ def random_sample(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``convmoe analyze`` with parsed arguments; returns the exit status."""
-    from torch.utils.data import DataLoader
-
-    from convmoe.analysis.datasets import load_dataset
-    from convmoe.analysis.model_card import CARD_IMAGE_NAME, model_card_section
-    from convmoe.analysis.report import analyze
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1.")
     if args.max_batches is not None and args.max_batches < 1:

@@ -17,12 +17,16 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from convmoe.data import CamVidDataset, ImageFolderDataset
+from convmoe.data.io import list_images
+from convmoe.data.transforms import Normalize, Resize
+from convmoe.engine.config import load_config
+from convmoe.engine.loaders import build_dataset
+
 NORMALIZATIONS = ("imagenet", "none")
 
 
 def _transforms(image_size: Sequence[int] | None, normalize: str) -> list[Any]:
-    from convmoe.data.transforms import Normalize, Resize
-
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r} must be one of {', '.join(NORMALIZATIONS)}.")
     transforms: list[Any] = []
@@ -36,8 +40,6 @@ def _transforms(image_size: Sequence[int] | None, normalize: str) -> list[Any]:
 
 
 def _has_class_folders_with_images(folder: Path) -> bool:
-    from convmoe.data.io import list_images
-
     return any(sub.is_dir() and list_images(sub) for sub in folder.iterdir())
 
 
@@ -60,8 +62,6 @@ def load_dataset(data: str | Path, split: str | None = None, image_size: Sequenc
         >>> load_dataset("tests/fixtures/camvid", image_size=(32, 48)).classes[0]  # doctest: +SKIP
         'sky'
     """
-    from convmoe.data import CamVidDataset, ImageFolderDataset
-
     path = Path(data)
     if path.suffix in (".yaml", ".yml"):
         return _config_dataset(path, split or "val")
@@ -85,9 +85,6 @@ def load_dataset(data: str | Path, split: str | None = None, image_size: Sequenc
 
 
 def _config_dataset(path: Path, split: str) -> Dataset:
-    from convmoe.engine.config import load_config
-    from convmoe.engine.loaders import build_dataset
-
     config = load_config(path)
     node = config.get(f"{split}_dataset")
     if not node:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from convmoe.patch import unpatch
 from convmoe.types import Routing
 
 
@@ -37,8 +38,6 @@ def fold_layer(block: nn.Module, how: str = "average", usage: Tensor | None = No
         >>> type(fold_layer(model[0])).__name__, type(model[0]).__name__
         ('Conv2d', 'MoEConv2d')
     """
-    from convmoe.patch import unpatch
-
     holder = nn.Module()
     holder.add_module("layer", block)  # unpatch replaces holder.layer; the block object is not modified
     saved_routing = block.last_routing

@@ -22,6 +22,7 @@ from convmoe.analysis.cost import format_count, layer_cost
 from convmoe.analysis.folding import folded_layer
 from convmoe.analysis.layers import moe_layers, unwrap_model
 from convmoe.analysis.specialization import specialization_score
+from convmoe.engine.evaluate import run_evaluation
 
 FOLD, KEEP = "fold", "keep"
 
@@ -139,8 +140,6 @@ def default_metric(loader: Iterable, *, task: str = "auto", device: torch.device
         >>> name, 0.0 <= metric(nn.Linear(12, 3)) <= 100.0
         ('top1', True)
     """
-    from convmoe.engine.evaluate import run_evaluation
-
     name = {"classification": "top1", "segmentation": "miou"}.get(task)
 
     def metric(model: nn.Module) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convmoe import __version__
 from convmoe.analysis.balance import BalanceFigures, balance_figures
 from convmoe.analysis.collect import RoutingCollection, collect_routing
 from convmoe.analysis.cost import LayerCost, layer_cost
@@ -27,6 +28,7 @@ from convmoe.analysis.heatmap import class_order, plot_heatmap, plot_heatmap_gri
 from convmoe.analysis.layers import moe_layers
 from convmoe.analysis.plotting import safe_filename
 from convmoe.analysis.redundancy import RedundancyReport, layer_redundancy
+from convmoe.analysis.spatial import plot_routing_maps
 from convmoe.analysis.specialization import SpecializationScore, specialization_score
 
 REPORT_NAME = "report.json"
@@ -115,8 +117,6 @@ class AnalysisReport:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``model``, ``data``, ``task``, ``images``, ``class_names``, ``layers``,
         ``redundancy``, ``files`` (and the convmoe version)."""
-        from convmoe import __version__
-
         return {"convmoe_version": __version__, "model": self.model, "data": self.data, "task": self.task,
                 "images": self.images, "class_names": list(self.class_names),
                 "layers": {name: layer.as_dict(self.class_names) for name, layer in self.layers.items()},
@@ -274,8 +274,6 @@ def analyze(model: nn.Module, loader: Iterable, out_dir: str | Path | None = Non
     if out_dir is not None:
         write_heatmaps(report, out_dir)
         if images is not None:
-            from convmoe.analysis.spatial import plot_routing_maps
-
             for name, path in plot_routing_maps(model, images, out_dir, captions=captions).items():
                 if name in report.layers:
                     report.layers[name].files["routing_map_png"] = str(path)

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from convmoe.analysis.collect import routing_assignment
 from convmoe.analysis.layers import OutputSizeRecorder, layer_tokens, moe_layers
-from convmoe.analysis.plotting import display_image, expert_colors, require_matplotlib, save_figure
+from convmoe.analysis.plotting import (
+    display_image,
+    expert_colors,
+    require_matplotlib,
+    safe_filename,
+    save_figure,
+)
 
 DROPPED = -1
 
@@ -154,8 +160,6 @@ def plot_routing_maps(model: nn.Module, images: Tensor, folder: str | Path, capt
         >>> [path.name for path in files.values()]
         ['routing_map_0.png']
     """
-    from convmoe.analysis.plotting import safe_filename
-
     maps = routing_maps(model, images)
     files = {}
     blocks = dict(moe_layers(model))

@@ -4,9 +4,12 @@
     result = train("configs/camvid_upernet_moe.yaml", ["trainer.max_epochs=10"])
 
 or ``convmoe train CONFIG [key=value ...]``; under ``torchrun`` the same command trains with
-DistributedDataParallel (``torchrun --nproc_per_node N -m convmoe.engine CONFIG``).
+DistributedDataParallel (``torchrun --nproc_per_node N -m convmoe.engine CONFIG``). Code from a floor
+above the engine, such as the routing tracker of :mod:`convmoe.analysis`, runs in the loop as a
+:class:`Callback`.
 """
 
+from convmoe.engine.callbacks import Callback
 from convmoe.engine.checkpoint import load_checkpoint, save_checkpoint
 from convmoe.engine.config import instantiate, load_config, locate
 from convmoe.engine.evaluate import evaluate, load_model, run_evaluation
@@ -19,6 +22,7 @@ from convmoe.engine.metrics import (
 from convmoe.engine.trainer import Trainer, TrainerSettings, TrainResult, train
 
 __all__ = [
+    "Callback",
     "ClassificationMetrics",
     "SegmentationMetrics",
     "TrainResult",

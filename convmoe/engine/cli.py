@@ -9,10 +9,16 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from convmoe.engine.config import load_config
+from convmoe.engine.config_check import check_training_config
+from convmoe.engine.distributed import cleanup_distributed
+from convmoe.engine.evaluate import evaluate
+from convmoe.engine.settings import TrainerSettings
+from convmoe.engine.trainer import train
 
 TRUST_REMOTE_CODE_HELP = ("allow building base models from callables outside convmoe's allow-list (timm, smp, "
                           "torchvision, convmoe.models and registered factories); only for sources you trust")
@@ -44,8 +50,6 @@ def parse_device(name: str | None) -> torch.device:
         ...
         ValueError: --device 'gpu' is not a device; use cpu, cuda, cuda:1, ... (or auto).
     """
-    import torch
-
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,10 +89,6 @@ def check_config(config: str | Path, overrides: Sequence[str] = (), training: bo
         ...
         FileNotFoundError: config file no/such.yaml does not exist.
     """
-    from convmoe.engine.config import load_config
-    from convmoe.engine.config_check import check_training_config
-    from convmoe.engine.trainer import TrainerSettings
-
     loaded = load_config(config, overrides)
     required = ("model", "loss", "optimizer", "train_dataset") if training else ()
     check_training_config(loaded, TrainerSettings, required)
@@ -111,9 +111,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train; under ``torchrun`` every process runs this. Returns the exit status."""
-    from convmoe.engine.distributed import cleanup_distributed
-    from convmoe.engine.trainer import train
-
     check_config(args.config, args.overrides, training=True)
     try:
         result = train(args.config, args.overrides)
@@ -149,8 +146,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics as JSON. Returns the exit status."""
-    from convmoe.engine.evaluate import evaluate
-
     if Path(args.source).suffix in (".yaml", ".yml"):
         raise ValueError(f"SOURCE {args.source} is a YAML config; convmoe eval takes the model first (a checkpoint .pt, "
                          f"a save_pretrained folder or a Hub id) and the config with --config: convmoe eval MODEL "

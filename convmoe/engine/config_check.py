@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from torch.utils.data import DataLoader
 
 from convmoe.engine.config import TARGET_KEY
 
@@ -125,9 +128,7 @@ def _check_data_loader(section: Any, where: str) -> None:
         # ValueError for every bad config value, whatever its kind: callers (the CLI) handle one kind of bad input.
         raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004
                          f"as '{where}: {{batch_size: 8, num_workers: 4}}' or override single keys ({where}.batch_size=8).")
-    import inspect
 
-    from torch.utils.data import DataLoader
 
     allowed = sorted(set(inspect.signature(DataLoader).parameters) - set(_ENGINE_LOADER_ARGUMENTS))
     for key in section:

@@ -13,7 +13,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from convmoe.engine.checkpoint import load_checkpoint
+from convmoe.engine.config import instantiate, load_config
+from convmoe.engine.config_check import check_training_config
+from convmoe.engine.distributed import all_reduce_sum, setup_distributed
+from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.metrics import ClassificationMetrics, SegmentationMetrics
+from convmoe.engine.settings import TrainerSettings
+from convmoe.hub import check_state_matches, from_pretrained
+from convmoe.hub_files import resolve_file
+from convmoe.trust import check_config_targets
 
 Metric = ClassificationMetrics | SegmentationMetrics
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -187,8 +196,6 @@ def run_evaluation(model: nn.Module, loader: Iterable, device: torch.device, *, 
 
 
 def _sum_processes(value: Tensor, device: torch.device) -> Tensor:
-    from convmoe.engine.distributed import all_reduce_sum
-
     return all_reduce_sum(value.to(device)).cpu()
 
 
@@ -222,10 +229,6 @@ def load_model(source: str | Path, config: Mapping[str, Any] | None = None,
         ...
         FileNotFoundError: checkpoint no/such/file.pt does not exist.
     """
-    from convmoe.engine.checkpoint import load_checkpoint
-    from convmoe.engine.config import instantiate
-    from convmoe.trust import check_config_targets
-
     path = Path(source)
     if path.suffix in (".pt", ".pth", ".ckpt") or path.is_file():
         state = load_checkpoint(path)
@@ -255,8 +258,6 @@ def load_model(source: str | Path, config: Mapping[str, Any] | None = None,
 
 
 def _load_checkpoint_weights(model: nn.Module, weights: Mapping[str, Any], path: Path) -> None:
-    from convmoe.hub import check_state_matches
-
     check_state_matches(model, dict(weights), strict=True, where=str(path),
                         fix="the checkpoint was trained with another model config; pass the config it was trained "
                             "with (--config), or leave --config out to use the checkpoint's own")
@@ -274,9 +275,7 @@ def _without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _load_pretrained(source: str, trust_remote_code: bool) -> nn.Module:
-    from convmoe import models
-    from convmoe.hub import from_pretrained
-    from convmoe.hub_files import resolve_file
+    from convmoe import models  # convmoe.models imports smp, an optional extra
 
     class_name = json.loads(resolve_file(source, "config.json").read_text()).get("_model_class")
     if class_name in models.__all__:
@@ -317,13 +316,6 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
         >>> evaluate("runs/camvid/checkpoints/best.pt", split="test")  # doctest: +SKIP
         {'miou': 0.61, ...}
     """
-    from convmoe.engine.config import instantiate, load_config
-    from convmoe.engine.config_check import check_training_config
-    from convmoe.engine.distributed import setup_distributed
-    from convmoe.engine.loaders import build_dataloader
-    from convmoe.engine.trainer import TrainerSettings
-    from convmoe.trust import check_config_targets
-
     given = load_config(config, overrides) if config is not None else None
     model, train_config = load_model(source, given, trust_remote_code=trust_remote_code)
     if given is None:

@@ -5,9 +5,10 @@ runs/<recipe>[_seedN]/      convmoe train output: config, metrics.csv, checkpoin
  └─ publish (publish.py)    best epoch per run (runs.py), exact commands (commands.py), weights and the
                             round-trip check (weights.py), FLOPs and latency (cost.py), card (card.py)
 zoo/<model-id>/             config.json, model.safetensors, README.md (front matter + convmoe: metadata)
- ├─ table (table.py)        zoo/README.md from every card's metadata, and the plan (plan.py)
- ├─ check (schema.py)       schema, weights and their sha256, from_pretrained, 120 MB budget, index and cards
- │                          up to date
+ ├─ plan.yaml               the release plan: variants, recipes, seeds, size budget (read by plan.py)
+ ├─ table (table.py)        zoo/README.md from every card's metadata, and the plan
+ ├─ check (check.py)        schema (schema.py), weights and their sha256, from_pretrained, the plan and its
+ │                          budget, index and cards up to date
  └─ push (push.py)          huggingface_hub upload, then the Hub commit recorded in the card
 ```
 
@@ -22,27 +23,28 @@ Example:
 """
 
 from convmoe.zoo.card import build_front_matter, render_card, split_front_matter
+from convmoe.zoo.check import check_zoo
 from convmoe.zoo.datasets import DATASETS, DatasetInfo, get_dataset_info
-from convmoe.zoo.plan import PLANNED, PlannedVariant
+from convmoe.zoo.plan import PlannedVariant, ZooPlan, load_plan
 from convmoe.zoo.publish import PublishResult, publish
 from convmoe.zoo.push import push_variant
 from convmoe.zoo.runs import RunRecord, read_run, summarize_runs
-from convmoe.zoo.schema import METADATA_SCHEMA, ZOO_BUDGET_BYTES, check_variant, check_zoo, validate_metadata
+from convmoe.zoo.schema import METADATA_SCHEMA, check_variant, validate_metadata
 from convmoe.zoo.table import render_index, write_index
 
 __all__ = [
     "DATASETS",
     "METADATA_SCHEMA",
-    "PLANNED",
-    "ZOO_BUDGET_BYTES",
     "DatasetInfo",
     "PlannedVariant",
     "PublishResult",
     "RunRecord",
+    "ZooPlan",
     "build_front_matter",
     "check_variant",
     "check_zoo",
     "get_dataset_info",
+    "load_plan",
     "publish",
     "push_variant",
     "read_run",

@@ -19,20 +19,24 @@ verbatim between two markers.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
+from convmoe.zoo.card_format import METRIC_TYPES
+from convmoe.zoo.card_sections import (
+    citation_section,
+    cost_section,
+    limitations_section,
+    reproduce_section,
+    results_section,
+)
 from convmoe.zoo.datasets import get_dataset_info
 
 ANALYSIS_START = "<!-- convmoe:analysis:start -->"
 ANALYSIS_END = "<!-- convmoe:analysis:end -->"
 PIPELINE_TAGS = {"classification": "image-classification", "segmentation": "image-segmentation"}
-# Hub metric types (evaluate ids) and display names of the engine's metrics.
-METRIC_TYPES = {"miou": ("mean_iou", "mIoU"), "pixel_accuracy": ("accuracy", "pixel accuracy"),
-                "top1": ("accuracy", "top-1 accuracy (%)"), "top5": ("accuracy", "top-5 accuracy (%)")}
 TOP_LEVEL_ORDER = ("library_name", "license", "tags", "datasets", "metrics", "pipeline_tag", "base_model", "convmoe",
                    "model-index")
 
@@ -143,206 +147,6 @@ def dump_front_matter(front: Mapping[str, Any]) -> str:
     return f"---\n{text}---"
 
 
-# -- number formatting ---------------------------------------------------------------------------------
-
-
-def format_count(value: float | None) -> str:
-    """``27.14M``, ``1.23G``: a count with a metric prefix (``n/a`` for None).
-
-    Example:
-        >>> format_count(27_135_823), format_count(950), format_count(None)
-        ('27.14M', '950', 'n/a')
-    """
-    if value is None:
-        return "n/a"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
-
-
-def format_metric(name: str, value: float | None, spread: float | None = None) -> str:
-    """A metric as the card shows it: percentages with 2 decimals, fractions with 4; ``± spread`` if given.
-
-    Example:
-        >>> format_metric("val/top1", 91.234, 0.5), format_metric("val/miou", 0.61234)
-        ('91.23 ± 0.50', '0.6123')
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    digits = 2 if name.rsplit("/", 1)[-1] in ("top1", "top5") else 4
-    text = f"{value:.{digits}f}"
-    return text if spread is None else f"{text} ± {spread:.{digits}f}"
-
-
-def format_ms(value: float | None) -> str:
-    """Milliseconds with 3 significant digits (``n/a`` for None).
-
-    Example:
-        >>> format_ms(8.1234), format_ms(None)
-        ('8.12 ms', 'n/a')
-    """
-    return "n/a" if value is None else f"{value:.3g} ms"
-
-
-def metric_label(name: str, eval_split: str) -> str:
-    """A metric's column title: what it is and on which split (``val/*`` are on the config's val_dataset split).
-
-    Example:
-        >>> metric_label("val/top1", "test"), metric_label("val/miou", "val")
-        ('top-1 accuracy (%), test', 'mIoU, val')
-    """
-    split, _, short = name.partition("/")
-    return f"{METRIC_TYPES.get(short, (short, short))[1]}, {eval_split if split == 'val' else split}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _seeds(seeds: Sequence[int]) -> str:
-    return f"{len(seeds)} ({', '.join(map(str, seeds))})"
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
-
-
-# -- the body ------------------------------------------------------------------------------------------
-
-
-def _results(meta: Mapping[str, Any]) -> list[str]:
-    twin = meta.get("dense_twin")
-    names = list(meta["metrics"])
-    latency = meta.get("latency") or {}
-    labels = [metric_label(n, meta["eval_split"]) for n in names]
-    header = ["model", "seeds", *labels, "params", "active FLOPs", "latency"]
-    rows = [["**this variant**", _seeds(meta["seeds"]),
-             *[format_metric(n, meta["metrics"][n], meta["metrics_std"].get(n)) for n in names],
-             format_count(meta["params"]), format_count(meta["active_flops"]), format_ms(latency.get("ms"))]]
-    if twin:
-        rows.append(["dense twin", _seeds(twin["seeds"]),
-                     *[format_metric(n, twin["metrics"].get(n), twin["metrics_std"].get(n)) for n in names],
-                     format_count(twin["params"]), format_count(twin["active_flops"]),
-                     format_ms(latency.get("dense_twin_ms"))])
-    lines = [
-        "## Results",
-        "",
-        (f"Measured on the **{meta['eval_split']}** split of {get_dataset_info(meta['dataset']).name}; each run's best "
-         f"epoch was chosen on {metric_label(meta['monitor'], meta['eval_split'])}. Cells show the mean ± sample standard deviation "
-         "(n - 1) over seeds; one seed has no spread. FLOPs and latency are per image (see Cost)."),
-        "",
-        *_table(header, rows),
-        "",
-        "Per seed (best epoch of each run):",
-        "",
-    ]
-    seed_rows = [["this variant", str(run["seed"]), str(run["epoch"]),
-                  *[format_metric(n, run["metrics"].get(n)) for n in names]] for run in meta["runs"]]
-    seed_rows += [["dense twin", str(run["seed"]), str(run["epoch"]),
-                   *[format_metric(n, run["metrics"].get(n)) for n in names]] for run in (twin or {}).get("runs", [])]
-    lines += _table(["model", "seed", "epoch", *labels], seed_rows)
-    published = next(run for run in meta["runs"] if run["seed"] == meta["published_seed"])
-    weights = meta["weights"]
-    reevaluated = ", ".join(f"{metric_label(n, meta['eval_split'])} {format_metric(n, v)}"
-                            for n, v in meta["reevaluated"].items())
-    lines += ["", (f"The published weights are the best checkpoint of seed {meta['published_seed']} "
-              f"({metric_label(meta['monitor'], meta['eval_split'])} {format_metric(meta['monitor'], published['metrics'].get(meta['monitor']))}). Evaluated again from "
-              f"the published {weights['dtype']} files with the eval command below: {reevaluated}.")]
-    classes = meta.get("per_class_iou")
-    if classes:
-        twin_classes = (twin or {}).get("per_class_iou") or {}
-        header = ["class", "this variant", *(["dense twin"] if twin_classes else [])]
-        rows = [[name, format_metric("iou", value), *([format_metric("iou", twin_classes.get(name))]
-                                                     if twin_classes else [])] for name, value in classes.items()]
-        lines += ["", f"Per-class IoU on the {meta['eval_split']} split (mean over seeds):", "", *_table(header, rows)]
-    return lines
-
-
-def _cost(meta: Mapping[str, Any]) -> list[str]:
-    twin = meta.get("dense_twin")
-    flops = meta["flops"]
-    shape = "x".join(map(str, flops["input"]))
-    lines = ["## Cost", ""]
-    params = f"- Parameters: {format_count(meta['params'])} (dense equivalent: {format_count(meta['dense_params'])}"
-    lines.append(params + (f"; dense twin: {format_count(twin['params'])})." if twin else ")."))
-    flop_line = (f"- Active FLOPs per image at input {shape}: {format_count(meta['active_flops'])} (dense "
-                 f"equivalent: {format_count(meta['dense_flops'])}")
-    if twin:
-        flop_line += f"; dense twin: {format_count(twin['active_flops'])}"
-    flop_line += ")"
-    if flops.get("block_ratio") is not None:
-        flop_line += f"; the MoE blocks cost {flops['block_ratio']:.2f}x the convs they replace"
-    lines += [flop_line + ".", f"  Counted with {flops['method']}."]
-    latency = meta.get("latency")
-    if latency:
-        text = (f"- Latency: median of {latency['reps']} forward passes (batch {latency['input'][0]}, input "
-                f"{'x'.join(map(str, latency['input']))}, float32, eager PyTorch {latency['torch']}) after "
-                f"{latency['warmup']} warm-up passes on {latency['device']}: {format_ms(latency['ms'])}")
-        if latency.get("dense_twin_ms"):
-            text += (f"; dense twin {format_ms(latency['dense_twin_ms'])} "
-                     f"({latency['ms'] / latency['dense_twin_ms']:.2f}x), timed round-robin in the same process")
-        lines.append(text + ".")
-    else:
-        lines.append("- Latency: not measured.")
-    weights = meta["weights"]
-    lines.append(f"- Weights: `model.safetensors`, {weights['dtype']}, {_mb(weights['bytes'])}, sha256 "
-                 f"`{weights['sha256']}`.")
-    return lines
-
-
-def _reproduce(meta: Mapping[str, Any]) -> list[str]:
-    commands = meta["commands"]
-    lines = ["## Reproduce", "", "Train (one command per seed; `convmoe` is this library's command line):", "", "```bash",
-             *commands["train"], "```"]
-    twin = meta.get("dense_twin")
-    if twin:
-        lines += ["", "The dense twin:", "", "```bash", *twin["commands"]["train"], "```"]
-    lines += ["", f"Evaluate the published weights on the {meta['eval_split']} split:", "", "```bash", commands["eval"],
-              "```"]
-    if commands.get("eval_test"):
-        lines += ["", "and on the test split:", "", "```bash", commands["eval_test"], "```"]
-    if meta.get("preprocessing"):
-        lines += ["", "Inputs are prepared as the recipe's `val_dataset` does: "
-                  + " -> ".join(f"`{step}`" for step in meta["preprocessing"]) + "."]
-    return lines
-
-
-def _limitations(meta: Mapping[str, Any]) -> list[str]:
-    info = get_dataset_info(meta["dataset"])
-    seeds = len(meta["seeds"])
-    items = list(info.limitations)
-    if any(n.startswith("test/") for n in meta["metrics"]):
-        items.append(f"The best epoch of every run was chosen on the {meta['eval_split']} split; the test columns "
-                     "were measured once, with those weights, on the test split, which played no part in training.")
-    else:
-        items.append(f"The best epoch of every run was chosen on the {meta['eval_split']} split that the results are "
-                     "measured on, so they are slightly optimistic.")
-    items.append(f"{seeds} seed{'s' if seeds > 1 else ''}: " + ("the spread is a rough indication, not a confidence "
-                                                              "interval." if seeds > 1 else "no spread is known."))
-    items.append("Latency comes from one machine at batch 1 in eager PyTorch: it compares the variant with its dense "
-                 "twin, it is not a deployment benchmark. MoE blocks dispatch tokens with gathers that FLOPs do not "
-                 "count.")
-    check = meta["weights"].get("check") or {}
-    if meta["weights"]["dtype"] == "float16":
-        items.append(f"Stored in float16 and cast to float32 on load: on one {meta['eval_split']} batch the round "
-                     f"trip changed the logits by at most {check.get('max_abs_diff', float('nan')):.3g} (largest logit "
-                     f"{check.get('max_abs_reference', float('nan')):.3g}); "
-                     f"{100 * check.get('agreement', float('nan')):.2f}% of the predictions agree.")
-    items += list(meta.get("notes") or [])
-    return ["## Limitations", "", *[f"- {item}" for item in items]]
-
-
-def _citation(meta: Mapping[str, Any]) -> list[str]:
-    info = get_dataset_info(meta["dataset"])
-    lines = ["## Citation", "", f"{info.use}", "", "```bibtex", "\n\n".join(info.citations), "```"]
-    references = meta.get("references") or []
-    if references:
-        lines += ["", "Methods:", "", *[f"- {reference}" for reference in references]]
-    return lines
-
-
 def render_body(meta: Mapping[str, Any], analysis: str | None = None) -> str:
     """The card's Markdown after the front matter, from the ``convmoe:`` block and the analysis section.
 
@@ -375,16 +179,16 @@ def render_body(meta: Mapping[str, Any], analysis: str | None = None) -> str:
         "",
         load_note + " `convmoe.describe(model)` lists the MoE blocks.",
         "",
-        *_results(meta),
+        *results_section(meta),
         "",
-        *_cost(meta),
+        *cost_section(meta),
         "",
-        *_reproduce(meta),
+        *reproduce_section(meta),
         "",
     ]
     if analysis:
         lines += [ANALYSIS_START, analysis.strip("\n"), ANALYSIS_END, ""]
-    lines += [*_limitations(meta), "", *_citation(meta), ""]
+    lines += [*limitations_section(meta), "", *citation_section(meta), ""]
     return "\n".join(lines)
 
 

@@ -2,13 +2,20 @@
 
     convmoe zoo publish RUN_DIR --model-id ID [--seeds RUN ...] [--dense-twin RUN ...] [--float16]
     convmoe zoo table            regenerate zoo/README.md and re-render the cards from their metadata
-    convmoe zoo check            schema, weights and their sha256, from_pretrained, 120 MB budget, index up to date
+    convmoe zoo check            schema, weights and their sha256, from_pretrained, plan.yaml and its budget, index up to date
     convmoe zoo push ID          upload zoo/ID to the Hub (after the checks)
 """
 
 from __future__ import annotations
 
 import argparse
+
+from convmoe.engine.cli import parse_device
+from convmoe.zoo.check import check_zoo
+from convmoe.zoo.publish import publish
+from convmoe.zoo.push import push_variant
+from convmoe.zoo.schema import require_zoo_dir, variant_folders
+from convmoe.zoo.table import write_index
 
 
 def _publish_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +47,6 @@ def _publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from convmoe.engine.cli import parse_device
-    from convmoe.zoo.publish import publish
-
     device = parse_device(args.device) if args.device is not None else None
     result = publish(args.run_dir, args.model_id, dense_twin=args.dense_twin, seeds=args.seeds, float16=args.float16,
                      zoo_dir=args.zoo_dir, config=args.config, dense_config=args.dense_config,
@@ -62,9 +66,6 @@ def _table_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_table(args: argparse.Namespace) -> int:
-    from convmoe.zoo.schema import require_zoo_dir
-    from convmoe.zoo.table import write_index
-
     print(f"wrote {write_index(require_zoo_dir(args.zoo_dir))}")
     return 0
 
@@ -75,8 +76,6 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from convmoe.zoo.schema import check_zoo, variant_folders
-
     problems = check_zoo(args.zoo_dir, load=not args.no_load)
     for problem in problems:
         print(problem)
@@ -95,8 +94,6 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from convmoe.zoo.push import push_variant
-
     info = push_variant(args.model_id, repo_id=args.repo_id, zoo_dir=args.zoo_dir, private=args.private,
                         token=args.token, commit_message=args.message)
     print(f"pushed {args.model_id}: {getattr(info, 'commit_url', None) or getattr(info, 'oid', info)}")

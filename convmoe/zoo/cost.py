@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convmoe.describe import describe_blocks
+from convmoe.flops import flops
+
 FVCORE_METHOD = "convmoe.flops (fvcore; one multiply-add = one FLOP; MoE blocks counted at the experts each token visits)"
 ANALYTIC_METHOD = "convmoe.describe (analytic active/dense ratio of the MoE blocks; fvcore not installed)"
 
@@ -66,10 +69,9 @@ def measure_cost(model: nn.Module, inputs: Tensor) -> CostFigures:
     """
     model.eval()
     try:
-        from convmoe.flops import flops
-    except ImportError:
+        report = flops(model, inputs)
+    except ImportError:  # fvcore is imported on first use; without it the analytic count stands in
         return _analytic_cost(model, inputs)
-    report = flops(model, inputs)
     blocks = report.blocks
     ratio = (sum(b.active for b in blocks.values()) / max(sum(b.dense for b in blocks.values()), 1)
              if blocks else None)
@@ -79,8 +81,6 @@ def measure_cost(model: nn.Module, inputs: Tensor) -> CostFigures:
 
 
 def _analytic_cost(model: nn.Module, inputs: Tensor) -> CostFigures:
-    from convmoe.describe import describe_blocks
-
     rows = describe_blocks(model, inputs)
     params = sum(p.numel() for p in model.parameters())
     added = sum(row.params_added for row in rows)

@@ -9,6 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from convmoe.diagnostics import moe_blocks
+from convmoe.dropout import create_dropout
+
 _REFERENCES = {
     "noisy_top_k": "Noisy top-k gating: Shazeer et al., 2017, arXiv:1701.06538.",
     "switch": "Switch load-balancing loss: Fedus et al., 2021, arXiv:2101.03961.",
@@ -30,8 +33,6 @@ def _block_summary(block: nn.Module) -> str:
     if config.shared_expert:
         text += ", a shared expert"
     if config.dropout:
-        from convmoe.dropout import create_dropout
-
         rate = config.drop_rate if config.drop_rate is not None else create_dropout(config.dropout).drop_rate
         text += f", {config.dropout} expert dropout {rate:g} in training"
     return text
@@ -53,8 +54,6 @@ def describe_moe(model: nn.Module) -> tuple[str, list[str]]:
         >>> describe_moe(nn.Conv2d(1, 1, 1))
         ('none (dense model)', [])
     """
-    from convmoe.diagnostics import moe_blocks
-
     blocks = dict(moe_blocks(model))
     if not blocks:
         return "none (dense model)", []
@@ -75,7 +74,9 @@ def describe_initialization(config: Mapping[str, Any]) -> str:
         ...                                    "moe_targets": "last_stage"}})
         'ImageNet weights from `convmoe.pretrained.load_efficientnet_lite0`; every expert starts as a copy of the conv it replaces (upcycling)'
     """
-    from convmoe.models.classification import PACKAGED_WEIGHTS
+    from convmoe.models.classification import (
+        PACKAGED_WEIGHTS,  # convmoe.models imports smp, an optional extra
+    )
 
     model = config.get("model") or {}
     if config.get("init_encoder_from"):
@@ -119,8 +120,6 @@ def method_references(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
         >>> method_references(nn.Sequential(MoEConv2d(4, 4, 1, noise_std=1.0)), {"model": {}})
         ['Noisy top-k gating: Shazeer et al., 2017, arXiv:1701.06538.', 'Switch load-balancing loss: Fedus et al., 2021, arXiv:2101.03961.']
     """
-    from convmoe.diagnostics import moe_blocks
-
     keys = []
     for _, block in moe_blocks(model):
         block_config = block.config

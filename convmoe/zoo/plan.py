@@ -1,25 +1,38 @@
-"""The variants the zoo publishes, and the commands that train and publish them.
+"""The zoo's release plan, read from ``<zoo dir>/plan.yaml``: the variants, their recipes, seeds and budget.
 
-Nothing here is a result: a planned variant names its recipe, its dense twin's recipe and their
-seeds. Its weight size is estimated from the recipe (the model built on the ``meta`` device), so
-the plan can be checked against the zoo's 120 MB budget before any training.
+The plan is data beside the zoo, not constants in the library, so an installed convmoe reads the
+plan of whichever zoo folder it is given (``--zoo-dir``, default ``./zoo``)::
 
-The plan uses the CPU-budget recipes of ``configs/cpu/`` (no GPU has been available to this
-project): 64 px CIFAR-10 for one epoch of 20,480 images, and half-resolution CamVid with
-``decoder_channels=128`` for 6 epochs. At that size every CamVid routing fits the budget, MEDoE
-included. The full recipes of ``configs/`` are listed in :data:`NOT_PUBLISHED` until a GPU session
-trains them.
+    root: ..                       # the recipes' paths are relative to this, relative to the zoo folder
+    budget_bytes: 120000000        # the whole zoo folder, weights and cards
+    data_command: python shared/data/unpack.py {dataset} .data/{dataset}
+    summary: The variants, their recipes and seeds ...
+    variants:
+      - {model_id: upernet-lite0-moe8-camvid, config: configs/cpu/camvid_upernet_moe.yaml,
+         dense_config: configs/cpu/camvid_upernet_dense.yaml, dataset: camvid, seeds: [0, 1, 2]}
+    not_published:
+      - {config: configs/camvid_upernet_moe.yaml, reason: the full-budget recipe}
+
+Nothing in a plan is a result: a planned variant names its recipe, its dense twin's recipe and
+their seeds. Its weight size is estimated from the recipe (the model built on the ``meta``
+device), so the plan can be checked against the budget before any training.
 """
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
+from convmoe.engine.config import instantiate, load_config
 from convmoe.zoo.datasets import get_dataset_info
+
+PLAN_NAME = "plan.yaml"
 
 
 @dataclass(frozen=True)
@@ -28,16 +41,19 @@ class PlannedVariant:
 
     Attributes:
         model_id: The folder name and Hub repo name.
-        config: The MoE recipe, relative to the repository root.
+        config: The MoE recipe, relative to the plan's root (the repository root).
         dense_config: The dense twin's recipe (same recipe, dense model), or None.
         dataset: Key in :data:`convmoe.zoo.datasets.DATASETS`.
         seeds: ``trainer.seed`` values to train (the recipes default to seed 0).
         dense_seeds: The dense twin's seeds (default: ``seeds``).
         float16: Publish float16 weights.
+        root: The folder the recipes' paths are relative to (default: the working folder).
+        data_template: The command that unpacks ``{dataset}`` where the recipes look for it.
 
     Example:
-        >>> PLANNED[0].run_dir(0), PLANNED[0].run_dir(2)
-        ('runs/cpu_cifar10_efficientnet_lite0_moe', 'runs/cpu_cifar10_efficientnet_lite0_moe_seed2')
+        >>> variant = PlannedVariant("m", "configs/none.yaml", None, "camvid")
+        >>> variant.run_dir(0), variant.run_dir(2)
+        ('runs/none', 'runs/none_seed2')
     """
 
     model_id: str
@@ -47,6 +63,8 @@ class PlannedVariant:
     seeds: tuple[int, ...] = (0, 1, 2)
     dense_seeds: tuple[int, ...] | None = None
     float16: bool = True
+    root: Path = field(default=Path("."), compare=False, repr=False)
+    data_template: str = field(default="", compare=False, repr=False)
 
     def seeds_of(self, config: str | None = None) -> tuple[int, ...]:
         """The seeds trained for ``config`` (the MoE recipe by default, or the dense twin's)."""
@@ -57,13 +75,13 @@ class PlannedVariant:
     def run_dir(self, seed: int, config: str | None = None) -> str:
         """Where ``convmoe train`` writes seed ``seed`` of ``config`` (default: the MoE recipe): the
         recipe's ``trainer.default_root_dir`` for its own seed, ``<that>_seed<N>`` for the others."""
-        root, recipe_seed = _recipe_run_dir(config or self.config)
+        root, recipe_seed = _recipe_run_dir(self.root / (config or self.config))
         return root if seed == recipe_seed else f"{root}_seed{seed}"
 
     def train_commands(self, config: str | None = None) -> list[str]:
         """One ``convmoe train`` per seed; other seeds than the recipe's write to ``<run dir>_seed<N>``."""
         config = config or self.config
-        _, recipe_seed = _recipe_run_dir(config)
+        _, recipe_seed = _recipe_run_dir(self.root / config)
         commands = []
         for seed in self.seeds_of(config):
             extra = [] if seed == recipe_seed else [f"trainer.seed={seed}",
@@ -78,54 +96,113 @@ class PlannedVariant:
         if len(self.seeds) > 1:
             parts += ["--seeds", *[self.run_dir(seed) for seed in self.seeds[1:]]]
         if self.dense_config:
-            parts += ["--dense-config", self.dense_config, "--dense-twin", *[self.run_dir(seed, self.dense_config) for seed in self.seeds_of(self.dense_config)]]
+            parts += ["--dense-config", self.dense_config, "--dense-twin",
+                      *[self.run_dir(seed, self.dense_config) for seed in self.seeds_of(self.dense_config)]]
         if self.float16:
             parts.append("--float16")
         return shlex.join(parts)
 
     def data_command(self) -> str:
-        """Unpack the dataset where the recipes look for it (``data.root``)."""
-        return f"python shared/data/unpack.py {self.dataset} .data/{self.dataset}"
+        """Unpack the dataset where the recipes look for it (the plan's ``data_command``); empty without one."""
+        return self.data_template.format(dataset=self.dataset)
 
 
-_REPOSITORY = Path(__file__).resolve().parents[2]
+@dataclass(frozen=True)
+class ZooPlan:
+    """A zoo's ``plan.yaml``.
+
+    Attributes:
+        variants: The variants to publish.
+        root: The folder the recipes' paths are relative to (the repository root).
+        budget_bytes: Bytes the whole zoo folder may hold (None: no budget).
+        summary: The paragraph that opens the plan section of ``zoo/README.md``.
+        not_published: (recipe, reason) for recipes deliberately left out.
+        path: The plan file.
+
+    Example:
+        >>> ZooPlan(variants=()).budget_bytes is None
+        True
+    """
+
+    variants: tuple[PlannedVariant, ...]
+    root: Path = Path(".")
+    budget_bytes: int | None = None
+    summary: str = ""
+    not_published: tuple[tuple[str, str], ...] = ()
+    path: Path | None = None
 
 
-def _recipe_run_dir(config: str | Path) -> tuple[str, int]:
-    """A recipe's ``trainer.default_root_dir`` and ``trainer.seed`` (the YAML relative to the working folder
-    or to the repository); ``runs/<recipe stem>`` and seed 0 when the recipe does not set them or is absent."""
-    from convmoe.engine.config import load_config
-
-    path = Path(config)
-    if not path.is_file() and (_REPOSITORY / path).is_file():  # run from another folder than the repository's
-        path = _REPOSITORY / path
-    trainer = (load_config(path).get("trainer") or {}) if path.is_file() else {}
-    return str(trainer.get("default_root_dir") or f"runs/{path.stem}"), int(trainer.get("seed", 0))
+_PLAN_KEYS = {"root", "budget_bytes", "data_command", "summary", "variants", "not_published"}
+_VARIANT_KEYS = {f.name for f in fields(PlannedVariant)} - {"root", "data_template"}
 
 
-_CIFAR_CPU = "configs/cpu/cifar10_efficientnet_lite0_{}.yaml"
-_CAMVID_CPU = "configs/cpu/camvid_upernet_{}.yaml"
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in value):
+        raise ValueError(f"{where} must be a non-empty list of integers, got {value!r}.")
+    return tuple(value)
 
-PLANNED: tuple[PlannedVariant, ...] = (
-    PlannedVariant("efficientnet-lite0-moe8-cifar10", _CIFAR_CPU.format("moe"), _CIFAR_CPU.format("dense"), "cifar10"),
-    PlannedVariant("upernet-lite0-moe8-camvid", _CAMVID_CPU.format("moe"), _CAMVID_CPU.format("dense"), "camvid"),
-    PlannedVariant("upernet-lite0-moe8-expert-choice-camvid", _CAMVID_CPU.format("moe_expert_choice"),
-                   _CAMVID_CPU.format("dense"), "camvid", seeds=(0,), dense_seeds=(0, 1, 2)),
-    PlannedVariant("upernet-lite0-medoe8-camvid", _CAMVID_CPU.format("medoe"), _CAMVID_CPU.format("dense"), "camvid",
-                   seeds=(0,), dense_seeds=(0, 1, 2)),
-)
 
-_FULL_RECIPE = ("the full-budget recipe (a GPU's worth of training); its CPU-budget version in configs/cpu/ is "
-                "what the zoo publishes, until a GPU session trains this one")
+def _variant(entry: Any, index: int, path: Path, root: Path, data_template: str) -> PlannedVariant:
+    where = f"{path} variants[{index}]"
+    if not isinstance(entry, Mapping):
+        # a malformed file is a wrong value to its reader: ValueError, which check_zoo reports
+        raise ValueError(f"{where} must be a mapping with model_id, config, dense_config, dataset, seeds; "  # noqa: TRY004
+                         f"got {entry!r}.")
+    unknown = sorted(set(entry) - _VARIANT_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; allowed: {sorted(_VARIANT_KEYS)}.")
+    missing = [key for key in ("model_id", "config", "dataset") if not isinstance(entry.get(key), str)]
+    if missing:
+        raise ValueError(f"{where} needs {', '.join(missing)} (text).")
+    values = dict(entry)
+    values.setdefault("dense_config", None)
+    if "seeds" in values:
+        values["seeds"] = _seeds(values["seeds"], f"{where}.seeds")
+    if values.get("dense_seeds") is not None:
+        values["dense_seeds"] = _seeds(values["dense_seeds"], f"{where}.dense_seeds")
+    return PlannedVariant(**values, root=root, data_template=data_template)
 
-# Recipes in configs/ that are not published, and why.
-NOT_PUBLISHED: tuple[tuple[str, str], ...] = (
-    (_CIFAR_CPU.format("dense"), "trained as the dense twin of the CIFAR-10 variant; its numbers are in its card"),
-    (_CAMVID_CPU.format("dense"), "trained as the dense twin of the CamVid variants; its numbers are in their cards"),
-    *((f"configs/{name}.yaml", _FULL_RECIPE) for name in (
-        "cifar10_efficientnet_lite0_moe", "cifar10_efficientnet_lite0_dense", "camvid_upernet_moe",
-        "camvid_upernet_moe_expert_choice", "camvid_upernet_medoe", "camvid_upernet_dense")),
-)
+
+def load_plan(zoo_dir: str | Path) -> ZooPlan | None:
+    """The plan of ``zoo_dir`` (its ``plan.yaml``), or None when the zoo has none.
+
+    Raises:
+        ValueError: A plan that is not a mapping, unknown keys, or a malformed variant (named).
+
+    Example:
+        >>> load_plan("no/such/zoo") is None
+        True
+    """
+    path = Path(zoo_dir) / PLAN_NAME
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} must hold a mapping (root, budget_bytes, variants, ...), "  # noqa: TRY004 (as above)
+                         f"got {type(data).__name__}.")
+    unknown = sorted(set(data) - _PLAN_KEYS)
+    if unknown:
+        raise ValueError(f"{path} has unknown keys {unknown}; allowed: {sorted(_PLAN_KEYS)}.")
+    budget = data.get("budget_bytes")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0):
+        raise ValueError(f"{path} budget_bytes={budget!r} must be a positive integer (bytes).")
+    root = (path.parent / str(data.get("root", "."))).resolve()
+    template = str(data.get("data_command") or "")
+    variants = tuple(_variant(entry, i, path, root, template) for i, entry in enumerate(data.get("variants") or []))
+    not_published = []
+    for i, entry in enumerate(data.get("not_published") or []):
+        if not isinstance(entry, Mapping) or set(entry) != {"config", "reason"}:
+            raise ValueError(f"{path} not_published[{i}] must be a mapping with config and reason, got {entry!r}.")
+        not_published.append((str(entry["config"]), str(entry["reason"])))
+    return ZooPlan(variants, root, budget, str(data.get("summary") or ""), tuple(not_published), path)
+
+
+def _recipe_run_dir(config: Path) -> tuple[str, int]:
+    """A recipe's ``trainer.default_root_dir`` and ``trainer.seed``; ``runs/<recipe stem>`` and seed 0
+    when the recipe does not set them or is absent."""
+    trainer = (load_config(config).get("trainer") or {}) if config.is_file() else {}
+    return str(trainer.get("default_root_dir") or f"runs/{config.stem}"), int(trainer.get("seed", 0))
 
 
 def estimated_weight_bytes(config: str | Path, float16: bool = True) -> int:
@@ -136,8 +213,6 @@ def estimated_weight_bytes(config: str | Path, float16: bool = True) -> int:
         >>> estimated_weight_bytes("configs/cpu/cifar10_efficientnet_lite0_moe.yaml") // 10**6  # doctest: +SKIP
         8
     """
-    from convmoe.engine.config import instantiate, load_config
-
     node = dict(load_config(config)["model"])
     for key, off in (("pretrained", False), ("encoder_weights", None)):
         if key in node:
@@ -148,25 +223,23 @@ def estimated_weight_bytes(config: str | Path, float16: bool = True) -> int:
                for t in model.state_dict().values())
 
 
-def check_plan(root: str | Path = ".") -> list[str]:
-    """Problems of :data:`PLANNED` against a repository root: missing recipes, unknown datasets,
-    repeated ids.
+def check_plan(plan: ZooPlan) -> list[str]:
+    """Problems of a plan: missing recipes, unknown datasets, repeated ids.
 
     Example:
-        >>> check_plan("no/such/repo")[0]
-        'planned recipe no/such/repo/configs/cpu/cifar10_efficientnet_lite0_moe.yaml does not exist.'
+        >>> check_plan(ZooPlan((PlannedVariant("m", "no/such.yaml", None, "camvid"),), root=Path("repo")))
+        ['planned recipe repo/no/such.yaml does not exist.']
     """
-    root = Path(root)
     problems = []
-    for variant in PLANNED:
+    for variant in plan.variants:
         for config in (variant.config, variant.dense_config):
-            if config and not (root / config).is_file():
-                problems.append(f"planned recipe {(root / config).as_posix()} does not exist.")
+            if config and not (plan.root / config).is_file():
+                problems.append(f"planned recipe {(plan.root / config).as_posix()} does not exist.")
         try:
             get_dataset_info(variant.dataset)
         except ValueError as error:
             problems.append(str(error))
-    ids = [v.model_id for v in PLANNED]
+    ids = [v.model_id for v in plan.variants]
     if len(set(ids)) != len(ids):
         problems.append(f"planned model ids repeat: {ids}.")
     return problems

@@ -25,7 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convmoe import __version__
+from convmoe.analysis import analyze, model_card_section
+from convmoe.analysis.tracking import load_history, plot_tracking
 from convmoe.atomic_files import file_sha256
+from convmoe.engine.config import instantiate
+from convmoe.engine.distributed import DistributedContext
+from convmoe.engine.evaluate import evaluate, load_model, loss_ignore_index, split_batch
+from convmoe.engine.loaders import build_dataloader
+from convmoe.hub import WEIGHTS_NAME, from_pretrained
 from convmoe.zoo.card import build_front_matter, render_card
 from convmoe.zoo.commands import eval_command, find_recipe, recipe_overrides, train_command
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency
@@ -45,6 +53,7 @@ from convmoe.zoo.runs import (
     summarize_runs,
 )
 from convmoe.zoo.schema import CARD_NAME, HUB_ID, MODEL_ID, SCHEMA_VERSION, check_variant
+from convmoe.zoo.table import write_index
 from convmoe.zoo.weights import OutputCheck, base_recipe_for, compare_outputs, export_weights
 
 DEFAULT_ORG = "convmoe"
@@ -105,9 +114,6 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
 
 
 def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
-    from convmoe.engine.distributed import DistributedContext
-    from convmoe.engine.loaders import build_dataloader
-
     if not config.get("val_dataset"):
         raise ValueError("the run's config has no val_dataset; a zoo variant is measured on it.")
     ctx = DistributedContext(0, 0, 1, device)
@@ -115,9 +121,6 @@ def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
 
 
 def _ignore_index(config: dict[str, Any]) -> int | None:
-    from convmoe.engine.config import instantiate
-    from convmoe.engine.evaluate import loss_ignore_index
-
     if "ignore_index" in config:
         return config["ignore_index"]
     return loss_ignore_index(instantiate(config["loss"])) if config.get("loss") else None
@@ -136,8 +139,6 @@ def _check_round_trip(check: OutputCheck, dtype: str) -> None:
 def _reevaluate(folder: Path, run: RunRecord, dtype: str, tolerance: float | None) -> dict[str, float]:
     """The published files evaluated again on the val split (and the test split when the run logged
     one), checked against the run's logged metrics."""
-    from convmoe.engine.evaluate import evaluate
-
     reevaluated: dict[str, float] = {}
     for split in ("val", "test") if run.test_metrics else ("val",):
         measured = evaluate(str(folder), config=run.config, split=split, progress=False)
@@ -154,8 +155,6 @@ def _reevaluate(folder: Path, run: RunRecord, dtype: str, tolerance: float | Non
 
 def _routing_analysis(model: nn.Module, loader: Any, config: dict[str, Any], folder: Path, device: torch.device,
                       max_batches: int | None, model_name: str, data_name: str) -> str | None:
-    from convmoe.analysis import analyze, model_card_section
-
     try:
         report = analyze(model.to(device), loader, None, class_names=getattr(loader.dataset, "classes", None),
                          ignore_index=_ignore_index(config), redundancy=False, device=device, max_batches=max_batches,
@@ -169,8 +168,6 @@ def _routing_analysis(model: nn.Module, loader: Any, config: dict[str, Any], fol
 def _training_curves(run: RunRecord, folder: Path) -> str | None:
     """The card's "over training" paragraph and its image, from the run's routing history (the engine's
     ``routing_history.json``); None when the run has none or matplotlib is missing."""
-    from convmoe.analysis.tracking import load_history, plot_tracking
-
     path = run.run_dir / "routing_history.json"
     if not path.is_file():
         return None
@@ -253,10 +250,6 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         >>> publish("runs/camvid_upernet_moe", "upernet-lite0-moe8-camvid",  # doctest: +SKIP
         ...         seeds=["runs/camvid_upernet_moe_seed1"], dense_twin=["runs/camvid_upernet_dense"], float16=True)
     """
-    from convmoe import __version__
-    from convmoe.engine.evaluate import load_model, split_batch
-    from convmoe.hub import WEIGHTS_NAME, from_pretrained
-
     if not MODEL_ID.match(model_id) or "--" in model_id or ".." in model_id:
         raise ValueError(f"model id {model_id!r} must be lower case letters, digits and . - _ (no '--' or '..', at most "
                          "96 characters), e.g. 'upernet-lite0-moe8-camvid'.")
@@ -351,7 +344,5 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
     if problems:
         raise ValueError(f"the published card of {model_id} fails the zoo schema: " + " ".join(problems))
     if update_index:
-        from convmoe.zoo.table import write_index
-
         write_index(zoo_dir)
     return PublishResult(folder=folder, card=card, front_matter=front)

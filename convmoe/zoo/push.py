@@ -13,6 +13,7 @@ from typing import Any
 
 from convmoe.zoo.card import analysis_section, render_card, split_front_matter
 from convmoe.zoo.schema import CARD_NAME, HUB_ID, check_variant
+from convmoe.zoo.table import write_index
 
 
 def resolve_variant(model_id_or_folder: str | Path, zoo_dir: str | Path = "zoo") -> Path:
@@ -77,7 +78,7 @@ def push_variant(model_id_or_folder: str | Path, repo_id: str | None = None, zoo
     Example:
         >>> push_variant("upernet-lite0-moe8-camvid")  # doctest: +SKIP
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # slow to import; only an upload needs it (as in convmoe.hub_files)
 
     folder = resolve_variant(model_id_or_folder, zoo_dir)
     problems = check_variant(folder)
@@ -100,7 +101,5 @@ def push_variant(model_id_or_folder: str | Path, repo_id: str | None = None, zoo
     if revision:
         record_revision(folder, revision)
         if update_index and folder.parent.resolve() == Path(zoo_dir).resolve():
-            from convmoe.zoo.table import write_index
-
             write_index(zoo_dir)
     return info

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convmoe.engine.checkpoint import load_checkpoint
+
 # The headline metrics of a card, in display order; per-class IoUs and losses are kept apart.
 HEADLINE_METRICS = ("miou", "pixel_accuracy", "top1", "top5")
 # Config keys that may differ between the seeds of one recipe (where a run writes, how it shows progress).
@@ -121,8 +123,6 @@ def read_run(run_dir: str | Path) -> RunRecord:
         ...
         FileNotFoundError: runs/nothing/metrics.csv does not exist; publish reads a folder written by `convmoe train` (metrics.csv and checkpoints/best.pt). Check the path, or train first.
     """
-    from convmoe.engine.checkpoint import load_checkpoint
-
     run_dir = Path(run_dir)
     metrics_path, checkpoint = run_dir / "metrics.csv", run_dir / "checkpoints" / "best.pt"
     for path in (metrics_path, checkpoint):

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from convmoe.atomic_files import file_sha256
+from convmoe.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, read_config
 from convmoe.zoo.card import PIPELINE_TAGS, model_index, rerender, split_front_matter
 from convmoe.zoo.datasets import DATASETS
-
-if TYPE_CHECKING:
-    from convmoe.zoo.plan import PlannedVariant
+from convmoe.zoo.weights import weights_dtype
 
 SCHEMA_VERSION = 1
 CARD_NAME = "README.md"
-ZOO_BUDGET_BYTES = 120 * 10**6  # the whole zoo folder, weights and cards (120 MB)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 MODEL_ID = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,94}[a-z0-9])?$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -254,10 +253,6 @@ def check_variant(folder: str | Path, load: bool = True) -> list[str]:
         >>> check_variant("no/such/variant")
         ['no/such/variant/README.md does not exist; publish the variant with `convmoe zoo publish`.']
     """
-    from convmoe.atomic_files import file_sha256
-    from convmoe.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, read_config
-    from convmoe.zoo.weights import weights_dtype
-
     folder = Path(folder)
     card = folder / CARD_NAME
     if not card.is_file():
@@ -336,31 +331,3 @@ def require_zoo_dir(zoo_dir: str | Path) -> Path:
         raise FileNotFoundError(f"zoo folder {zoo_dir} does not exist; pass --zoo-dir with the folder holding the "
                                 "variants (default: zoo, run from the repository root).")
     return zoo_dir
-
-
-def check_zoo(zoo_dir: str | Path, load: bool = True, budget_bytes: int = ZOO_BUDGET_BYTES,
-              plan: Sequence[PlannedVariant] | None = None) -> list[str]:
-    """Every problem of a zoo folder: each variant (:func:`check_variant`), the size budget, and an
-    index (``zoo/README.md``) that ``convmoe zoo table`` would write unchanged (``plan`` as in
-    :func:`~convmoe.zoo.table.render_index`).
-
-    Raises:
-        FileNotFoundError: ``zoo_dir`` does not exist (:func:`require_zoo_dir`).
-
-    Example:
-        >>> import tempfile
-        >>> check_zoo(tempfile.mkdtemp())  # doctest: +ELLIPSIS
-        ['.../README.md is not up to date; run `convmoe zoo table`.']
-    """
-    from convmoe.zoo.table import render_index
-
-    zoo_dir = require_zoo_dir(zoo_dir)
-    problems = [problem for folder in variant_folders(zoo_dir) for problem in check_variant(folder, load=load)]
-    size = folder_bytes(zoo_dir)
-    if size > budget_bytes:
-        problems.append(f"{zoo_dir} holds {size / 1e6:.1f} MB, over the budget of {budget_bytes / 1e6:.0f} MB; publish "
-                        "with --float16, or drop a variant.")
-    index = zoo_dir / CARD_NAME
-    if not index.is_file() or index.read_text(encoding="utf-8") != render_index(zoo_dir, plan):
-        problems.append(f"{index} is not up to date; run `convmoe zoo table`.")
-    return problems

@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
+from convmoe.engine.config import locate
+from convmoe.engine.evaluate import model_output
 from convmoe.factory import BaseRecipe
+from convmoe.hub import save_pretrained
 
 # Keyword arguments that would load pretrained weights when a base model is rebuilt; the zoo
 # checkpoint brings every weight.
@@ -52,8 +56,7 @@ def base_recipe_for(model_node: Mapping[str, Any]) -> BaseRecipe:
         ...                  "num_classes": 10, "pretrained": True, "moe_targets": "layer4.*"}).to_dict()
         {'library': 'factory', 'name': 'convmoe.models.classification:create_classifier', 'kwargs': {'model_name': 'test_resnet', 'num_classes': 10, 'pretrained': False}}
     """
-    from convmoe.engine.config import locate
-    from convmoe.models import create_classifier
+    from convmoe.models import create_classifier  # convmoe.models imports smp, an optional extra
 
     node = dict(model_node)
     target = node.pop("_target_", None)
@@ -90,8 +93,6 @@ def export_weights(model: nn.Module, folder: str | Path, recipe: BaseRecipe, flo
         >>> convmoe.from_pretrained(folder).fc.weight.dtype
         torch.float32
     """
-    from convmoe.hub import save_pretrained
-
     source = copy.deepcopy(model).half() if float16 else model
     return save_pretrained(source, folder, base=recipe)
 
@@ -108,8 +109,6 @@ def weights_dtype(path: str | Path) -> str:
         >>> weights_dtype(path)
         'float16'
     """
-    from safetensors import safe_open
-
     dtypes = set()
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 (not a dict)
@@ -155,8 +154,6 @@ def compare_outputs(reference: nn.Module, candidate: nn.Module, inputs: Tensor) 
         >>> compare_outputs(net, copy.deepcopy(net), torch.randn(1, 3, 4, 4)).agreement
         1.0
     """
-    from convmoe.engine.evaluate import model_output
-
     expected = model_output(reference.eval()(inputs)).float()
     actual = model_output(candidate.eval()(inputs)).float()
     agreement = float((expected.argmax(1) == actual.argmax(1)).float().mean())
