@@ -74,11 +74,23 @@ def _replaced(block: MoEConv2d) -> str:
     return " ".join(parts)
 
 
-def _weights_per_expert(bank: nn.Module, num_experts: int) -> float:
+def weights_per_expert(bank: nn.Module, num_experts: int) -> float:
+    """Conv weights of one expert of ``bank``: the MACs it costs per output position it computes.
+
+    Example:
+        >>> weights_per_expert(MoEConv2d(8, 4, 3, num_experts=2).experts, 2)
+        288.0
+    """
     return sum(p.numel() for p in bank.parameters() if p.dim() >= 4) / num_experts
 
 
-def _dense_macs(block: MoEConv2d) -> int:
+def dense_macs_per_position(block: MoEConv2d) -> int:
+    """MACs of the equivalent dense conv per output position: ``C_out * C_in / groups * kh * kw``.
+
+    Example:
+        >>> dense_macs_per_position(MoEConv2d(8, 4, 3, num_experts=2))
+        288
+    """
     kh, kw = block.geometry.kernel_size
     return block.out_channels * (block.in_channels // block.groups) * kh * kw
 
@@ -102,9 +114,9 @@ def summarize_block(name: str, block: MoEConv2d, input_size: tuple[int, int] | N
         1.0034...
     """
     c = block.config
-    dense = _dense_macs(block)
-    expert = _weights_per_expert(block.experts, c.num_experts)
-    shared = _weights_per_expert(block.shared_expert, 1) if block.shared_expert is not None else 0.0
+    dense = dense_macs_per_position(block)
+    expert = weights_per_expert(block.experts, c.num_experts)
+    shared = weights_per_expert(block.shared_expert, 1) if block.shared_expert is not None else 0.0
     gate = sum(p.numel() for p in block.router.parameters() if p.dim() >= 2)
     k_eff = _analytic_k_eff(block)
     if input_size is None:
@@ -212,7 +224,7 @@ def describe(model: nn.Module, inputs: Any = None) -> str:
     total = sum(p.numel() for p in model.parameters())
     dense_total = total - added
     blocks = _blocks(model)
-    dense_macs = [_dense_macs(blocks[r.name]) for r in rows]
+    dense_macs = [dense_macs_per_position(blocks[r.name]) for r in rows]
     overall = sum(r.active_flops_ratio * m for r, m in zip(rows, dense_macs, strict=True)) / sum(dense_macs)
     lines.append(f"{len(rows)} MoE block(s), +{_count(added)} parameters (+{100 * added / max(dense_total, 1):.1f}% of "
                  f"{_count(dense_total)} dense), active FLOPs {overall:.2f}x over the replaced convs")

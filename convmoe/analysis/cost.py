@@ -14,22 +14,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from convmoe.analysis.collect import LayerRouting
-
-
-def _weights_per_expert(bank: nn.Module, num_experts: int) -> float:
-    return sum(p.numel() for p in bank.parameters() if p.dim() >= 4) / num_experts
-
-
-def dense_macs_per_position(block: nn.Module) -> int:
-    """MACs of the equivalent dense conv per output position: ``C_out * C_in / groups * kh * kw``.
-
-    Example:
-        >>> from convmoe import MoEConv2d
-        >>> dense_macs_per_position(MoEConv2d(8, 4, 3, num_experts=2))
-        288
-    """
-    kh, kw = block.geometry.kernel_size
-    return block.out_channels * (block.in_channels // block.groups) * kh * kw
+from convmoe.describe import dense_macs_per_position, weights_per_expert
 
 
 def dense_params(block: nn.Module) -> int:
@@ -113,8 +98,8 @@ def layer_cost(block: nn.Module, layer: LayerRouting) -> LayerCost | None:
         return None
     images = layer.sized_images
     num_experts = block.config.num_experts
-    expert = _weights_per_expert(block.experts, num_experts)
-    shared = _weights_per_expert(block.shared_expert, 1) if block.shared_expert is not None else 0.0
+    expert = weights_per_expert(block.experts, num_experts)
+    shared = weights_per_expert(block.shared_expert, 1) if block.shared_expert is not None else 0.0
     gate = sum(p.numel() for p in block.router.parameters() if p.dim() >= 2)
     tokens_per_image = layer.tokens / layer.images if layer.images else 0.0
     positions_per_image = layer.positions / images
