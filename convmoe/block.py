@@ -46,13 +46,18 @@ class MoEConv2d(nn.Module, ScopedModule):
                           -> router(tokens)               which experts, with what weight (float32)
                           -> dispatcher(experts)          dense reference or sparse gather/scatter
                           (+ shared expert)               -> y (B, C_out, H_out, W_out)
-        on the side: last_aux (balancing losses), last_routing (for routing_stats)
+        on the side: last_aux (balancing losses, training with autograd only), last_routing (for routing_stats)
 
     Side outputs cover the model's current forward pass (see :mod:`convmoe.scope`): ``last_aux`` is
     the sum over every call of the block in that pass (a head shared by FPN levels runs once per
     level), ``forward_routings`` holds each call's routing and ``last_routing`` the latest one. A
     block that did not run in the pass holds None. Called on its own (no scope), each call replaces
     the last.
+
+    Balancing losses are computed only in training mode with autograd enabled: in eval mode or under
+    ``torch.no_grad()`` ``last_aux`` holds a zero total and no terms (so ``convmoe.aux_loss`` is 0),
+    which keeps the losses' cost out of inference. The routing is kept in every mode; routing
+    statistics are computed from it only when ``convmoe.routing_stats`` asks.
 
     Args:
         in_channels: Input channels C_in, as in ``nn.Conv2d``.
@@ -228,15 +233,25 @@ class MoEConv2d(nn.Module, ScopedModule):
         if self.shared_expert is not None:
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 
-        # Losses and statistics on the side, where convmoe.aux_loss / routing_stats find them; every
-        # call of the model's forward pass counts (a shared head runs once per pyramid level).
-        self._record(self.balancing(routing), _detached(routing))
+        # Losses on the side, where convmoe.aux_loss finds them, and the routing, from which
+        # convmoe.routing_stats computes statistics when asked; every call of the model's forward pass
+        # counts (a shared head runs once per pyramid level).
+        self._record(routing)
         return y
 
-    def _record(self, aux: AuxOutput, routing: Routing) -> None:
+    def _record(self, routing: Routing) -> None:
         if not self.forward_scope_open:
             self.reset_forward_state()  # called on its own: this call replaces the last
-        self.last_aux = aux if self.last_aux is None else _added(self.last_aux, aux)
+        if self.training and torch.is_grad_enabled():
+            aux = self.balancing(routing)
+            self.last_aux = aux if self.last_aux is None else _added(self.last_aux, aux)
+        elif self.last_aux is None:
+            # Balancing losses are a training signal: in eval mode or without autograd nobody can
+            # train on them, so they are not computed (they cost as much as the router) and the
+            # block reports a zero total with no terms.
+            self.last_aux = AuxOutput(torch.zeros((), device=routing.probs.device))
+        if torch.is_grad_enabled():
+            routing = _detached(routing)  # the kept routing never holds the graph
         self._forward_routings.append(routing)
         self.last_routing = routing
 

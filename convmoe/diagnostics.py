@@ -36,7 +36,8 @@ def aux_loss(model: nn.Module) -> Tensor:
     """Weighted sum of every MoE block's balancing losses from the model's latest forward pass.
 
     A differentiable scalar to add to the task loss; ``0`` when the model has no MoE block or its
-    blocks have no losses. Blocks that did not run in that pass add nothing; a block that ran
+    blocks have no losses, and after a forward pass in eval mode or under ``torch.no_grad()``: the
+    blocks compute balancing losses only where they can be trained on. Blocks that did not run in that pass add nothing; a block that ran
     several times (a shared head) adds every call. Pass the module you call (the model, or its
     DDP / ``torch.compile`` wrapper): the first call adds a forward scope to a model that has none
     (:func:`convmoe.scope.add_forward_scope`; ``convmoe.patch`` adds it up front), which from the
@@ -257,7 +258,8 @@ def routing_stats(model: nn.Module) -> ModelRoutingStats:
     """Per-block and aggregated routing statistics of the model's latest forward pass.
 
     Only blocks that ran in that pass are listed; a block that ran several times (a shared head)
-    gives the statistics of all its calls together. Like :func:`aux_loss`, the first call adds a
+    gives the statistics of all its calls together. The statistics are computed here, from the
+    routing each block keeps, so they cost nothing in a forward pass (eval included) that nobody reads. Like :func:`aux_loss`, the first call adds a
     forward scope to a model that has none.
 
     Example:

@@ -299,3 +299,49 @@ def test_bad_block_arguments_raise(kwargs: dict, match: str) -> None:
     args = {"kernel_size": 3, "padding": 1, "num_experts": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         MoEConv2d(4, 6, **args)
+
+
+class _CountingLoss(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, routing: Any) -> Any:
+        self.calls += 1
+        return self.inner(routing)
+
+
+@pytest.mark.parametrize("tokens", TOKEN_SPECS)
+def test_eval_and_no_grad_compute_no_balancing_loss(tokens: str, x_small: Tensor) -> None:
+    """Issue 15: losses are a training signal; eval and no_grad passes skip them, routing stats still work."""
+    import convmoe
+
+    block = make_block(tokens=tokens, losses={"switch": 0.01, "z": 0.001})
+    block.balancing = counting = _CountingLoss(block.balancing)
+    block.eval()(x_small)
+    with torch.no_grad():
+        block.train()(x_small)
+    assert counting.calls == 0
+    assert float(convmoe.aux_loss(block)) == 0.0
+    assert block.last_aux.terms == {}
+    stats = convmoe.routing_stats(block)  # computed on request from the kept routing
+    assert stats[""].tokens == block.last_routing.dropped.numel()
+    block.eval()(x_small)
+    eval_routing = block.last_routing
+    assert not eval_routing.probs.requires_grad
+    block.train()(x_small)
+    assert counting.calls == 1
+    assert set(block.last_aux.terms) == {"switch", "z"}
+    assert torch.equal(block.last_routing.expert_index, eval_routing.expert_index)  # no noise: same routing
+
+
+def test_eval_aux_loss_is_zero_in_a_scoped_model_called_twice(x_small: Tensor) -> None:
+    import convmoe
+
+    block = make_block(4, 4, tokens="grid:3x3")
+    model = nn.Sequential(block, nn.ReLU(), block)
+    convmoe.scope.add_forward_scope(model)
+    model.eval()(x_small)
+    assert block.forward_calls == 2
+    assert float(convmoe.aux_loss(model)) == 0.0
+    assert convmoe.routing_stats(model)["0"].tokens == 2 * block.last_routing.dropped.numel()

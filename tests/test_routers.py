@@ -83,7 +83,7 @@ def test_noise_only_in_training() -> None:
     torch.manual_seed(3)
     noisy = router.train()(tokens).logits
     torch.manual_seed(3)
-    expected = clean + torch.randn_like(clean)
+    expected = clean + torch.randn(clean.shape)  # drawn in (B, N, E) order, whatever the logits' memory layout
     torch.testing.assert_close(noisy, expected)
     quiet = TokenChoiceRouter(4, num_experts=E, top_k=2, noise_std=0.0)
     torch.testing.assert_close(quiet.train()(tokens).logits, quiet.eval()(tokens).logits, atol=0, rtol=0)
@@ -240,3 +240,64 @@ def test_create_router_accepts_instance_and_class() -> None:
     assert isinstance(create_router(ExpertChoiceRouter, 4, E, top_k=2), ExpertChoiceRouter)
     assert "experts=4, top_k=2, noise_std=0.5, temperature=2.0, capacity_factor=1.5" in repr(
         TokenChoiceRouter(4, num_experts=E, top_k=2, noise_std=0.5, temperature=2.0, capacity_factor=1.5))
+
+
+def _reference_routing(router, tokens, expert_mask=None):
+    """The router's forward as written before issue 15 (isfinite masks, last-dimension softmax, masked fills)."""
+    logits = router.gate(tokens).float()
+    invalid = ~torch.isfinite(logits).all(dim=-1, keepdim=True)
+    logits = logits.masked_fill(invalid, 0.0)
+    if router.training and router.noise_std > 0:
+        logits = logits + torch.randn_like(logits) * router.noise_std
+    if expert_mask is not None:
+        logits = logits.masked_fill(~expert_mask, float("-inf"))
+    probs = torch.softmax(logits / router.temperature, dim=-1)
+    probs = torch.where(invalid, probs * 1e-30, probs)
+    routing = router.select(logits, probs, tokens, expert_mask)
+    available = torch.ones_like(routing.slot_mask)
+    if routing.expert_mask is not None:
+        available = routing.expert_mask[routing.expert_index]
+    nan = float("nan")
+    return routing, {"logits": routing.logits.masked_fill(invalid, nan), "probs": routing.probs.masked_fill(invalid, nan),
+                     "combine_weight": routing.combine_weight.masked_fill(invalid, nan),
+                     "slot_mask": routing.slot_mask | (invalid & available), "dropped": routing.dropped & ~invalid[..., 0]}
+
+
+@pytest.mark.parametrize("spec", [*TOKEN_SPECS, "pixel"])
+@pytest.mark.parametrize("name", ROUTERS.names())
+@pytest.mark.parametrize("case", ["plain", "temperature", "capacity", "expert_mask", "non_finite", "noise"])
+def test_routing_is_unchanged_by_the_fixed_cost_work(name: str, spec: str, case: str) -> None:
+    """Issue 15: the cheaper router forward chooses the same experts with the same weights as before."""
+    torch.manual_seed(0)
+    kwargs = {"temperature": 0.7} if case == "temperature" else {}
+    if case == "capacity":
+        kwargs["capacity_factor"] = 1.0
+    if case == "noise":
+        kwargs["noise_std"] = 0.5
+    router = create_router(name, in_channels=4, num_experts=E, top_k=2, **kwargs).train(case == "noise")
+    x = torch.randn(3, 4, 9, 9)
+    if case in ("non_finite", "noise"):
+        x[0, :, :3, :3] = float("nan")
+        x[1, 1, 4:, 4:] = float("inf")
+    tokens = create_tokens(spec).split(x)
+    mask = torch.tensor([True, False, True, True]) if case == "expert_mask" else None
+    with torch.no_grad():
+        torch.manual_seed(1)
+        routing = router(tokens, mask)
+        torch.manual_seed(1)
+        reference, poisoned = _reference_routing(router, tokens, mask)
+    assert torch.equal(routing.expert_index, reference.expert_index)
+    assert torch.equal(routing.slot_mask, poisoned["slot_mask"])
+    assert torch.equal(routing.dropped, poisoned["dropped"])
+    for field in ("logits", "probs", "combine_weight"):
+        torch.testing.assert_close(getattr(routing, field), poisoned[field], equal_nan=True, rtol=1e-6, atol=1e-7)
+    assert routing.capacity == reference.capacity
+
+
+def test_softmax_over_experts_equals_the_last_dimension_softmax() -> None:
+    from convmoe.routers.base import softmax_over_experts
+
+    logits = torch.randn(2, 7, 5)
+    logits[0, 3, 1] = float("-inf")
+    for layout in (logits, logits.transpose(1, 2).contiguous().transpose(1, 2)):
+        torch.testing.assert_close(softmax_over_experts(layout), logits.softmax(dim=-1), rtol=1e-6, atol=1e-7)

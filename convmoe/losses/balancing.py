@@ -31,7 +31,8 @@ def _importance(routing: Routing) -> Tensor:
 
 
 def _z(routing: Routing) -> Tensor:
-    return z_loss(routing.logits.masked_fill(routing.logits.isinf(), -1e4))
+    logits = routing.logits
+    return z_loss(torch.where(logits.isinf(), -1e4, logits))  # masked experts (-inf) count as very unlikely
 
 
 def _diversity(routing: Routing) -> Tensor:
