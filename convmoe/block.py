@@ -96,16 +96,19 @@ class MoEConv2d(nn.Module, ScopedModule):
                  device: torch.device | None = None, dtype: torch.dtype | None = None,
                  **overrides: Any) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = MoEConfig.from_dict(config)
-        config = config or MoEConfig()
+        config = MoEConfig.coerce(config, where="MoEConv2d(config=...)")
         if overrides:
             config = config.replace(**overrides)
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be >= 1.")
         self.config = config
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.name: str | None = None  # set by convmoe.patch to name the replaced module in errors
+        # Where the block came from, set by convmoe.patch (adopt) and read by unpatch and describe:
+        # the replaced module's name (for errors), the converter that made it, and a weightless copy
+        # of the replaced conv, kept outside _modules (no submodule, no state_dict entry, not moved by .to()).
+        self.name: str | None = None
+        self.converter: str | None = None
+        object.__setattr__(self, "dense_template", None)
         geometry = ConvGeometry.create(kernel_size, stride, padding, dilation, padding_mode)
         self.kernel_size, self.stride, self.dilation = geometry.kernel_size, geometry.stride, geometry.dilation
         self.padding = padding
@@ -309,6 +312,19 @@ class MoEConv2d(nn.Module, ScopedModule):
         latest = state.get("last_routing")
         state.setdefault("_forward_routings", [] if latest is None else [latest])
         super().__setstate__(state)
+
+    def adopt(self, name: str, converter: str, dense_template: nn.Module | None) -> MoEConv2d:
+        """Record what this block replaced: its module name, the converter, and a weightless copy of
+        the conv (``unpatch`` rebuilds it from that copy). Called by :func:`convmoe.patch`.
+
+        Example:
+            >>> block = MoEConv2d(4, 4, 3).adopt("layer1.conv", "conv2d", None)
+            >>> block.name, block.converter
+            ('layer1.conv', 'conv2d')
+        """
+        self.name, self.converter = name, converter
+        object.__setattr__(self, "dense_template", dense_template)
+        return self
 
     def extra_repr(self) -> str:
         c = self.config

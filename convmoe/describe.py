@@ -135,7 +135,7 @@ def summarize_block(name: str, block: MoEConv2d, input_size: tuple[int, int] | N
     dense_params = sum(p.numel() for p in block.experts.parameters()) / c.num_experts
     params_added = sum(p.numel() for p in block.parameters()) - int(dense_params)
     router = c.router if isinstance(c.router, str) else type(block.router).__name__
-    return BlockSummary(name=name, replaced=_replaced(block), converter=getattr(block, "converter", None) or "-",
+    return BlockSummary(name=name, replaced=_replaced(block), converter=block.converter or "-",
                         num_experts=c.num_experts, top_k=c.top_k, k_eff=k_eff, tokens=str(block.tokens), router=router,
                         params_added=params_added, active_flops_ratio=active / dense)
 

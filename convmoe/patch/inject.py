@@ -61,11 +61,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _adopt(block: MoEConv2d, name: str, converter: str, conv: nn.Module) -> MoEConv2d:
     """Name the block and keep what ``unpatch`` needs (the converter and a weightless copy of the conv)."""
-    block.name = name
-    block.converter = converter
-    # Stored outside _modules: not a submodule, not in state_dict, never moved by .to().
-    object.__setattr__(block, "dense_template", dense_template(conv))
-    return block
+    return block.adopt(name, converter, dense_template(conv))
 
 
 def _build(name: str, conv: nn.Module, config: MoEConfig, upcycle: bool) -> tuple[str, MoEConv2d]:
@@ -187,7 +183,7 @@ def patched_blocks(model: nn.Module) -> dict[str, MoEConv2d]:
         ['0']
     """
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, MoEConv2d) and getattr(module, "converter", None)}
+            if isinstance(module, MoEConv2d) and module.converter}
 
 
 def patch_spec(model: nn.Module) -> dict[str, Any]:

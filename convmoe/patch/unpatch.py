@@ -114,7 +114,7 @@ def fold_block(block: MoEConv2d, weights: Tensor) -> tuple[Tensor, Tensor | None
 
 
 def _dense_conv(block: MoEConv2d, bias: bool) -> nn.Module:
-    template = getattr(block, "dense_template", None)
+    template = block.dense_template
     if template is not None:
         return copy.deepcopy(template)
     geometry = block.geometry
