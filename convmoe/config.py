@@ -31,9 +31,6 @@ _PART_REGISTRIES: dict[str, Registry] = {
 _REGISTRY_NAMES = {"tokens": "TOKENS", "router": "ROUTERS", "gate": "GATES", "dispatcher": "DISPATCHERS",
                    "experts": "EXPERTS", "dropout": "DROPOUTS"}
 _REQUIRED_PARTS = ("tokens", "router", "dispatcher", "experts")
-# Capacity of routers that need one when the config leaves it out (expert choice, positional): the
-# one home of this default.
-DEFAULT_CAPACITY_FACTOR = 1.25
 
 
 def _is_real(value: Any) -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from convmoe.block import MoEConv2d
-from convmoe.config import DEFAULT_CAPACITY_FACTOR
+from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 from convmoe.routers.expert_choice import ExpertChoiceRouter
 
 

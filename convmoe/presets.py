@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from convmoe.config import DEFAULT_CAPACITY_FACTOR, MoEConfig
+from convmoe.config import MoEConfig
+from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 
 
 def upernet_fusion_moe(shared_expert: bool = False, **overrides: Any) -> MoEConfig:

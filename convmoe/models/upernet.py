@@ -12,9 +12,10 @@ from segmentation_models_pytorch.base.hub_mixin import supports_config_loading
 from torch import nn
 
 from convmoe.block import MoEConv2d
-from convmoe.config import DEFAULT_CAPACITY_FACTOR, MoEConfig
+from convmoe.config import MoEConfig
 from convmoe.experts.conv import ConvExperts
 from convmoe.presets import upernet_fusion_moe, upernet_fusion_moe_expert_choice
+from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 
 ROUTINGS = ("token_choice", "expert_choice")
 

@@ -12,6 +12,10 @@ from torch import Tensor, nn
 from convmoe.gates import create_gate
 from convmoe.types import Routing, Tokens
 
+# Capacity of routers that need one when the config leaves it out (expert choice, positional): the
+# one home of this default.
+DEFAULT_CAPACITY_FACTOR = 1.25
+
 
 class Router(nn.Module):
     """Base class: logits from a gate, then a selection rule implemented by ``select``.

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convmoe.routers.base import Router, as_groups, capacity_of, normalized_weights
+from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR, Router, as_groups, capacity_of, normalized_weights
 from convmoe.types import Routing, Tokens
 
 
@@ -24,7 +24,7 @@ class ExpertChoiceRouter(Router):
         in_channels: Input channels C_in.
         num_experts: Experts E.
         top_k: Average experts per token k; the capacity is ``ceil(cf * T * k / E)``.
-        **kwargs: As for :class:`Router`; ``capacity_factor`` defaults to 1.25.
+        **kwargs: As for :class:`Router`; ``capacity_factor`` defaults to ``DEFAULT_CAPACITY_FACTOR`` (1.25).
 
     Example:
         >>> from convmoe.tokens import create_tokens
@@ -36,7 +36,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int = 1, **kwargs: Any) -> None:
         if kwargs.get("capacity_factor") is None:
-            kwargs["capacity_factor"] = 1.25
+            kwargs["capacity_factor"] = DEFAULT_CAPACITY_FACTOR
         super().__init__(in_channels, num_experts, top_k, **kwargs)
 
     def select(self, logits: Tensor, probs: Tensor, tokens: Tokens, expert_mask: Tensor | None) -> Routing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 from convmoe.routers.token_choice import TokenChoiceRouter
 
 
@@ -19,7 +20,7 @@ class PositionalRouter(TokenChoiceRouter):
         in_channels: Input channels C_in.
         num_experts: Experts E.
         top_k: Experts per token (default 1).
-        **kwargs: As for :class:`~convmoe.routers.TokenChoiceRouter`; ``capacity_factor`` defaults to 1.25
+        **kwargs: As for :class:`~convmoe.routers.TokenChoiceRouter`; ``capacity_factor`` defaults to ``DEFAULT_CAPACITY_FACTOR`` (1.25)
             and the gate to ``"positional"``.
 
     Example:
@@ -35,5 +36,5 @@ class PositionalRouter(TokenChoiceRouter):
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int = 1, **kwargs: Any) -> None:
         if kwargs.get("capacity_factor") is None:
-            kwargs["capacity_factor"] = 1.25
+            kwargs["capacity_factor"] = DEFAULT_CAPACITY_FACTOR
         super().__init__(in_channels, num_experts, top_k, **kwargs)

@@ -11,6 +11,7 @@ from torch import nn
 
 from convmoe.diagnostics import moe_blocks
 from convmoe.dropout import create_dropout
+from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 
 _REFERENCES = {
     "noisy_top_k": "Noisy top-k gating: Shazeer et al., 2017, arXiv:1701.06538.",
@@ -27,7 +28,7 @@ def _block_summary(block: nn.Module) -> str:
     tokens = config.tokens if isinstance(config.tokens, str) else str(block.tokens)
     text = f"{config.num_experts} experts, top-{config.top_k}, {tokens} tokens, {router} routing"
     if router == "expert_choice":
-        text += f" (capacity factor {config.capacity_factor if config.capacity_factor is not None else 1.25})"
+        text += f" (capacity factor {config.capacity_factor if config.capacity_factor is not None else DEFAULT_CAPACITY_FACTOR})"
     if config.noise_std:
         text += f", router noise {config.noise_std:g}"
     if config.shared_expert:
