@@ -150,6 +150,35 @@ def test_hub_round_trip_keeps_config_and_outputs(cls, x, tmp_path):
     assert callable(loaded.push_to_hub)
 
 
+@pytest.mark.parametrize("cls", [UPerNetMoE, UPerNetMEDoE])
+def test_a_moe_config_instead_of_the_seed_keywords(cls, x, tmp_path):
+    config = convmoe.MoEConfig(num_experts=3, top_k=1, tokens="grid:2x2", losses={"z": 0.001})
+    model = cls(**TINY, moe_config=config, moe_overrides={"noise_std": 0.5}).eval()
+    block = model.decoder.fusion_block[0]
+    expected = config.replace(noise_std=0.5)
+    if cls is UPerNetMEDoE:  # its expert dropout goes on top of the given config
+        expected = expected.replace(dropout="medoe", drop_rate=0.1)
+    assert block.config == expected
+    assert config.noise_std != 0.5  # the caller's config is not changed
+    # smp's Hub methods save it as JSON and rebuild the same model.
+    model.save_pretrained(tmp_path / "smp")
+    assert json.loads((tmp_path / "smp" / "config.json").read_text())["moe_config"] == expected.to_dict()
+    loaded = cls.from_pretrained(tmp_path / "smp")
+    assert loaded.decoder.fusion_block[0].config == expected
+    torch.testing.assert_close(loaded(x), model(x))
+    # convmoe's save_pretrained records the dict form and reloads exactly.
+    recorded = convmoe.create_model(f"convmoe.models.upernet:{cls.__name__}", **TINY, moe_config=config.to_dict())
+    folder = convmoe.save_pretrained(recorded.eval(), tmp_path / "convmoe")
+    torch.testing.assert_close(convmoe.from_pretrained(folder)(x), recorded(x), rtol=0, atol=0)
+
+
+def test_a_moe_config_and_changed_seed_keywords_is_an_error():
+    with pytest.raises(ValueError, match=r"got moe_config and moe_num_experts, moe_top_k; pass the MoE settings one way"):
+        UPerNetMoE(**TINY, moe_config="upernet_fusion_moe", moe_num_experts=4, moe_top_k=1)
+    assert UPerNetMoE(**TINY, moe_config="upernet_fusion_moe_expert_choice", moe_aux_loss_weight=0.01
+                      ).decoder.fusion_block[0].config.router == "expert_choice"
+
+
 def test_load_encoder_weights_from_a_timm_backbone():
     backbone = timm.create_model("test_resnet")
     model = UPerNetMoE(**TINY)

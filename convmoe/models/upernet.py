@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +101,17 @@ def replace_conv_with_moe(conv_block: nn.Sequential, config: MoEConfig, name: st
     return block
 
 
+def _config_instead_of_keywords(moe_config: MoEConfig | dict[str, Any] | str, keywords: dict[str, Any],
+                                overrides: dict[str, Any] | None) -> MoEConfig:
+    """``moe_config`` coerced, refusing ``moe_*`` keywords changed from their defaults alongside it."""
+    defaults = inspect.signature(UPerNetMoE.__init__).parameters
+    changed = sorted(name for name, value in keywords.items() if value != defaults[name].default)
+    if changed:
+        raise ValueError(f"UPerNetMoE got moe_config and {', '.join(changed)}; pass the MoE settings one way: put "
+                         "them in moe_config (or moe_overrides), or leave moe_config out.")
+    return MoEConfig.coerce(moe_config, where="moe_config").replace(**(overrides or {}))
+
+
 class UPerNetMoE(smp.UPerNet):
     """smp's UPerNet with MoE blocks in its decoder: the fusion block and/or the FPN conv blocks.
 
@@ -124,6 +136,10 @@ class UPerNetMoE(smp.UPerNet):
         moe_at_fusion: MoE at the fusion block.
         moe_at_fpn: MoE at every FPN conv block.
         moe_overrides: Other :class:`~convmoe.MoEConfig` fields (e.g. ``{"tokens": "grid:3x3"}``).
+        moe_config: The whole MoE setting instead of the ``moe_*`` keywords above: an
+            :class:`~convmoe.MoEConfig`, a dict of its fields or a preset name
+            (:meth:`~convmoe.MoEConfig.coerce`); ``moe_overrides`` still apply on top. The seed
+            keywords stay for the configs that use them; giving both is an error.
         **kwargs: Passed to the encoder, as in smp.
 
     Raises:
@@ -162,6 +178,7 @@ class UPerNetMoE(smp.UPerNet):
         moe_at_fusion: bool = True,
         moe_at_fpn: bool = False,
         moe_overrides: dict[str, Any] | None = None,
+        moe_config: MoEConfig | dict[str, Any] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder_name=encoder_name, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
@@ -171,10 +188,18 @@ class UPerNetMoE(smp.UPerNet):
         if moe_routing == "expert_choice" and moe_aux_loss_weight > 0:
             warnings.warn(f"moe_aux_loss_weight={moe_aux_loss_weight} with expert_choice routing: expert choice "
                           "balances load by construction; set moe_aux_loss_weight=0.", UserWarning, stacklevel=3)
-        self.moe_config = upernet_moe_config(
-            routing=moe_routing, num_experts=moe_num_experts, top_k=moe_top_k, noise_std=moe_noise_std,
-            capacity_factor=moe_capacity_factor, use_shared_expert=moe_use_shared_expert,
-            aux_loss_weight=moe_aux_loss_weight, overrides=moe_overrides)
+        keywords = {"moe_num_experts": moe_num_experts, "moe_top_k": moe_top_k, "moe_noise_std": moe_noise_std,
+                    "moe_capacity_factor": moe_capacity_factor, "moe_use_shared_expert": moe_use_shared_expert,
+                    "moe_routing": moe_routing, "moe_aux_loss_weight": moe_aux_loss_weight}
+        if moe_config is not None:
+            self.moe_config = _config_instead_of_keywords(moe_config, keywords, moe_overrides)
+            if isinstance(getattr(self, "_hub_mixin_config", None), dict):  # saved by smp's Hub methods as JSON
+                self._hub_mixin_config["moe_config"] = self.moe_config.to_dict()
+        else:
+            self.moe_config = upernet_moe_config(
+                routing=moe_routing, num_experts=moe_num_experts, top_k=moe_top_k, noise_std=moe_noise_std,
+                capacity_factor=moe_capacity_factor, use_shared_expert=moe_use_shared_expert,
+                aux_loss_weight=moe_aux_loss_weight, overrides=moe_overrides)
         self.moe_aux_loss_weight = moe_aux_loss_weight
         if not (moe_at_fusion or moe_at_fpn):
             warnings.warn("moe_at_fusion=False and moe_at_fpn=False: the model has no MoE block.", UserWarning,
@@ -252,6 +277,7 @@ class UPerNetMEDoE(UPerNetMoE):
         moe_at_fpn: bool = False,
         moe_overrides: dict[str, Any] | None = None,
         medoe_drop_rate: float = 0.1,
+        moe_config: MoEConfig | dict[str, Any] | str | None = None,
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= medoe_drop_rate < 1.0:
@@ -265,6 +291,6 @@ class UPerNetMEDoE(UPerNetMoE):
             moe_num_experts=moe_num_experts, moe_top_k=moe_top_k, moe_noise_std=moe_noise_std,
             moe_capacity_factor=moe_capacity_factor, moe_use_shared_expert=moe_use_shared_expert,
             moe_routing=moe_routing, moe_aux_loss_weight=moe_aux_loss_weight, moe_at_fusion=moe_at_fusion,
-            moe_at_fpn=moe_at_fpn, moe_overrides=moe_overrides, **kwargs)
+            moe_at_fpn=moe_at_fpn, moe_overrides=moe_overrides, moe_config=moe_config, **kwargs)
         self.medoe_drop_rate = medoe_drop_rate
         self.name = f"upernet-medoe-{encoder_name}"
