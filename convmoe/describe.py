@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from convmoe.block import MoEConv2d
+from convmoe.formatting import format_count
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 from convmoe.routers.expert_choice import ExpertChoiceRouter
 
@@ -167,13 +168,6 @@ def _blocks(model: nn.Module) -> dict[str, MoEConv2d]:
     return {name: module for name, module in model.named_modules() if isinstance(module, MoEConv2d)}
 
 
-def _count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{int(n)}"
-
-
 def describe_blocks(model: nn.Module, inputs: Any = None) -> list[BlockSummary]:
     """One :class:`BlockSummary` per MoE block of ``model``, in module order.
 
@@ -215,7 +209,7 @@ def describe(model: nn.Module, inputs: Any = None) -> str:
     if not rows:
         return f"{type(model).__name__}: no MoE blocks"
     header = ["block", "replaces", "experts", "top-k", "tokens", "router", "params+", "active/dense"]
-    cells = [[r.name, r.replaced, str(r.num_experts), str(r.top_k), r.tokens, r.router, _count(r.params_added),
+    cells = [[r.name, r.replaced, str(r.num_experts), str(r.top_k), r.tokens, r.router, format_count(r.params_added),
               f"{r.active_flops_ratio:.2f}"] for r in rows]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
@@ -226,6 +220,6 @@ def describe(model: nn.Module, inputs: Any = None) -> str:
     blocks = _blocks(model)
     dense_macs = [dense_macs_per_position(blocks[r.name]) for r in rows]
     overall = sum(r.active_flops_ratio * m for r, m in zip(rows, dense_macs, strict=True)) / sum(dense_macs)
-    lines.append(f"{len(rows)} MoE block(s), +{_count(added)} parameters (+{100 * added / max(dense_total, 1):.1f}% of "
-                 f"{_count(dense_total)} dense), active FLOPs {overall:.2f}x over the replaced convs")
+    lines.append(f"{len(rows)} MoE block(s), +{format_count(added)} parameters (+{100 * added / max(dense_total, 1):.1f}% of "
+                 f"{format_count(dense_total)} dense), active FLOPs {overall:.2f}x over the replaced convs")
     return "\n".join(lines)

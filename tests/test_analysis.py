@@ -6,14 +6,19 @@ Tiny models and data only: a two-layer classifier, a three-conv segmenter, hand-
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from torch import Tensor, nn
 
@@ -31,6 +36,8 @@ from convmoe.analysis import (
     load_history,
     model_card_section,
     mutual_information,
+    plot_heatmap,
+    plot_heatmap_grid,
     plot_routing_maps,
     routing_assignment,
     routing_maps,
@@ -38,7 +45,7 @@ from convmoe.analysis import (
     token_labels,
 )
 from convmoe.analysis.labels import NO_LABEL, resize_labels
-from convmoe.analysis.plotting import require_matplotlib
+from convmoe.analysis.plotting import expert_colors, require_matplotlib, save_figure
 from convmoe.tokens import create_tokens
 
 FIXTURES = "tests/fixtures"
@@ -256,17 +263,82 @@ def test_layer_cost_counts_dispatched_slots() -> None:
 # -- files: heatmaps, routing maps, report -------------------------------------------------------------
 
 
-def _check_png(path: str) -> tuple[int, int]:
+@pytest.fixture
+def drawn(monkeypatch) -> dict[Path, Any]:
+    """Every figure the analysis saves, by the path it went to; a closed figure can still be inspected."""
+    figures: dict[Path, Any] = {}
+
+    def record(figure: Any, path: str | Path, dpi: int = 100) -> Path:
+        saved = save_figure(figure, path, dpi)
+        figures[saved] = figure
+        return saved
+
+    for module in ("heatmap", "spatial", "tracking"):
+        monkeypatch.setattr(importlib.import_module(f"convmoe.analysis.{module}"), "save_figure", record)
+    return figures
+
+
+def _check_png(path: str | Path) -> tuple[int, int]:
     with Image.open(path) as image:
         image.verify()
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.width > 50
-        assert image.height > 50
         return image.size
 
 
-def test_analyze_writes_well_formed_files(tmp_path) -> None:
+def _heatmap_axes(figure: Any) -> list[Any]:
+    return [axes for axes in figure.axes if axes.images]  # the colour bar draws no image
+
+
+def _rendered(figure: Any) -> np.ndarray:
+    canvas = FigureCanvasAgg(figure)  # save_figure closed the figure, which took its canvas away
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
+
+
+def _pixel(pixels: np.ndarray, axes: Any, x: float, y: float) -> np.ndarray:
+    column, row = axes.transData.transform((x, y))
+    return pixels[int(pixels.shape[0] - row), int(column)]
+
+
+def _check_heatmap(figure: Any, axes: Any, rows: Tensor) -> None:
+    """``axes`` shows ``rows`` (classes x experts): the image data, the annotations and the rendered colours."""
+    np.testing.assert_allclose(axes.images[0].get_array(), rows.numpy(), rtol=0, atol=1e-7)
+    if axes.texts:
+        assert [text.get_text() for text in axes.texts] == [f"{float(v):.2f}" for v in rows.flatten()]
+    pixels = _rendered(figure)
+    viridis = matplotlib.colormaps["viridis"]
+    for (i, e), value in np.ndenumerate(rows.numpy()):
+        # a cell's corner: its centre holds the annotation
+        expected = np.array(viridis(float(value))[:3]) * 255
+        np.testing.assert_allclose(_pixel(pixels, axes, e - 0.4, i - 0.4), expected, atol=2.5, err_msg=f"cell {i, e}")
+
+
+def test_heatmap_draws_each_class_row_in_class_order(tmp_path, drawn) -> None:
+    shares = torch.tensor([[0.1, 0.7, 0.2], [0.9, 0.05, 0.05], [0.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    tokens = torch.tensor([10.0, 2500.0, 0.0, 7.0])
+    path = plot_heatmap(tmp_path / "h.png", shares, ["a", "b", "c", "d"], title="layer", class_tokens=tokens)
+    _check_png(path)
+    figure = drawn[path]
+    (axes,) = _heatmap_axes(figure)
+    assert len(figure.axes) == 2  # the heatmap and its colour bar
+    assert axes.get_title() == "layer"
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["b (2.50K)", "a (10)", "d (7)"]  # c: no tokens
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["0", "1", "2"]
+    _check_heatmap(figure, axes, shares[[1, 0, 3]])
+
+
+def test_heatmap_grid_draws_one_panel_per_layer(tmp_path, drawn) -> None:
+    first, second = torch.eye(2), torch.tensor([[0.25, 0.75], [0.6, 0.4]])
+    path = plot_heatmap_grid(tmp_path / "g.png", [("first", first), ("second", second)], ["x", "y"])
+    figure = drawn[path]
+    panels = _heatmap_axes(figure)
+    assert [axes.get_title() for axes in panels] == ["first", "second"]
+    _check_heatmap(figure, panels[0], first)
+    _check_heatmap(figure, panels[1], second[[1, 0]])  # y leads: its dominant expert is 0
+
+
+def test_analyze_writes_well_formed_files(tmp_path, drawn) -> None:
     model = tiny_classifier()
     names = ["red", "green", "blue", "alpha"]
     images = class_batches(1)[0][0][:3]
@@ -291,14 +363,33 @@ def test_analyze_writes_well_formed_files(tmp_path) -> None:
         assert sorted(row[0] for row in rows[1:]) == sorted(seen), name
         for row in rows[1:]:
             assert sum(float(v) for v in row[1:]) == pytest.approx(1.0, abs=1e-5)
+        order = class_order(layer.class_shares)
+        title = f"{name}\nspecialisation {layer.specialization.score:.2f}"
         _check_png(layer.files["heatmap_png"])
-        width, height = _check_png(layer.files["routing_map_png"])
-        assert width > height  # three image columns side by side
+        figure = drawn[Path(layer.files["heatmap_png"])]
+        (axes,) = _heatmap_axes(figure)
+        assert axes.get_title() == title
+        assert [label.get_text().split(" (")[0] for label in axes.get_yticklabels()] == [names[c] for c in order]
+        _check_heatmap(figure, axes, layer.class_shares[order])
+
+        _check_png(layer.files["routing_map_png"])
+        figure = drawn[Path(layer.files["routing_map_png"])]
+        assert len(figure.axes) == 6  # three images: overlaid on the image (top row) and alone
+        assert [axes.get_title() for axes in figure.axes[:3]] == ["a", "b", "c"]
+        expert_map = routing_maps(model, images)[name]
+        for b, axes in enumerate(figure.axes[3:]):
+            np.testing.assert_array_equal(axes.images[0].get_array(), (expert_map[b] + 1).numpy())
     _check_png(report.files["heatmaps_png"])
+    grid = drawn[Path(report.files["heatmaps_png"])]
+    panels = _heatmap_axes(grid)
+    assert [axes.get_title() for axes in panels] == [f"{name}\nspecialisation {layer.specialization.score:.2f}"
+                                                     for name, layer in report.layers.items()]
+    for axes, layer in zip(panels, report.layers.values(), strict=True):
+        _check_heatmap(grid, axes, layer.class_shares[class_order(layer.class_shares)])
     assert "red" in report.table() or "0" in report.table()
 
 
-def test_routing_maps_show_each_positions_top_expert(tmp_path) -> None:
+def test_routing_maps_show_each_positions_top_expert(tmp_path, drawn) -> None:
     model = tiny_classifier()
     images = class_batches(1)[0][0][:2]
     maps = routing_maps(model, images)
@@ -313,11 +404,27 @@ def test_routing_maps_show_each_positions_top_expert(tmp_path) -> None:
             assert grid[:, a:a + 4, b:b + 4].flatten(1).unique(dim=1).shape[1] == 1
     files = plot_routing_maps(model, images, tmp_path)
     assert sorted(files) == ["0", "2"]
-    for path in files.values():
-        _check_png(str(path))
+    for name, path in files.items():
+        _check_png(path)
+        figure = drawn[path]
+        assert figure.get_suptitle().startswith(f"{name}: top expert per token")
+        overlay, alone = figure.axes[:2], figure.axes[2:]
+        shown = sorted(int(e) for e in maps[name].unique())
+        assert [text.get_text() for text in figure.legends[0].get_texts()] == [f"expert {e}" for e in shown]
+        colors = np.array(expert_colors(model[int(name)].config.num_experts))[:, :3] * 255
+        pixels = _rendered(figure)
+        H_out, W_out = maps[name].shape[-2:]
+        for b in range(2):
+            assert len(overlay[b].images) == 2  # the image, the experts over it
+            np.testing.assert_array_equal(overlay[b].images[1].get_array(), (maps[name][b] + 1).numpy())
+            np.testing.assert_array_equal(alone[b].images[0].get_array(), (maps[name][b] + 1).numpy())
+            for r in range(H_out):  # the expert's own colour at the centre of each output position
+                for c in range(W_out):
+                    x, y = (c + 0.5) * 8 / W_out, (r + 0.5) * 8 / H_out
+                    np.testing.assert_allclose(_pixel(pixels, alone[b], x, y), colors[maps[name][b, r, c]], atol=2.5)
 
 
-def test_model_card_section_has_the_table_and_the_image(tmp_path) -> None:
+def test_model_card_section_has_the_table_and_the_image(tmp_path, drawn) -> None:
     model = tiny_classifier()
     report = analyze(model, class_batches(), class_names=["r", "g", "b", "a"], model_name="tiny", data_name="synthetic")
     card = model_card_section(report, folder=tmp_path)
@@ -326,7 +433,12 @@ def test_model_card_section_has_the_table_and_the_image(tmp_path) -> None:
     assert "| `2` |" in card
     assert "![Expert x class routing heatmaps](routing_heatmaps.png)" in card
     assert "Fold back" in card or "Keep every" in card
-    _check_png(str(tmp_path / "routing_heatmaps.png"))
+    _check_png(tmp_path / "routing_heatmaps.png")
+    figure = drawn[tmp_path / "routing_heatmaps.png"]
+    panels = _heatmap_axes(figure)
+    assert [axes.get_title().split("\n")[0] for axes in panels] == ["0", "2"]
+    for axes, layer in zip(panels, report.layers.values(), strict=True):
+        _check_heatmap(figure, axes, layer.class_shares[class_order(layer.class_shares)])
 
 
 # -- redundancy ----------------------------------------------------------------------------------------
@@ -424,7 +536,7 @@ def test_redundancy_needs_a_loader_or_a_metric() -> None:
 # -- tracking ------------------------------------------------------------------------------------------
 
 
-def test_tracker_logs_statistics_per_epoch_and_plots_them(tmp_path) -> None:
+def test_tracker_logs_statistics_per_epoch_and_plots_them(tmp_path, drawn) -> None:
     model = patched_segmenter().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = RoutingTracker(ignore_index=3).attach(model)
@@ -446,7 +558,16 @@ def test_tracker_logs_statistics_per_epoch_and_plots_them(tmp_path) -> None:
     assert all(0.0 <= row["routing/mid/specialization"] <= 1.0 for row in rows)
     assert [entry["epoch"] for entry in tracker.history] == [0, 1, 2]
     assert tracker.collector.layers["mid"].tokens == 0  # reset after each epoch
-    _check_png(str(tracker.plot(tmp_path / "curves.png")))
+    path = tracker.plot(tmp_path / "curves.png")
+    _check_png(path)
+    panels = drawn[path].axes
+    statistics = ["specialization", "utilization_entropy", "imbalance", "dropped_rate"]
+    assert [axes.get_title() for axes in panels] == [s.replace("_", " ") for s in statistics]
+    for axes, statistic in zip(panels, statistics, strict=True):
+        (line,) = axes.get_lines()  # one line per MoE layer
+        assert line.get_label() == "mid"
+        assert list(line.get_xdata()) == [0, 1, 2]
+        assert list(line.get_ydata()) == [row[f"routing/mid/{statistic}"] for row in rows]
     assert load_history(tracker.save(tmp_path / "history.json")) == tracker.history
 
 
@@ -464,7 +585,7 @@ def test_tracker_needs_attach_for_label_maps() -> None:
 # -- command line --------------------------------------------------------------------------------------
 
 
-def test_cli_analyze_a_saved_classifier_on_an_image_folder(tmp_path, capsys) -> None:
+def test_cli_analyze_a_saved_classifier_on_an_image_folder(tmp_path, capsys, drawn) -> None:
     from convmoe.cli import main
 
     torch.manual_seed(0)
@@ -482,8 +603,13 @@ def test_cli_analyze_a_saved_classifier_on_an_image_folder(tmp_path, capsys) -> 
     assert payload["task"] == "classification"
     assert payload["class_names"][0] == "airplane"
     assert (out / "model_card.md").read_text().startswith("## Routing analysis")
-    for name in ("heatmap_layer2.0.conv2.png", "routing_map_layer2.0.conv2.png", "heatmaps.png", "routing_heatmaps.png"):
-        _check_png(str(out / name))
+    layers = list(payload["layers"])
+    panels = {"heatmap_layer2.0.conv2.png": 1, "routing_map_layer2.0.conv2.png": 4, "heatmaps.png": len(layers),
+              "routing_heatmaps.png": len(layers)}  # heatmaps per layer; 2 images x (overlaid, alone)
+    for name, count in panels.items():
+        _check_png(out / name)
+        figure = drawn[out / name]
+        assert len(_heatmap_axes(figure) if "heatmap" in name else figure.axes) == count, name
 
 
 def test_cli_analyze_a_segmenter_on_camvid(tmp_path, capsys) -> None:

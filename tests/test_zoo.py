@@ -40,9 +40,9 @@ from convmoe.zoo import (
 )
 from convmoe.zoo.card import EXAMPLE_META, render_card
 from convmoe.zoo.card_format import format_metric, metric_label
-from convmoe.zoo.commands import find_recipe, format_value, recipe_overrides
 from convmoe.zoo.plan import PLAN_NAME, PlannedVariant, ZooPlan, check_plan, estimated_weight_bytes, load_plan
 from convmoe.zoo.publish import _check_round_trip
+from convmoe.zoo.recipe_commands import find_recipe, format_value, recipe_overrides
 from convmoe.zoo.weights import OutputCheck, base_recipe_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def hub_cache(zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_net
 
 
 def val_batch(recipe: Path) -> torch.Tensor:
-    from convmoe.engine.distributed import DistributedContext
     from convmoe.engine.loaders import build_dataloader
+    from convmoe.engine.processes import DistributedContext
 
     config = load_config(recipe)
     loader = build_dataloader(config["val_dataset"], config.get("data_loader") or {},

@@ -30,21 +30,6 @@ def dense_params(block: nn.Module) -> int:
     return dense_macs_per_position(block) + (block.out_channels if has_bias else 0)
 
 
-def format_count(value: float) -> str:
-    """A count with a K/M/G suffix and 2 decimals, e.g. MACs or parameters.
-
-    Example:
-        >>> format_count(1_234_567), format_count(-2048), format_count(12)
-        ('1.23M', '-2.05K', '12')
-    """
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if value >= scale:
-            return f"{sign}{value / scale:.2f}{unit}"
-    return f"{sign}{value:.0f}"
-
-
 @dataclass(frozen=True)
 class LayerCost:
     """Compute and parameters of an MoE layer per image, and of the dense conv it folds into.

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from convmoe.analysis.cost import format_count
 from convmoe.analysis.plotting import require_matplotlib, save_figure
+from convmoe.formatting import format_count
 
 
 def class_order(shares: Tensor) -> list[int]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convmoe.analysis.cost import format_count
 from convmoe.analysis.heatmap import plot_heatmap_grid
 from convmoe.analysis.report import AnalysisReport, fill_class_names
+from convmoe.formatting import format_count
 
 CARD_IMAGE_NAME = "routing_heatmaps.png"
 
@@ -82,7 +82,7 @@ def model_card_section(report: AnalysisReport, folder: str | Path | None = None,
         rows = []
         for layer in redundancy.layers:
             change = f"{layer.change:+.4g}" if layer.change is not None else "n/a"
-            saved = format_count(layer.macs_saved) if layer.macs_saved is not None else "n/a"
+            saved = format_count(layer.macs_saved)
             rows.append([f"`{layer.name}`", change, saved, layer.recommendation])
         parts.append(_markdown_table(["layer", f"{redundancy.metric_name} change", "MACs saved / image",
                                       "recommendation"], rows))

@@ -84,7 +84,7 @@ class RoutingTracker:
 
         Args:
             epoch: The epoch number recorded with the row (default: the row's index).
-            reduce: Sums a tensor over processes (e.g. ``convmoe.engine.distributed.all_reduce_sum``)
+            reduce: Sums a tensor over processes (e.g. ``convmoe.engine.processes.all_reduce_sum``)
                 under distributed training; every process must call ``epoch_end``.
 
         Returns:

@@ -18,7 +18,7 @@ from torch import Tensor
 from convmoe.analysis.layers import moe_layers
 from convmoe.analysis.tracking import RoutingTracker
 from convmoe.engine.callbacks import Callback
-from convmoe.engine.distributed import all_reduce_sum
+from convmoe.engine.processes import all_reduce_sum
 
 if TYPE_CHECKING:
     from convmoe.engine.trainer import Trainer

@@ -15,8 +15,8 @@ import torch
 
 from convmoe.engine.config import load_config
 from convmoe.engine.config_check import check_training_config
-from convmoe.engine.distributed import cleanup_distributed
 from convmoe.engine.evaluate import evaluate
+from convmoe.engine.processes import cleanup_distributed
 from convmoe.engine.settings import TrainerSettings
 from convmoe.engine.trainer import train
 

@@ -11,9 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import convmoe
-from convmoe.engine.distributed import all_reduce_sum
 from convmoe.engine.evaluate import autocast, model_output, split_batch
 from convmoe.engine.logging import TensorBoardLogger
+from convmoe.engine.processes import all_reduce_sum
 from convmoe.engine.schedules import step_schedulers
 
 if TYPE_CHECKING:  # the trainer imports this module

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from convmoe.engine.checkpoint import load_checkpoint
 from convmoe.engine.config import instantiate, load_config
 from convmoe.engine.config_check import check_training_config
-from convmoe.engine.distributed import all_reduce_sum, setup_distributed
 from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.metrics import ClassificationMetrics, SegmentationMetrics
+from convmoe.engine.processes import all_reduce_sum, setup_distributed
 from convmoe.engine.settings import TrainerSettings
 from convmoe.hub import check_state_matches, from_pretrained
 from convmoe.hub_files import resolve_file

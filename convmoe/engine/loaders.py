@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from convmoe.engine.config import instantiate
-from convmoe.engine.distributed import DistributedContext, ShardSampler
+from convmoe.engine.processes import DistributedContext, ShardSampler
 
 
 def build_dataset(node: Any) -> Dataset:
@@ -47,7 +47,7 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
 
     Loader settings are the config's top-level ``data_loader`` updated by the node's own
     ``data_loader``. Under torchrun, training shards with ``DistributedSampler`` (shuffled when
-    ``shuffle`` is set) and evaluation with :class:`~convmoe.engine.distributed.ShardSampler`.
+    ``shuffle`` is set) and evaluation with :class:`~convmoe.engine.processes.ShardSampler`.
     A training loader draws its order and worker seeds from a generator seeded with
     :func:`epoch_seed` ``(seed, 0, rank)``; :meth:`~convmoe.engine.trainer.Trainer.set_loader_epoch` reseeds it each epoch.
 

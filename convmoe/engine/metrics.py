@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convmoe.engine.distributed import all_reduce_sum
+from convmoe.engine.processes import all_reduce_sum
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int]) -> Tensor:

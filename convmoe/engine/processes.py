@@ -1,4 +1,7 @@
-"""Multi-process training under ``torchrun``: process group, devices, samplers and reductions."""
+"""Multi-process training under ``torchrun``: process group, devices, samplers and reductions.
+
+Not :mod:`convmoe.distributed`, which sums routing statistics over ranks for any training loop.
+"""
 
 from __future__ import annotations
 

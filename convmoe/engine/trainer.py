@@ -28,12 +28,6 @@ import convmoe
 from convmoe.engine.callbacks import Callback
 from convmoe.engine.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, unwrap_model
 from convmoe.engine.config import instantiate, load_config, locate
-from convmoe.engine.distributed import (
-    all_gather_objects,
-    barrier,
-    broadcast_buffers,
-    setup_distributed,
-)
 from convmoe.engine.epoch import train_epoch
 from convmoe.engine.evaluate import (
     limit_batches,
@@ -44,6 +38,12 @@ from convmoe.engine.evaluate import (
 )
 from convmoe.engine.loaders import build_dataloader, epoch_seed
 from convmoe.engine.logging import CSVLogger, TensorBoardLogger
+from convmoe.engine.processes import (
+    all_gather_objects,
+    barrier,
+    broadcast_buffers,
+    setup_distributed,
+)
 from convmoe.engine.resume import (
     load_model_state,
     load_optimizer_state,

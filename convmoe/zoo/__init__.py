@@ -2,7 +2,7 @@
 
 ```
 runs/<recipe>[_seedN]/      convmoe train output: config, metrics.csv, checkpoints/best.pt
- └─ publish (publish.py)    best epoch per run (runs.py), exact commands (commands.py), weights and the
+ └─ publish (publish.py)    best epoch per run (runs.py), exact commands (recipe_commands.py), weights and the
                             round-trip check (weights.py), FLOPs and latency (cost.py), card (card.py)
 zoo/<model-id>/             config.json, model.safetensors, README.md (front matter + convmoe: metadata)
  ├─ plan.yaml               the release plan: variants, recipes, seeds, size budget (read by plan.py)

@@ -1,4 +1,4 @@
-"""How a model card shows numbers: counts with metric prefixes, metrics, milliseconds, column titles, tables."""
+"""How a model card shows numbers: metrics, milliseconds, column titles, tables (counts: :mod:`convmoe.formatting`)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,6 @@ from collections.abc import Sequence
 # Hub metric types (evaluate ids) and display names of the engine's metrics.
 METRIC_TYPES = {"miou": ("mean_iou", "mIoU"), "pixel_accuracy": ("accuracy", "pixel accuracy"),
                 "top1": ("accuracy", "top-1 accuracy (%)"), "top5": ("accuracy", "top-5 accuracy (%)")}
-
-
-def format_count(value: float | None) -> str:
-    """``27.14M``, ``1.23G``: a count with a metric prefix (``n/a`` for None).
-
-    Example:
-        >>> format_count(27_135_823), format_count(950), format_count(None)
-        ('27.14M', '950', 'n/a')
-    """
-    if value is None:
-        return "n/a"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
 
 
 def format_metric(name: str, value: float | None, spread: float | None = None) -> str:

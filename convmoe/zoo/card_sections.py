@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from convmoe.formatting import format_count
 from convmoe.zoo.card_format import (
-    format_count,
     format_metric,
     format_ms,
     markdown_table,

@@ -1,7 +1,7 @@
 """``convmoe zoo publish``: engine run folders in, a checked zoo variant out.
 
     runs (main seed, --seeds, --dense-twin)  -> best epoch of each run from metrics.csv (runs.py)
-    the run's recipe                         -> exact train and eval commands (commands.py)
+    the run's recipe                         -> exact train and eval commands (recipe_commands.py)
     best.pt of the main run                  -> zoo/<id>/config.json + model.safetensors, its sha256 (weights.py)
     the saved folder                         -> outputs compared with the checkpoint, metrics evaluated again
     one val input                            -> params, active FLOPs, latency against the dense twin (cost.py)
@@ -30,20 +30,20 @@ from convmoe.analysis import analyze, model_card_section
 from convmoe.analysis.tracking import load_history, plot_tracking
 from convmoe.atomic_files import file_sha256
 from convmoe.engine.config import instantiate
-from convmoe.engine.distributed import DistributedContext
 from convmoe.engine.evaluate import evaluate, load_model, loss_ignore_index, split_batch
 from convmoe.engine.loaders import build_dataloader
+from convmoe.engine.processes import DistributedContext
 from convmoe.hub import WEIGHTS_NAME, from_pretrained
 from convmoe.zoo.card import build_front_matter, render_card
-from convmoe.zoo.commands import eval_command, find_recipe, recipe_overrides, train_command
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency
 from convmoe.zoo.datasets import detect_dataset, get_dataset_info
-from convmoe.zoo.describe import (
+from convmoe.zoo.method_text import (
     describe_initialization,
     describe_moe,
     describe_preprocessing,
     method_references,
 )
+from convmoe.zoo.recipe_commands import eval_command, find_recipe, recipe_overrides, train_command
 from convmoe.zoo.runs import (
     RunRecord,
     check_comparable,

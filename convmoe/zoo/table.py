@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from convmoe.formatting import format_count
 from convmoe.zoo.card import rerender, split_front_matter
-from convmoe.zoo.card_format import format_count, format_metric, format_ms, metric_label
+from convmoe.zoo.card_format import format_metric, format_ms, metric_label
 from convmoe.zoo.plan import ZooPlan, check_plan, estimated_weight_bytes, load_plan
 from convmoe.zoo.schema import CARD_NAME, folder_bytes, validate_front_matter, variant_folders
 
