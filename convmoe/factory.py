@@ -26,12 +26,11 @@ from typing import Any
 
 from torch import nn
 
-from convmoe.trust import check_factory, factory_name
+from convmoe.trust import LIBRARY_PREFIXES, check_factory, factory_name
 
 RECIPE_ATTRIBUTE = "convmoe_base_recipe"
 RECIPE_ERROR_ATTRIBUTE = "convmoe_base_recipe_error"
-LIBRARIES = ("timm", "smp", "torchvision", "factory")
-_LIBRARY_PREFIXES = ("timm", "smp", "torchvision")
+LIBRARIES = (*LIBRARY_PREFIXES, "factory")
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ class BaseRecipe:
             if not sep or not prefix or not rest:
                 raise ValueError(f"base model {spec!r} needs a library prefix: 'timm:resnet18', 'smp:Unet', "
                                  "'torchvision:resnet18' or 'module:function' for your own builder.")
-            if prefix in _LIBRARY_PREFIXES:
+            if prefix in LIBRARY_PREFIXES:
                 return cls(prefix, rest, kwargs)
             return cls("factory", spec, kwargs)
         if callable(spec):

@@ -1,4 +1,4 @@
-"""How convmoe writes a count (parameters, MACs, FLOPs, tokens) for people: one rule for every table and card."""
+"""How convmoe writes numbers and names for people: one rule for every table, card and error message."""
 
 from __future__ import annotations
 
@@ -20,3 +20,15 @@ def format_count(value: float | None) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f}{unit}"
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
+
+
+def listing(items: list[str], quote: bool = True, limit: int = 8) -> str:
+    """Up to ``limit`` items joined for a message, with a count of the rest.
+
+    Example:
+        >>> listing(["a", "b", "c"], limit=2)
+        "'a', 'b' (+1 more)"
+    """
+    shown = [repr(item) if quote else item for item in items[:limit]]
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(shown) + more

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from convmoe.atomic_files import atomic_write, file_sha256
 from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, record_recipe
+from convmoe.formatting import listing
 from convmoe.hub_files import CONFIG_NAME, WEIGHTS_NAME, resolve_file
 
 FORMAT_NAME = "convmoe"
@@ -313,18 +314,6 @@ def check_state_matches(model: nn.Module, state: Mapping[str, Tensor], strict: b
             if not mismatched:
                 fix += ", or pass strict=False to load only the tensors that match"
         raise ValueError(f"weights in {where} do not match config: {'; '.join(problems)}. Cause: {fix}.")
-
-
-def listing(items: list[str], quote: bool = True, limit: int = 8) -> str:
-    """Up to ``limit`` items joined for a message, with a count of the rest.
-
-    Example:
-        >>> listing(["a", "b", "c"], limit=2)
-        "'a', 'b' (+1 more)"
-    """
-    shown = [repr(item) if quote else item for item in items[:limit]]
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(shown) + more
 
 
 # -- recipes -------------------------------------------------------------------------------------------

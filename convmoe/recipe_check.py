@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from convmoe.factory import BaseRecipe
+from convmoe.formatting import listing
 from convmoe.recipe_inference import library_of
 
 PROBE_MAX_PARAMETERS = 200_000_000
@@ -215,8 +216,6 @@ def _build_on(recipe: BaseRecipe, device: torch.device) -> nn.Module:
 
 
 def _compare_tensors(recipe: BaseRecipe, expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> None:
-    from convmoe.hub import listing
-
     missing = [name for name in state if name not in expected]
     extra = [name for name in expected if name not in state]
     mismatched = [f"{name!r}: model {tuple(state[name].shape)} vs recipe {tuple(t.shape)}"

@@ -29,6 +29,8 @@ FunctionT = TypeVar("FunctionT", bound=Callable[..., Any])
 TRUSTED_FACTORY_MODULE = "convmoe.models"
 OPT_IN = "trust_remote_code=True (CLI: --trust-remote-code)"
 _FACTORIES: dict[str, Callable[..., Any]] = {}
+# Recipe names that build from a library itself ("timm:resnet18"), never from a named function.
+LIBRARY_PREFIXES = ("timm", "smp", "torchvision")
 
 
 class UntrustedCodeError(ValueError):
@@ -210,17 +212,16 @@ def _target_allowed(target: Any, fields: Mapping[str, Any]) -> bool:
 
 
 def _recipe_allowed(fields: Mapping[str, Any]) -> bool:
-    from convmoe.factory import BaseRecipe
-
+    # convmoe.create_model's name: "timm:", "smp:" and "torchvision:" build from the libraries
+    # themselves; anything else is a "module:function" factory.
     args = fields.get("_args_") or []
     name = fields.get("name", args[0] if args else None)
     if not isinstance(name, str):
         return False
-    try:
-        recipe = BaseRecipe.parse(name)
-    except (ValueError, TypeError):
-        return False
-    return recipe.library != "factory" or is_trusted_factory(recipe.name)
+    library, sep, rest = name.partition(":")
+    if sep and rest and library in LIBRARY_PREFIXES:
+        return True
+    return is_trusted_factory(name)
 
 
 def _defined_in(module: str, package: str) -> bool:

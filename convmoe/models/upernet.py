@@ -14,6 +14,7 @@ from torch import nn
 
 from convmoe.block import MoEConv2d
 from convmoe.config import MoEConfig
+from convmoe.dropout.medoe import MEDOE_DROP_RATE
 from convmoe.experts.conv import ConvExperts
 from convmoe.presets import upernet_fusion_moe, upernet_fusion_moe_expert_choice
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
@@ -276,7 +277,7 @@ class UPerNetMEDoE(UPerNetMoE):
         moe_at_fusion: bool = True,
         moe_at_fpn: bool = False,
         moe_overrides: dict[str, Any] | None = None,
-        medoe_drop_rate: float = 0.1,
+        medoe_drop_rate: float = MEDOE_DROP_RATE,
         moe_config: MoEConfig | dict[str, Any] | str | None = None,
         **kwargs: Any,
     ) -> None:

@@ -9,9 +9,9 @@ its dense twin timed round-robin on the same device so their ratio is fair.
 
 from __future__ import annotations
 
+import functools
 import platform
 import statistics
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from convmoe.describe import describe_blocks
 from convmoe.flops import flops
+from convmoe.timing import interleaved_median_ms
 
 FVCORE_METHOD = "convmoe.flops (fvcore; one multiply-add = one FLOP; MoE blocks counted at the experts each token visits)"
 ANALYTIC_METHOD = "convmoe.describe (analytic active/dense ratio of the MoE blocks; fvcore not installed)"
@@ -102,11 +103,6 @@ def device_description(device: torch.device | str) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def measure_latency(models: Mapping[str, nn.Module], inputs: Tensor, device: torch.device | str = "cpu",
                     warmup: int = 5, reps: int = 30) -> dict[str, float]:
@@ -135,15 +131,5 @@ def measure_latency(models: Mapping[str, nn.Module], inputs: Tensor, device: tor
     device = torch.device(device)
     runs = {name: model.eval().to(device) for name, model in models.items()}
     x = inputs.to(device)
-    for model in runs.values():
-        for _ in range(warmup):
-            model(x)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, model in runs.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            _synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return interleaved_median_ms({name: functools.partial(model, x) for name, model in runs.items()},
+                                 warmup=warmup, reps=reps, device=device)
