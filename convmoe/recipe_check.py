@@ -143,8 +143,8 @@ def probe_outputs(model: nn.Module, recipe: BaseRecipe, spec: Mapping[str, Any],
     rebuilt = _build_patched(recipe, spec, torch.device("cpu")).to(reference.device, reference.dtype)
     rebuilt.load_state_dict(dict(state), strict=True)
     got = _eval_forward(rebuilt, probe)
-    expected_tensors = list(_tensors(expected))
-    got_tensors = list(_tensors(got)) if got is not None else []
+    expected_tensors = list(output_tensors(expected))
+    got_tensors = list(output_tensors(got)) if got is not None else []
     if len(got_tensors) != len(expected_tensors) or any(a.shape != b.shape for a, b in
                                                          zip(expected_tensors, got_tensors, strict=True)):
         raise RecipeMismatch(f"the base recipe {recipe.to_dict()} rebuilds this model's tensors but not its forward "
@@ -271,13 +271,19 @@ def _eval_forward(model: nn.Module, x: Tensor) -> Any:
             module.training = mode
 
 
-def _tensors(output: Any) -> Iterator[Tensor]:
+def output_tensors(output: Any) -> Iterator[Tensor]:
+    """Every tensor in a model's output (a tensor, or dicts, lists and tuples of them), in order.
+
+    Example:
+        >>> [t.shape[0] for t in output_tensors({"out": torch.zeros(2), "aux": [torch.zeros(3)]})]
+        [2, 3]
+    """
     if isinstance(output, Tensor):
         yield output
     elif isinstance(output, Mapping):
         for value in output.values():
-            yield from _tensors(value)
+            yield from output_tensors(value)
     elif isinstance(output, list | tuple):
         for value in output:
-            yield from _tensors(value)
+            yield from output_tensors(value)
 

@@ -7,7 +7,7 @@ keywords cannot be recovered is refused at save time, never reloaded into someth
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import convmoe
 from convmoe import MoEConfig
 from convmoe.hub import read_config
+from convmoe.recipe_check import output_tensors
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 torchvision = pytest.importorskip("torchvision")
@@ -63,21 +64,13 @@ def _randomize(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _outputs(output: Any) -> Iterator[Tensor]:
-    if isinstance(output, Tensor):
-        yield output
-    elif isinstance(output, Mapping):
-        for value in output.values():
-            yield from _outputs(value)
-
-
 def _assert_reload_is_exact(model: nn.Module, tmp_path, x: Tensor) -> dict[str, Any]:
     convmoe.patch(model, targets="last", config=CONFIG)
     _randomize(model)
     folder = convmoe.save_pretrained(model, tmp_path / "ckpt")
     reloaded = convmoe.from_pretrained(folder)
     with torch.no_grad():
-        expected, got = list(_outputs(model(x))), list(_outputs(reloaded(x)))
+        expected, got = list(output_tensors(model(x))), list(output_tensors(reloaded(x)))
     assert len(expected) == len(got) > 0
     for a, b in zip(expected, got, strict=True):
         assert a.shape == b.shape

@@ -158,16 +158,21 @@ def _layer_drop(kind: str) -> LayerDrop:
     return model
 
 
+def _train_then_skip(model: nn.Module, called: nn.Module) -> None:
+    """Two training steps through ``called`` (the model or its wrapper), the second skipping ``second``."""
+    x = torch.randn(2, 3, 7, 7)
+    (called(x).square().mean() + convmoe.aux_loss(called)).backward()
+    model.skip = True
+    y = called(x)
+    aux = convmoe.aux_loss(called)
+    torch.testing.assert_close(aux, model.first.last_aux.total)
+    (y.square().mean() + aux).backward()  # the old code backpropagated through the freed graph of step 1
+
+
 @pytest.mark.parametrize("kind", ["patched", "plain"])
 def test_a_skipped_block_adds_no_stale_loss_and_backward_works(kind: str) -> None:
     model = _layer_drop(kind).train()
-    x = torch.randn(2, 3, 7, 7)
-    (model(x).square().mean() + convmoe.aux_loss(model)).backward()
-    model.skip = True
-    y = model(x)
-    aux = convmoe.aux_loss(model)
-    torch.testing.assert_close(aux, model.first.last_aux.total)
-    (y.square().mean() + aux).backward()  # the old code backpropagated through the freed graph of step 1
+    _train_then_skip(model, model)
     assert model.second.last_aux is None
     assert model.second.last_routing is None
     assert list(convmoe.routing_stats(model).blocks) == ["first"]
@@ -264,14 +269,7 @@ def test_aux_loss_of_a_single_process_ddp_wrapper(tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = _layer_drop("patched").train()
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        x = torch.randn(2, 3, 7, 7)
-        (ddp(x).square().mean() + convmoe.aux_loss(ddp)).backward()
-        model.skip = True
-        y = ddp(x)
-        aux = convmoe.aux_loss(ddp)
-        torch.testing.assert_close(aux, model.first.last_aux.total)
-        (y.square().mean() + aux).backward()
+        _train_then_skip(model, DistributedDataParallel(model, find_unused_parameters=True))
     finally:
         dist.destroy_process_group()
 
