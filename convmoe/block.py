@@ -311,6 +311,8 @@ class MoEConv2d(nn.Module, ScopedModule):
         # Pickles from before forward_routings existed hold only the latest call.
         latest = state.get("last_routing")
         state.setdefault("_forward_routings", [] if latest is None else [latest])
+        state.setdefault("converter", None)  # and from before the block declared what patch keeps
+        state.setdefault("dense_template", None)
         super().__setstate__(state)
 
     def adopt(self, name: str, converter: str, dense_template: nn.Module | None) -> MoEConv2d:
