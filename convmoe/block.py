@@ -343,3 +343,16 @@ class MoEConv2d(nn.Module, ScopedModule):
                   f"router={c.router if isinstance(c.router, str) else type(self.router).__name__}",
                   f"dispatcher={c.dispatcher if isinstance(c.dispatcher, str) else type(self.dispatcher).__name__}"]
         return ", ".join(parts)
+
+
+def named_blocks(model: nn.Module) -> dict[str, MoEConv2d]:
+    """Every :class:`MoEConv2d` in ``model`` by qualified name, in module order (``model`` itself as ``""``).
+
+    The one lookup of blocks for describe, flops and patch; :func:`convmoe.moe_blocks` also finds
+    user blocks that only follow the side-output protocol (``last_aux``, ``last_routing``).
+
+    Example:
+        >>> list(named_blocks(nn.Sequential(nn.ReLU(), MoEConv2d(2, 2, 1))))
+        ['1']
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, MoEConv2d)}

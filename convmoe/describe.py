@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convmoe.block import MoEConv2d
+from convmoe.block import MoEConv2d, named_blocks
 from convmoe.formatting import format_count
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 from convmoe.routers.expert_choice import ExpertChoiceRouter
@@ -146,7 +146,7 @@ def _input_sizes(model: nn.Module, inputs: Any) -> dict[str, tuple[int, int]]:
     sizes: dict[str, tuple[int, int]] = {}
     handles = [block.register_forward_pre_hook(
         lambda module, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[-2:])))
-        for name, block in _blocks(model).items()]
+        for name, block in named_blocks(model).items()]
     was_training = model.training
     try:
         model.eval()
@@ -164,10 +164,6 @@ def _input_sizes(model: nn.Module, inputs: Any) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _blocks(model: nn.Module) -> dict[str, MoEConv2d]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, MoEConv2d)}
-
-
 def describe_blocks(model: nn.Module, inputs: Any = None) -> list[BlockSummary]:
     """One :class:`BlockSummary` per MoE block of ``model``, in module order.
 
@@ -177,7 +173,7 @@ def describe_blocks(model: nn.Module, inputs: Any = None) -> list[BlockSummary]:
         ['0']
     """
     sizes = _input_sizes(model, inputs) if inputs is not None else {}
-    return [summarize_block(name, block, sizes.get(name)) for name, block in _blocks(model).items()]
+    return [summarize_block(name, block, sizes.get(name)) for name, block in named_blocks(model).items()]
 
 
 def describe(model: nn.Module, inputs: Any = None) -> str:
@@ -217,7 +213,7 @@ def describe(model: nn.Module, inputs: Any = None) -> str:
     added = sum(r.params_added for r in rows)
     total = sum(p.numel() for p in model.parameters())
     dense_total = total - added
-    blocks = _blocks(model)
+    blocks = named_blocks(model)
     dense_macs = [dense_macs_per_position(blocks[r.name]) for r in rows]
     overall = sum(r.active_flops_ratio * m for r, m in zip(rows, dense_macs, strict=True)) / sum(dense_macs)
     lines.append(f"{len(rows)} MoE block(s), +{format_count(added)} parameters (+{100 * added / max(dense_total, 1):.1f}% of "

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convmoe.block import MoEConv2d
+from convmoe.block import MoEConv2d, named_blocks
 from convmoe.dispatch.tiles import sizes
 from convmoe.tokens.base import Tokenizer
 
@@ -286,7 +286,7 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
         True
     """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    blocks = {name: module for name, module in model.named_modules() if isinstance(module, MoEConv2d)}
+    blocks = named_blocks(model)
     records: dict[str, list[tuple[Tensor, Tensor, Any]]] = defaultdict(list)
 
     def recorder(name: str):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convmoe.block import MoEConv2d
+from convmoe.block import MoEConv2d, named_blocks
 from convmoe.config import MoEConfig
 from convmoe.patch.converters import dense_template, find_converter, get_converter, refusal_reason
 from convmoe.patch.targets import TargetSpec, describe_spec, listed_names, select_targets
@@ -182,8 +182,7 @@ def patched_blocks(model: nn.Module) -> dict[str, MoEConv2d]:
         >>> list(patched_blocks(model))
         ['0']
     """
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, MoEConv2d) and module.converter}
+    return {name: block for name, block in named_blocks(model).items() if block.converter}
 
 
 def patch_spec(model: nn.Module) -> dict[str, Any]:
