@@ -14,7 +14,7 @@ from convmoe.gates import GATES, create_gate
 from convmoe.geometry import ConvGeometry
 from convmoe.hub import from_pretrained, save_pretrained
 from convmoe.losses import LOSSES
-from convmoe.patch import patch_spec, unpatch
+from convmoe.patch import freeze_base, patch_spec, print_trainable_parameters, unpatch
 from convmoe.presets import PRESETS, get_preset, list_presets
 from convmoe.registry import Registry
 from convmoe.routers import ROUTERS, create_router
@@ -56,12 +56,14 @@ __all__ = [
     "create_tokens",
     "describe",
     "flops",
+    "freeze_base",
     "from_pretrained",
     "get_preset",
     "list_presets",
     "moe_blocks",
     "patch",
     "patch_spec",
+    "print_trainable_parameters",
     "register_factory",
     "routing_stats",
     "save_pretrained",

@@ -140,6 +140,55 @@ def _check_data_loader(section: Any, where: str) -> None:
     check_types(section, DATA_LOADER_SETTINGS, where)
 
 
+# The ``freeze_base`` section: convmoe.freeze_base's keywords, their types and an example value for the fix.
+FREEZE_BASE_SETTINGS: dict[str, tuple[Any, Any]] = {"train": (str | list, ["fc"]), "freeze_norm_stats": (bool, True)}
+
+
+def check_freeze_base(section: Any, where: str = "freeze_base") -> dict[str, Any] | None:
+    """Check a config's ``freeze_base`` section and return the keywords for :func:`convmoe.freeze_base`.
+
+    ``freeze_base: {train: [fc], freeze_norm_stats: false}`` trains only the MoE experts and routers
+    and the ``train`` modules (names, globs or ``"re:"`` regexes); ``freeze_base: {}`` only the MoE
+    parts; null or absent freezes nothing.
+
+    Args:
+        section: The section's value.
+        where: Its name, for messages.
+
+    Returns:
+        The keywords (``train`` as a list), or None when the section is null.
+
+    Raises:
+        ValueError: Not a mapping, an unknown key, or a value of the wrong type.
+
+    Example:
+        >>> check_freeze_base({"train": "fc"})
+        {'train': ['fc']}
+        >>> check_freeze_base({"train": ["fc"], "freeze_norm_stat": True})
+        Traceback (most recent call last):
+        ...
+        ValueError: freeze_base has no setting 'freeze_norm_stat' (did you mean 'freeze_norm_stats'?); it takes freeze_norm_stats, train. Remove it or fix its name.
+    """
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004 (as above)
+                         f"as '{where}: {{train: [fc], freeze_norm_stats: false}}'.")
+    allowed = sorted(FREEZE_BASE_SETTINGS)
+    for key in section:
+        if key not in FREEZE_BASE_SETTINGS:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where} has no setting {key!r}{hint}; it takes {', '.join(allowed)}. Remove it or fix "
+                             "its name.")
+    train = section.get("train", [])
+    if not (isinstance(train, str) or (isinstance(train, list) and all(isinstance(n, str) for n in train))):
+        raise ValueError(f"{where}.train={train!r} must be a string or a list of strings (module names, globs or "
+                         f"'re:' regexes), got {type(train).__name__}; e.g. {where}.train=[fc].")
+    check_types(section, FREEZE_BASE_SETTINGS, where)
+    return {**section, "train": [train] if isinstance(train, str) else list(train)}
+
+
 def _check_target_node(node: Any, where: str, example: str, also: str = "") -> None:
     if not isinstance(node, Mapping):
         raise ValueError(f"{where}={node!r} must be a mapping with a _target_{also}, got {type(node).__name__}; write "  # noqa: TRY004 (as above)
@@ -178,7 +227,7 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
     ``init_encoder_from`` are ``_target_`` mappings; ``scheduler`` / ``scheduler_list`` entries too;
     every ``<split>_dataset`` is a ``_target_`` mapping or a list of them; ``trainer`` / ``pl_trainer`` /
     ``data_loader`` (top-level and per dataset) are mappings; ``data_loader`` names DataLoader
-    settings of the right types; with ``settings``, the ``trainer`` values have its fields' types.
+    settings of the right types; ``freeze_base`` (:func:`check_freeze_base`); with ``settings``, the ``trainer`` values have its fields' types.
 
     Args:
         config: A loaded config (:func:`load_config`).
@@ -215,6 +264,7 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
     for key in config:
         if str(key).endswith("_dataset") and config[key] is not None:
             _check_dataset(config[key], key)
+    check_freeze_base(config.get("freeze_base"))
     if config.get("scheduler") is not None:
         _check_scheduler(config["scheduler"], "scheduler")
     schedulers = config.get("scheduler_list")

@@ -28,6 +28,7 @@ import convmoe
 from convmoe.engine.callbacks import Callback
 from convmoe.engine.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, unwrap_model
 from convmoe.engine.config import instantiate, load_config, locate
+from convmoe.engine.config_check import check_freeze_base
 from convmoe.engine.epoch import train_epoch
 from convmoe.engine.evaluate import (
     limit_batches,
@@ -61,7 +62,8 @@ class Trainer:
     Config sections: ``model``, ``loss``, ``optimizer`` (required); ``train_dataset`` (required),
     ``val_dataset``, ``test_dataset`` (each a ``_target_`` or a list, with ``data_loader``
     settings; a top-level ``data_loader`` gives defaults); ``scheduler`` or ``scheduler_list``;
-    ``trainer`` (or ``pl_trainer``, see :class:`TrainerSettings`); ``task``
+    ``trainer`` (or ``pl_trainer``, see :class:`TrainerSettings`); ``freeze_base`` (train only the
+    MoE experts and routers and the named modules, see :func:`convmoe.freeze_base`); ``task``
     (``classification``/``segmentation``/``auto``); ``ignore_index`` (default: the loss's);
     ``init_encoder_from`` (a ``_target_`` giving a backbone whose weights go to an smp encoder).
 
@@ -84,6 +86,7 @@ class Trainer:
                 raise ValueError(f"the config has no {key!r} section; a training config needs model, loss, optimizer "
                                  "and train_dataset.")
         self.settings = TrainerSettings.from_config(self.config)
+        freeze = check_freeze_base(self.config.get("freeze_base"))
         self.ctx = setup_distributed(self.settings.accelerator)
         self.precision = resolve_precision(self.settings.precision, self.ctx.device)
         self.output_dir = Path(self.settings.default_root_dir)
@@ -98,6 +101,11 @@ class Trainer:
             load_encoder_weights(model, instantiate(self.config["init_encoder_from"]))
         if self.ctx.distributed and self.settings.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if freeze is not None:
+            # After SyncBatchNorm (it drops the norms' hooks), before DDP and the optimizer (both read requires_grad).
+            summary = convmoe.freeze_base(model, **freeze)
+            if self.ctx.is_main:
+                print(f"freeze_base: {summary}")
         self.model = model.to(self.ctx.device)
         if self.ctx.distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None

@@ -9,6 +9,7 @@ patch(model, targets, config, exclude, upcycle)
  ├─ converters                first match wins: timm_conv2d_same, conv2d; exotic convs refused with a reason
  └─ swap in place             block.name, block.config, block.converter, a weightless copy of the conv
 patch_spec(model) -> dict      apply_spec(base_model, spec)      unpatch(model, how, inputs) -> UnpatchReport
+freeze_base(model, train)      fine-tune the experts and routers (and `train`), freeze the rest
 ```
 
 Example:
@@ -36,6 +37,7 @@ from convmoe.patch.converters import (
     refusal_reason,
     register_converter,
 )
+from convmoe.patch.freeze import FreezeSummary, freeze_base, print_trainable_parameters
 from convmoe.patch.inject import apply_spec, config_for, patch, patch_spec, patched_blocks
 from convmoe.patch.placements import PLACEMENTS, list_placements
 from convmoe.patch.targets import Selection, TargetSpec, select_targets
@@ -56,17 +58,20 @@ sys.modules[__name__].__class__ = _CallablePackage
 __all__ = [
     "CONVERTERS",
     "PLACEMENTS",
+    "FreezeSummary",
     "Selection",
     "UnpatchReport",
     "apply_spec",
     "config_for",
     "convert_conv2d",
     "convert_timm_conv2d_same",
+    "freeze_base",
     "get_converter",
     "list_placements",
     "patch",
     "patch_spec",
     "patched_blocks",
+    "print_trainable_parameters",
     "refusal_reason",
     "register_converter",
     "select_targets",
