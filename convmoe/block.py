@@ -125,6 +125,8 @@ class MoEConv2d(nn.Module, ScopedModule):
                          "capacity_factor": config.capacity_factor, **config.router_kwargs, **factory}
         if config.gate is not None:
             router_kwargs["gate"] = config.gate
+        if config.bias_balancing > 0:  # passed only when on: a user's router need not know the keyword
+            router_kwargs["bias_balancing"] = config.bias_balancing
         self.router = create_router(config.router, in_channels, config.num_experts, config.top_k, **router_kwargs)
         self.dropout = create_dropout(config.dropout, drop_rate=config.drop_rate)
         self.dispatcher = create_dispatcher(config.dispatcher)

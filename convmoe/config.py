@@ -17,7 +17,7 @@ from convmoe.experts.post import ACTIVATIONS, NORMS
 from convmoe.gates import GATES
 from convmoe.losses import LOSSES
 from convmoe.registry import Registry
-from convmoe.routers import ROUTERS
+from convmoe.routers import ROUTERS, ExpertChoiceRouter
 from convmoe.tokens import TOKENS, create_tokens
 
 _PART_REGISTRIES: dict[str, Registry] = {
@@ -81,6 +81,10 @@ class MoEConfig:
         expert_act: Activation after each conv expert: None, "relu", "silu", "gelu".
         shared_expert: Add a dense expert that every token also passes through.
         losses: Balancing loss name -> weight ("switch", "importance", "z", "diversity").
+        bias_balancing: Update rate gamma of auxiliary-loss-free balancing (Wang et al., 2024,
+            arXiv:2408.15664): token-choice and positional routers select with a per-expert bias
+            that each training pass moves by ``gamma * sign(mean_load - load)``; 0.0 (the default)
+            turns it off. Expert choice balances by construction and refuses it.
         dropout: Expert-dropout policy: None or "medoe".
         drop_rate: Fraction of experts the dropout policy removes per training pass; None (the
             default) uses the policy's own default (0.1 for "medoe", as UPerNetMEDoE), 0.0 drops none.
@@ -108,6 +112,7 @@ class MoEConfig:
     expert_act: str | None = None
     shared_expert: bool = False
     losses: dict[str, float] = field(default_factory=lambda: {"switch": 0.01})
+    bias_balancing: float = 0.0
     dropout: Any = None
     drop_rate: float | None = None
     upcycle_noise_std: float = 0.0
@@ -119,6 +124,7 @@ class MoEConfig:
         self._check_router_numbers()
         self._check_parts()
         self._check_losses()
+        self._check_bias_balancing()
         self._check_dropout()
         self.upcycle_noise_std = _number("upcycle_noise_std", self.upcycle_noise_std, "use 0.0 for exact copies")
         if self.upcycle_noise_std < 0:
@@ -180,6 +186,15 @@ class MoEConfig:
             fix = "e.g. 0.01, or leave the loss out"
             if _number(f"losses[{name!r}]", weight, fix) < 0:
                 raise ValueError(f"loss weight for {name!r} must be >= 0, got {weight}; {fix}.")
+
+    def _check_bias_balancing(self) -> None:
+        fix = "e.g. 0.001, or 0.0 to turn it off"
+        self.bias_balancing = _number("bias_balancing", self.bias_balancing, fix)
+        if self.bias_balancing < 0:
+            raise ValueError(f"bias_balancing={self.bias_balancing} must be >= 0; {fix}.")
+        if self.bias_balancing > 0 and (self.router == "expert_choice" or self.router is ExpertChoiceRouter):
+            raise ValueError(f"bias_balancing={self.bias_balancing} does not apply to router='expert_choice' (it "
+                             "balances load by construction); set bias_balancing=0.0 or use router='token_choice'.")
 
     def _check_dropout(self) -> None:
         if self.drop_rate is None:

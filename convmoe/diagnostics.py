@@ -7,6 +7,7 @@ once per pyramid level adds every level.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,21 @@ def compute_stats(routing: Routing) -> RoutingStats:
         active_experts=[e for e in range(E) if load[e] > 0],
         medoe_expert_utilization=medoe_utilization,
         medoe_expert_entropy=medoe_entropy,
+        expert_bias=expert_bias_of(routing),
     )
+
+
+def expert_bias_of(routing: Routing) -> list[float] | None:
+    """The routing's bias-balancing bias as python floats (None when its router keeps none).
+
+    Example:
+        >>> expert_bias_of(Routing.from_top_k(torch.zeros(1, 1, 2), torch.full((1, 1, 2), 0.5),
+        ...                                   torch.tensor([[[0]]]), torch.ones(1, 1, 1))) is None
+        True
+    """
+    if routing.expert_bias is None:
+        return None
+    return [round(float(b), 6) for b in routing.expert_bias.detach().cpu()]
 
 
 # Layout of one block's count vector after the E expert loads.
@@ -180,8 +195,8 @@ def stats_from_counts(counts: Tensor, num_experts: int) -> RoutingStats:
 def stats_of_calls(routings: Sequence[Routing]) -> RoutingStats:
     """Statistics over several routings of one block (its calls in one forward pass), as if concatenated.
 
-    Loads, tokens and drops add up, router entropy is the mean over all rows; one routing gives
-    :func:`compute_stats`.
+    Loads, tokens and drops add up, router entropy is the mean over all rows, the expert bias is the
+    last call's; one routing gives :func:`compute_stats`.
 
     Example:
         >>> r = Routing.from_top_k(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.5),
@@ -192,7 +207,8 @@ def stats_of_calls(routings: Sequence[Routing]) -> RoutingStats:
     if len(routings) == 1:
         return compute_stats(routings[0])
     counts = torch.stack([routing_counts(routing) for routing in routings]).sum(dim=0)
-    return stats_from_counts(counts, routings[0].num_experts)
+    stats = stats_from_counts(counts, routings[0].num_experts)
+    return dataclasses.replace(stats, expert_bias=expert_bias_of(routings[-1]))
 
 
 @dataclass(frozen=True)
@@ -241,13 +257,15 @@ class ModelRoutingStats:
         return out
 
     def table(self) -> str:
-        """A plain-text table, one row per block."""
+        """A plain-text table, one row per block, and below a block with bias balancing a row with its expert bias."""
         header = f"{'block':<32} {'experts':>7} {'util.entropy':>12} {'router.entropy':>14} {'imbalance':>9} " \
                  f"{'dropped':>7} {'dead':>4}"
         rows = [header, "-" * len(header)]
         for name, s in self.blocks.items():
             rows.append(f"{name:<32} {len(s.active_experts):>3}/{s.num_experts:<3} {s.utilization_entropy:>12.3f} "
                         f"{s.router_entropy:>14.3f} {s.imbalance:>9.2f} {s.dropped_rate:>7.1%} {len(s.dead_experts):>4}")
+            if s.expert_bias is not None:
+                rows.append(f"{'  expert bias':<32} " + " ".join(f"{b:+.4f}" for b in s.expert_bias))
         return "\n".join(rows)
 
     def __getitem__(self, name: str) -> RoutingStats:

@@ -9,12 +9,15 @@ Under ``DistributedDataParallel`` (or FSDP) each rank routes its own batch. What
 | capacity | per image (per local batch for ``image`` tokens) | routing of a sample never waits for another rank |
 | routing statistics, ``convmoe.routing_stats`` | local to the rank | cheap to log every step |
 | routing statistics, :func:`global_routing_stats` | summed over ranks (one ``all_reduce``) | expert utilisation, dead experts and drop rate of the whole global batch: an expert idle on one rank may be busy on another |
+| expert loads of bias balancing (``MoEConfig.bias_balancing``) | summed over ranks (one ``all_reduce`` per block call in training) | every rank updates the selection bias alike, so the bias stays identical on all ranks |
 
 The task loss, with equal local batch sizes, gives the gradients of single-process training on the
 global batch (DDP averages, the loss is a mean). Wrap BatchNorm in ``SyncBatchNorm`` as usual.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,7 @@ from convmoe.diagnostics import (
     _COUNT_FIELDS,
     ModelRoutingStats,
     _routings,
+    expert_bias_of,
     moe_blocks,
     routing_counts,
     stats_from_counts,
@@ -74,6 +78,9 @@ def global_routing_stats(model: nn.Module, group: dist.ProcessGroup | None = Non
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         vectors = list(flat.cpu().split([v.numel() for v in vectors]))
     stats = {name: stats_from_counts(counts, sizes[name]) for (name, _), counts in zip(blocks, vectors, strict=True)}
+    # Bias balancing sums the loads over ranks before each update, so every rank holds the same bias.
+    stats = {name: dataclasses.replace(s, expert_bias=expert_bias_of(routings[name][-1])) if routings[name] else s
+             for name, s in stats.items()}
     return ModelRoutingStats({name: s for name, s in stats.items() if s.tokens > 0})
 
 

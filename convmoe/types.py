@@ -140,6 +140,8 @@ class Routing:
         capacity: Tokens each expert may take per group, or None when unlimited.
         capacity_groups: Number of groups the capacity applies to (B, or 1 for image tokens).
         expert_mask: Experts available in this pass (False: removed by expert dropout), (E,) bool.
+        expert_bias: The bias of bias balancing the experts were selected with, (E,) float32, or
+            None when the router keeps none (see :class:`~convmoe.routers.TokenChoiceRouter`).
 
     Example:
         >>> r = Routing.from_top_k(torch.zeros(1, 2, 4), torch.full((1, 2, 4), 0.25),
@@ -157,6 +159,7 @@ class Routing:
     capacity: int | None = None
     capacity_groups: int = 1
     expert_mask: Tensor | None = None
+    expert_bias: Tensor | None = None
 
     @classmethod
     def from_top_k(cls, logits: Tensor, probs: Tensor, expert_index: Tensor, combine_weight: Tensor,
@@ -234,6 +237,8 @@ class RoutingStats:
         medoe_expert_utilization: Share of the experts kept by expert dropout that received tokens
             (None when no dropout ran).
         medoe_expert_entropy: Normalised entropy of the load over the kept experts (None likewise).
+        expert_bias: The selection bias of bias balancing per expert, as used in the pass (None when
+            the router keeps none; ``MoEConfig.bias_balancing``).
 
     Example:
         >>> s = RoutingStats(2, 4, [0.5, 0.5], 1.0, 0.9, 1.0, 0.0, None, [], [0, 1])
@@ -253,6 +258,7 @@ class RoutingStats:
     active_experts: list[int]
     medoe_expert_utilization: float | None = None
     medoe_expert_entropy: float | None = None
+    expert_bias: list[float] | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The statistics as a plain dict."""

@@ -31,6 +31,7 @@ import convmoe
 from convmoe import MoEConfig
 from convmoe.diagnostics import compute_stats
 from convmoe.distributed import global_routing_stats
+from convmoe.routers.bias_balancing import bias_update, dispatched_load
 
 WORLD = 2
 LOCAL_BATCH = 2
@@ -182,11 +183,40 @@ def _check_fsdp(rank: int) -> dict[str, Any]:
             "local_expert_rows": local_rows}
 
 
+def _bias_block() -> nn.Module:
+    """An MoE block with bias balancing whose expert 3 wins the pixels with channel 0 > 0.5 (as block "0")."""
+    torch.manual_seed(0)
+    block = convmoe.MoEConv2d(3, 4, 1, num_experts=4, top_k=1, bias_balancing=0.01)
+    with torch.no_grad():
+        block.router.gate.proj.weight.normal_(0, 0.1)
+        block.router.gate.proj.bias.zero_()
+        block.router.gate.proj.weight[UNUSED_EXPERT] = torch.tensor([30.0, 0.0, 0.0])
+        block.router.gate.proj.bias[UNUSED_EXPERT] = -15.0
+    return block.train()
+
+
+def _check_bias_balancing(rank: int) -> dict[str, Any]:
+    """Without DDP (no buffer broadcast) each rank routes its half of the global batch, expert 3 only on
+    rank 1; the loads are summed over ranks, so the bias follows one process on the global batch."""
+    model, reference = _bias_block(), _bias_block()
+    out: dict[str, Any] = {"bias": [], "reference": [], "local_update": []}
+    for step in range(3):
+        x, _ = _batch(seed=step, first_expert_3_on_rank_1=True)
+        model(x[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH])
+        reference(x)
+        out["local_update"].append(bias_update(dispatched_load(model.last_routing), 0.01).tolist())
+        out["bias"].append(model.router.expert_bias.tolist())
+        out["reference"].append(reference.router.expert_bias.tolist())
+    out["stats_bias"] = global_routing_stats(model)[""].expert_bias
+    return out
+
+
 CHECKS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_unused_expert": _check_ddp_unused_expert,
     "ddp_configs": _check_ddp_configs,
     "ddp_expert_dropout": _check_ddp_expert_dropout,
     "fsdp": _check_fsdp,
+    "bias_balancing": _check_bias_balancing,
 }
 
 
@@ -267,6 +297,17 @@ def test_fsdp_shards_the_stacked_experts_and_matches_single_process(results):
         assert r["type"] == "DTensor"
         assert r["local_expert_rows"] == 2  # 4 experts over 2 ranks: the stacked parameter is sharded on E
         assert r["diff"] < 1e-5
+
+
+def test_bias_balancing_sums_the_loads_over_ranks(results):
+    rank0, rank1 = _result(results, "bias_balancing")
+    assert rank0["bias"] == rank1["bias"]  # every rank holds the same bias
+    for r in (rank0, rank1):
+        for got, expected in zip(r["bias"], r["reference"], strict=True):
+            assert got == pytest.approx(expected, abs=1e-7)  # as one process routing the global batch
+        assert r["stats_bias"] == pytest.approx(r["bias"][-2], abs=1e-6)  # the bias the last pass selected with
+    # the local loads alone would have moved the ranks' biases apart
+    assert rank0["local_update"] != rank1["local_update"]
 
 
 def test_global_routing_stats_without_a_process_group_is_routing_stats():

@@ -35,6 +35,9 @@ class ExpertChoiceRouter(Router):
     """
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int = 1, **kwargs: Any) -> None:
+        if kwargs.pop("bias_balancing", 0.0):
+            raise ValueError("bias_balancing does not apply to expert-choice routing (it balances load by "
+                             "construction); use bias_balancing=0.0 or router='token_choice'.")
         if kwargs.get("capacity_factor") is None:
             kwargs["capacity_factor"] = DEFAULT_CAPACITY_FACTOR
         super().__init__(in_channels, num_experts, top_k, **kwargs)
