@@ -34,6 +34,7 @@ from convmoe.atomic_files import atomic_write, file_sha256
 from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, record_recipe
 from convmoe.formatting import listing
 from convmoe.hub_files import CONFIG_NAME, WEIGHTS_NAME, resolve_file
+from convmoe.state_dicts import compare_states
 
 FORMAT_NAME = "convmoe"
 FORMAT_VERSION = 1
@@ -295,11 +296,9 @@ def check_state_matches(model: nn.Module, state: Mapping[str, Tensor], strict: b
         ...
         ValueError: weights in w.pt do not match config: missing 'bias'. Cause: retrain.
     """
-    expected = model.state_dict()
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    mismatched = [f"{name!r}: checkpoint {tuple(state[name].shape)} vs model {tuple(tensor.shape)}"
-                  for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+    difference = compare_states(model.state_dict(), state)
+    missing, unexpected = difference.missing, difference.unexpected
+    mismatched = [f"{name!r}: checkpoint {given} vs model {wanted}" for name, given, wanted in difference.mismatched]
     problems = []
     if mismatched:
         problems.append(f"shape mismatch {listing(mismatched, quote=False)}")

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from convmoe.factory import BaseRecipe
 from convmoe.formatting import listing
 from convmoe.recipe_inference import library_of
+from convmoe.state_dicts import compare_states
 
 PROBE_MAX_PARAMETERS = 200_000_000
 TRAIN_ONLY_MODULES = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
@@ -216,11 +217,10 @@ def _build_on(recipe: BaseRecipe, device: torch.device) -> nn.Module:
 
 
 def _compare_tensors(recipe: BaseRecipe, expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> None:
-    missing = [name for name in state if name not in expected]
-    extra = [name for name in expected if name not in state]
-    mismatched = [f"{name!r}: model {tuple(state[name].shape)} vs recipe {tuple(t.shape)}"
-                  for name, t in expected.items() if name in state and state[name].shape != t.shape]
-    if missing or extra or mismatched:
+    difference = compare_states(expected, state)
+    missing, extra = difference.unexpected, difference.missing  # the model's view: what the rebuild lacks or adds
+    mismatched = [f"{name!r}: model {given} vs recipe {wanted}" for name, given, wanted in difference.mismatched]
+    if difference:
         details = "; ".join(part for part in (
             f"not in the rebuilt model {listing(missing)}" if missing else "",
             f"only in the rebuilt model {listing(extra)}" if extra else "",

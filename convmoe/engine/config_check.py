@@ -133,11 +133,15 @@ def _check_data_loader(section: Any, where: str) -> None:
     allowed = sorted(set(inspect.signature(DataLoader).parameters) - set(_ENGINE_LOADER_ARGUMENTS))
     for key in section:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _did_you_mean(key, allowed)
             reason = "the engine sets it itself" if key in _ENGINE_LOADER_ARGUMENTS else f"DataLoader takes {allowed}"
             raise ValueError(f"{where} has no setting {key!r}{hint}; {reason}. Remove it or fix its name.")
     check_types(section, DATA_LOADER_SETTINGS, where)
+
+
+def _did_you_mean(key: Any, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # The ``freeze_base`` section: convmoe.freeze_base's keywords, their types and an example value for the fix.
@@ -177,8 +181,7 @@ def check_freeze_base(section: Any, where: str = "freeze_base") -> dict[str, Any
     allowed = sorted(FREEZE_BASE_SETTINGS)
     for key in section:
         if key not in FREEZE_BASE_SETTINGS:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = _did_you_mean(key, allowed)
             raise ValueError(f"{where} has no setting {key!r}{hint}; it takes {', '.join(allowed)}. Remove it or fix "
                              "its name.")
     train = section.get("train", [])

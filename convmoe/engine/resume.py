@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from convmoe.engine.checkpoint import restore_rng_state
+from convmoe.formatting import listing
+from convmoe.state_dicts import compare_states
 
 _FIX = "resume with the config the run was trained with, or start a new run (a new trainer.default_root_dir)."
 
@@ -31,11 +33,6 @@ def trainer_section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return config.get("trainer") or config.get("pl_trainer") or {}
 
 
-def _first_few(names: Sequence[str], shown: int = 3) -> str:
-    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
 def _config_differences(saved: Any, current: Any, prefix: str) -> list[str]:
     """Dotted keys where two config sections differ, with both values (``a.b (4 -> 2)``)."""
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
@@ -47,21 +44,20 @@ def _config_differences(saved: Any, current: Any, prefix: str) -> list[str]:
 def load_model_state(model: nn.Module, saved: Mapping[str, Any], where: str, saved_config: Mapping[str, Any],
                      config: Mapping[str, Any]) -> None:
     """Load ``saved`` into ``model``; a mismatch names the keys and where the configs differ."""
-    current = model.state_dict()
+    difference = compare_states(model.state_dict(), saved)
     problems = []
-    shapes = [f"{k!r} (checkpoint {tuple(saved[k].shape)}, model {tuple(v.shape)})" for k, v in current.items()
-              if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
-    missing = [repr(k) for k in current if k not in saved]
-    unexpected = [repr(k) for k in saved if k not in current]
+    shapes = [f"{name!r} (checkpoint {given}, model {wanted})" for name, given, wanted in difference.mismatched]
+    missing = [repr(name) for name in difference.missing]
+    unexpected = [repr(name) for name in difference.unexpected]
     for label, names in (("shapes differ at", shapes), ("missing", missing), ("unexpected", unexpected)):
         if names:
-            problems.append(f"{label} {_first_few(names)}")
+            problems.append(f"{label} {listing(names, quote=False, limit=3)}")
     if not problems:
         model.load_state_dict(saved)
         return
     changed = (_config_differences(saved_config["model"], config.get("model"), "model")
                if "model" in saved_config else [])
-    hint = f"; the config differs from the checkpoint's at {_first_few(changed)}" if changed else ""
+    hint = f"; the config differs from the checkpoint's at {listing(changed, quote=False, limit=3)}" if changed else ""
     raise ValueError(f"{where} does not match the model: {'; '.join(problems)}{hint}; {_FIX}")
 
 
