@@ -45,7 +45,7 @@ class MoEConv2d(nn.Module, ScopedModule):
         x (B, C_in, H, W) -> pad -> tokens.split          which output regions route together
                           -> router(tokens)               which experts, with what weight (float32)
                           -> dispatcher(experts)          dense reference or sparse gather/scatter
-                          (+ shared expert)               -> y (B, C_out, H_out, W_out)
+                          (+ shared base, shared expert)  -> y (B, C_out, H_out, W_out)
         on the side: last_aux (balancing losses, training with autograd only), last_routing (for routing_stats)
 
     Side outputs cover the model's current forward pass (see :mod:`convmoe.scope`): ``last_aux`` is
@@ -120,6 +120,9 @@ class MoEConv2d(nn.Module, ScopedModule):
                                       **expert_kwargs)
         self.shared_expert = (create_experts(config.experts, in_channels, out_channels, 1, geometry, **expert_kwargs)
                               if config.shared_expert else None)
+        if self.shared_expert is not None and self.experts.capabilities.shared_base:
+            raise ValueError(f"shared_expert=True with {type(self.experts).__name__} experts: their shared base conv "
+                             "already runs on every position; set shared_expert=False.")
         self.tokens = create_tokens(config.tokens)
         router_kwargs = {"noise_std": config.noise_std, "temperature": config.temperature,
                          "capacity_factor": config.capacity_factor, **config.router_kwargs, **factory}
@@ -139,6 +142,14 @@ class MoEConv2d(nn.Module, ScopedModule):
     def geometry(self) -> ConvGeometry:
         """Geometry the dispatcher works with (the experts' view of the padded input)."""
         return self.experts.geometry
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the dense conv the block stands for has a bias (the experts', the shared base's or the
+        shared expert's)."""
+        experts, shared = self.experts, self.shared_expert
+        bias = experts.base_conv()[1] if experts.capabilities.shared_base else getattr(experts, "bias", None)
+        return bias is not None or (shared is not None and getattr(shared, "bias", None) is not None)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, config: MoEConfig | dict[str, Any] | None = None, upcycle: bool = True,
@@ -235,6 +246,8 @@ class MoEConv2d(nn.Module, ScopedModule):
         if x.shape[0] == 0 and isinstance(dispatcher, SparseDispatcher):
             dispatcher = _DENSE
         y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
+        if self.experts.capabilities.shared_base:  # low-rank experts: W0 on every position, the deltas routed
+            y = self.experts.forward_base(x_pad).add_(y)
         if self.shared_expert is not None:
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 

@@ -75,14 +75,16 @@ def _replaced(block: MoEConv2d) -> str:
     return " ".join(parts)
 
 
-def weights_per_expert(bank: nn.Module, num_experts: int) -> float:
-    """Conv weights of one expert of ``bank``: the MACs it costs per output position it computes.
+def shared_macs_per_position(block: MoEConv2d) -> float:
+    """MACs every output position pays whatever the routing: a shared expert, and the shared base conv
+    of low-rank experts.
 
     Example:
-        >>> weights_per_expert(MoEConv2d(8, 4, 3, num_experts=2).experts, 2)
+        >>> shared_macs_per_position(MoEConv2d(8, 4, 3, num_experts=2, experts="lowrank"))
         288.0
     """
-    return sum(p.numel() for p in bank.parameters() if p.dim() >= 4) / num_experts
+    shared = block.shared_expert.expert_macs_per_position() if block.shared_expert is not None else 0.0
+    return shared + block.experts.base_macs_per_position()
 
 
 def dense_macs_per_position(block: MoEConv2d) -> int:
@@ -94,6 +96,16 @@ def dense_macs_per_position(block: MoEConv2d) -> int:
     """
     kh, kw = block.geometry.kernel_size
     return block.out_channels * (block.in_channels // block.groups) * kh * kw
+
+
+def dense_params(block: MoEConv2d) -> int:
+    """Parameters of the dense conv the block replaces and folds back into (weight and bias).
+
+    Example:
+        >>> dense_params(MoEConv2d(8, 4, 3, num_experts=2))
+        292
+    """
+    return dense_macs_per_position(block) + (block.out_channels if block.has_bias else 0)
 
 
 def _analytic_k_eff(block: MoEConv2d) -> float:
@@ -116,8 +128,8 @@ def summarize_block(name: str, block: MoEConv2d, input_size: tuple[int, int] | N
     """
     c = block.config
     dense = dense_macs_per_position(block)
-    expert = weights_per_expert(block.experts, c.num_experts)
-    shared = weights_per_expert(block.shared_expert, 1) if block.shared_expert is not None else 0.0
+    expert = block.experts.expert_macs_per_position()
+    shared = shared_macs_per_position(block)
     gate = sum(p.numel() for p in block.router.parameters() if p.dim() >= 2)
     k_eff = _analytic_k_eff(block)
     if input_size is None:
@@ -133,8 +145,7 @@ def summarize_block(name: str, block: MoEConv2d, input_size: tuple[int, int] | N
         if routing is not None and routing.dropped.shape[-1] == num_tokens:
             k_eff = float(routing.slot_mask.float().sum(-1).mean())
     active = k_eff * expert + shared + router_per_position
-    dense_params = sum(p.numel() for p in block.experts.parameters()) / c.num_experts
-    params_added = sum(p.numel() for p in block.parameters()) - int(dense_params)
+    params_added = sum(p.numel() for p in block.parameters()) - dense_params(block)
     router = c.router if isinstance(c.router, str) else type(block.router).__name__
     return BlockSummary(name=name, replaced=_replaced(block), converter=block.converter or "-",
                         num_experts=c.num_experts, top_k=c.top_k, k_eff=k_eff, tokens=str(block.tokens), router=router,

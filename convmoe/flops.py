@@ -51,14 +51,15 @@ class BlockFlops:
     """The FLOPs of one MoE block for one forward pass (summed over its calls).
 
     Attributes:
-        active: ``gate + experts + shared``: what routing really asks for.
+        active: ``gate + experts + shared + base``: what routing really asks for.
         dense: The replaced conv on the same input (the dense equivalent).
         gate: The router's gate.
-        experts: The experts each token visits (dispatched slots only).
+        experts: The experts each token visits (dispatched slots only; low-rank experts: their deltas).
         shared: The shared expert (0 without one).
         all_experts: Every expert on every token (what the dense reference dispatcher computes).
         dispatched_slots: (token, expert) pairs dispatched.
         tokens: Routed tokens (B * N).
+        base: The shared base conv W0 of low-rank experts, on every position (0 for other experts).
 
     Example:
         >>> BlockFlops(10, 8, 1, 9, 0, 36, 2, 2).active
@@ -73,6 +74,7 @@ class BlockFlops:
     all_experts: int
     dispatched_slots: int
     tokens: int
+    base: int = 0
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ def _expert_flops_per_token(block: MoEConv2d, x: Tensor, out_size: tuple[int, in
 def _dense_conv(block: MoEConv2d) -> nn.Conv2d:
     g = block.geometry
     return nn.Conv2d(block.in_channels, block.out_channels, g.kernel_size, stride=g.stride, dilation=g.dilation,
-                     groups=block.groups, bias=getattr(block.experts, "bias", None) is not None, device="meta")
+                     groups=block.groups, bias=block.has_bias, device="meta")
 
 
 def _dense_flops(block: MoEConv2d, x_pad: Tensor) -> int:
@@ -246,12 +248,15 @@ def block_flops(block: MoEConv2d, x: Tensor, routing) -> BlockFlops:
         all_experts = int(per_token.sum()) * B * block.experts.num_experts
         source = block.geometry.centre_sample(x_pad, out_size)
         gate = _count(_Gate(block.router, block.tokens), source)
-        shared = 0
+        shared = base = 0
         if block.shared_expert is not None:
             shared = _count(_Call(block.shared_expert, "forward_segments", [B]), x_pad)
+        if block.experts.capabilities.shared_base:
+            base = _count(_Call(block.experts, "forward_base"), x_pad)
         dense = _dense_flops(block, x_pad)
-    return BlockFlops(active=gate + experts + shared, dense=dense, gate=gate, experts=experts, shared=shared,
-                      all_experts=all_experts, dispatched_slots=int(slots.sum()), tokens=B * per_token.numel())
+    return BlockFlops(active=gate + experts + shared + base, dense=dense, gate=gate, experts=experts, shared=shared,
+                      all_experts=all_experts, dispatched_slots=int(slots.sum()), tokens=B * per_token.numel(),
+                      base=base)
 
 
 def _ancestors(name: str) -> list[str]:
@@ -314,7 +319,7 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
         for ancestor in _ancestors(name):
             by_module[ancestor] += c.active
             dense_by_module[ancestor] += c.dense
-        for part, value in (("router", c.gate), ("experts", c.experts), ("shared_expert", c.shared)):
+        for part, value in (("router", c.gate), ("experts", c.experts + c.base), ("shared_expert", c.shared)):
             if hasattr(blocks[name], part) and getattr(blocks[name], part) is not None:
                 by_module[f"{name}.{part}"] = value
                 dense_by_module[f"{name}.{part}"] = 0

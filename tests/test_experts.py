@@ -197,7 +197,7 @@ def test_residual_experts_reject_what_they_cannot_do(geometry: ConvGeometry, kwa
 
 def test_create_experts_by_name_class_and_instance() -> None:
     geometry = ConvGeometry.create(3, padding=1)
-    assert EXPERTS.names() == ["conv", "residual"]
+    assert EXPERTS.names() == ["conv", "lowrank", "residual"]
     assert isinstance(create_experts("residual", 4, 4, 2, geometry), ResidualConvExperts)
     assert isinstance(create_experts(ConvExperts, 4, 4, 2, geometry), ConvExperts)
     instance = ConvExperts(4, 4, 2, geometry)

@@ -21,13 +21,15 @@ from convmoe import MoEConfig
 from convmoe.dispatch import SparseDispatcher
 from convmoe.export import ExportDispatcher, export_dispatcher, is_exporting, prepare_for_export
 
-# One routing setup per tokens kind, plus patch-local (residual) experts.
+# One routing setup per tokens kind, plus patch-local (residual) and low-rank experts.
 KINDS = {
     "pixel": MoEConfig(num_experts=4, top_k=2, tokens="pixel"),
     "grid": MoEConfig(num_experts=4, top_k=1, tokens="grid:3x3", router="expert_choice"),
     "patch": MoEConfig(num_experts=4, top_k=1, tokens="patch:4", router="positional"),  # capacity 1.25
     "image": MoEConfig(num_experts=4, top_k=1, tokens="image", capacity_factor=1.0),
     "residual": MoEConfig(num_experts=4, top_k=1, tokens="grid:2x2", router="positional", experts="residual"),
+    "lowrank": MoEConfig(num_experts=4, top_k=2, tokens="pixel", experts="lowrank", expert_kwargs={"rank": 2}),
+    "lowrank_image": MoEConfig(num_experts=4, top_k=2, tokens="image", experts="lowrank", bias_balancing=0.01),
 }
 
 

@@ -14,20 +14,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from convmoe.analysis.collect import LayerRouting
-from convmoe.describe import dense_macs_per_position, weights_per_expert
-
-
-def dense_params(block: nn.Module) -> int:
-    """Parameters of the dense conv the block folds back into (weight and bias).
-
-    Example:
-        >>> from convmoe import MoEConv2d
-        >>> dense_params(MoEConv2d(8, 4, 3, num_experts=2))
-        292
-    """
-    has_bias = getattr(block.experts, "bias", None) is not None or (
-        block.shared_expert is not None and getattr(block.shared_expert, "bias", None) is not None)
-    return dense_macs_per_position(block) + (block.out_channels if has_bias else 0)
+from convmoe.describe import dense_macs_per_position, dense_params, shared_macs_per_position
 
 
 @dataclass(frozen=True)
@@ -82,9 +69,8 @@ def layer_cost(block: nn.Module, layer: LayerRouting) -> LayerCost | None:
     if layer.sized_images == 0 or layer.positions == 0:
         return None
     images = layer.sized_images
-    num_experts = block.config.num_experts
-    expert = weights_per_expert(block.experts, num_experts)
-    shared = weights_per_expert(block.shared_expert, 1) if block.shared_expert is not None else 0.0
+    expert = block.experts.expert_macs_per_position()
+    shared = shared_macs_per_position(block)
     gate = sum(p.numel() for p in block.router.parameters() if p.dim() >= 2)
     tokens_per_image = layer.tokens / layer.images if layer.images else 0.0
     positions_per_image = layer.positions / images

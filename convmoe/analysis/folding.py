@@ -24,7 +24,8 @@ def fold_layer(block: nn.Module, how: str = "average", usage: Tensor | None = No
 
     Args:
         block: An MoE block (conv experts without expert norm/activation).
-        how: ``"average"`` (the experts' mean) or ``"usage"`` (experts weighted by their combine-weight share).
+        how: ``"average"`` (the experts' mean), ``"usage"`` (experts weighted by their combine-weight share)
+            or ``"base"`` (low-rank experts' shared conv alone).
         usage: With ``how="usage"``, each expert's summed combine-weight share over a dataset (E,)
             (see :attr:`~convmoe.analysis.collect.LayerRouting.usage`); default: the block's last forward pass.
 
@@ -43,7 +44,7 @@ def fold_layer(block: nn.Module, how: str = "average", usage: Tensor | None = No
     saved_routing = block.last_routing
     try:
         if how == "usage" and usage is not None:
-            block.last_routing = _usage_routing(usage.to(block.experts.weight.device))
+            block.last_routing = _usage_routing(usage.to(next(block.experts.parameters()).device))
         unpatch(holder, how=how)
     finally:
         block.last_routing = saved_routing

@@ -47,11 +47,13 @@ def gathered_experts(experts: ExpertBank, columns: Tensor | GatheredColumns, cou
             counts = counts.tolist() if isinstance(counts, Tensor) else counts
             # few rows and large weights (deep layers, small batches): transpose the columns
             # rather than reorder the experts' weights (E x C_out x K) on every call
-            channels_first = E * C_out >= M
+            channels_first = E * conv.weight.shape[1] >= M
             weight = conv.column_weight(channels_last=not channels_first).to(columns.rows.dtype)
             y = gathered_segment_matmul(columns, weight, counts, channels_first=channels_first)
         else:
             y = segment_matmul(columns.flatten(1), conv.column_weight(channels_last).to(columns.dtype), counts)
+        if conv.up is not None:  # factored experts: (M, r) -> (M, C_out)
+            y = segment_matmul(y, conv.up.transpose(1, 2).to(y.dtype), counts)
         counts = torch.as_tensor(counts, device=y.device)
         if conv.bias is not None:
             y = y + conv.bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=M)

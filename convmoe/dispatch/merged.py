@@ -1,7 +1,9 @@
 """The merged path: mix each image's expert weights into one conv (CondConv), one grouped conv for the batch.
 
 Exact for linear experts only: sum_e w_e (W_e * x + b_e) = (sum_e w_e W_e) * x + sum_e w_e b_e
-(Yang et al., 2019, CondConv, arXiv:1904.04971). Applies when every image is one token.
+(Yang et al., 2019, CondConv, arXiv:1904.04971). Applies when every image is one token. Factored
+(low-rank) experts keep their rank: one conv to the used experts' r channels each, then each
+image's mixture of the ``up`` factors.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
     conv, g = experts.stacked_conv(), experts.geometry
     B = x_pad.shape[0]
     weights = weights.to(conv.weight.dtype)
-    expert_weight, expert_bias = conv.weight, conv.bias
+    expert_weight, expert_bias, expert_up = conv.weight, conv.bias, conv.up
     # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling
     # or exporting: the selection has a data-dependent shape.
     if x_pad.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -41,11 +43,26 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
         if used.numel() < experts.num_experts:
             weights, expert_weight = weights[:, used], expert_weight[used]
             expert_bias = None if expert_bias is None else expert_bias[used]
-    mixed = torch.einsum("be,eoikl->boikl", weights, expert_weight).flatten(0, 1)
-    bias = None if expert_bias is None else (weights @ expert_bias).flatten()
-    y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed, bias, stride=g.stride, dilation=g.dilation,
-                 groups=conv.groups * B)
-    y = y.reshape(B, experts.out_channels, *y.shape[2:])
+            expert_up = None if expert_up is None else expert_up[used]
+    if expert_up is None:
+        mixed = torch.einsum("be,eoikl->boikl", weights, expert_weight).flatten(0, 1)
+        bias = None if expert_bias is None else (weights @ expert_bias).flatten()
+        y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed, bias, stride=g.stride, dilation=g.dilation,
+                     groups=conv.groups * B)
+        y = y.reshape(B, experts.out_channels, *y.shape[2:])
+    else:
+        y = _merged_factored(expert_up, expert_weight, x_pad, weights, g.stride, g.dilation)
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
     return y
+
+
+def _merged_factored(up: Tensor, down: Tensor, x_pad: Tensor, weights: Tensor, stride: tuple[int, int],
+                     dilation: tuple[int, int]) -> Tensor:
+    """Factored (low-rank) experts merged per image: one conv to every used expert's r channels, then
+    each image's combine-weighted ``up`` as one batched product, (B, C_out, H_out, W_out)."""
+    B = x_pad.shape[0]
+    h = F.conv2d(x_pad, down.flatten(0, 1).to(x_pad.dtype), None, stride=stride, dilation=dilation)  # (B, U * r, H, W)
+    mixed_up = torch.einsum("be,eor->boer", weights, up.to(weights.dtype)).flatten(2)  # (B, C_out, U * r)
+    y = torch.bmm(mixed_up.to(h.dtype), h.flatten(2))
+    return y.reshape(B, up.shape[1], *h.shape[2:])

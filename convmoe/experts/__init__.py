@@ -12,20 +12,22 @@ from torch import nn
 
 from convmoe.experts.base import ExpertBank, ExpertCapabilities, StackedConv
 from convmoe.experts.conv import ConvExperts
+from convmoe.experts.lowrank import LowRankExperts
 from convmoe.experts.post import ExpertPostOps
 from convmoe.experts.residual import ResidualConvExperts
 from convmoe.geometry import ConvGeometry
 from convmoe.registry import Registry
 
 EXPERTS: Registry[ExpertBank] = Registry("experts")
-"""Expert banks by name: ``"conv"`` and ``"residual"``; ``create_experts`` builds them. A bank registered
+"""Expert banks by name: ``"conv"``, ``"lowrank"`` and ``"residual"``; ``create_experts`` builds them. A bank registered
 here (``EXPERTS.register("mine")(MyBank)``) must subclass :class:`ExpertBank`.
 
 Example:
     >>> EXPERTS.names()
-    ['conv', 'residual']
+    ['conv', 'lowrank', 'residual']
 """
 EXPERTS.register("conv")(ConvExperts)
+EXPERTS.register("lowrank")(LowRankExperts)
 EXPERTS.register("residual")(ResidualConvExperts)
 
 
@@ -48,5 +50,6 @@ def create_experts(spec: str | type[ExpertBank] | ExpertBank, in_channels: int, 
     return bank
 
 
-__all__ = ["EXPERTS", "ConvExperts", "ExpertBank", "ExpertCapabilities", "ExpertPostOps", "ResidualConvExperts",
+__all__ = ["EXPERTS", "ConvExperts", "ExpertBank", "ExpertCapabilities", "ExpertPostOps", "LowRankExperts",
+           "ResidualConvExperts",
            "StackedConv", "create_experts"]

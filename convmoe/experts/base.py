@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import abc
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convmoe.geometry import ConvGeometry
@@ -37,16 +39,20 @@ class ExpertCapabilities:
             ``gathered_columns`` this allows the merged path (:mod:`convmoe.dispatch.merged`).
         dense_forward: ``forward_all`` runs every expert on the whole padded map (the dense reference
             dispatcher's fast form; without it the reference runs every expert on every region).
+        shared_base: Beside the routed experts the bank has one conv, ``base_conv()``, that the block
+            runs on every position at weight 1 (``forward_base``): the shared W0 of low-rank experts,
+            whose routed experts are then deltas on it.
 
     Example:
         >>> ExpertCapabilities(gathered_columns=True, linear=True)
-        ExpertCapabilities(sees_no_halo=False, gathered_columns=True, linear=True, dense_forward=False)
+        ExpertCapabilities(sees_no_halo=False, gathered_columns=True, linear=True, dense_forward=False, shared_base=False)
     """
 
     sees_no_halo: bool = False
     gathered_columns: bool = False
     linear: bool = False
     dense_forward: bool = False
+    shared_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,13 @@ class StackedConv:
     """A bank's experts as one stacked conv, what the gathered and merged kernels read.
 
     Attributes:
-        weight: (E, C_out, C_in / groups, kh, kw); the geometry is the bank's.
+        weight: (E, C_out, C_in / groups, kh, kw); the geometry is the bank's. With ``up``, the
+            experts' first factor: (E, r, C_in, kh, kw).
         bias: (E, C_out) or None.
         groups: Conv groups (C_in for depthwise).
         post: Per-position ops after each expert's conv (an :class:`~convmoe.experts.ExpertPostOps`).
+        up: None, or a factored (low-rank) stack: expert e is the 1x1 conv ``up[e]`` (C_out, r) after
+            the conv ``weight[e]`` (r output channels), i.e. the conv ``up[e] @ weight[e]``.
 
     Example:
         >>> from convmoe.experts import ConvExperts
@@ -70,6 +79,13 @@ class StackedConv:
     bias: Tensor | None
     groups: int
     post: ExpertPostOps
+    up: Tensor | None = None
+
+    def full_weight(self) -> Tensor:
+        """Every expert's whole conv weight, (E, C_out, C_in / groups, kh, kw) (factors multiplied out)."""
+        if self.up is None:
+            return self.weight
+        return torch.einsum("eor,erikl->eoikl", self.up, self.weight)
 
     def column_weight(self, channels_last: bool = False) -> Tensor:
         """Every expert's weight as a matrix over receptive-field columns, (E, C_in * kh * kw, C_out).
@@ -81,7 +97,14 @@ class StackedConv:
         return weight.reshape(weight.shape[0], weight.shape[1], -1).transpose(1, 2)
 
 
-_CAPABILITY_METHODS = {"gathered_columns": "stacked_conv", "dense_forward": "forward_all"}
+_CAPABILITY_METHODS = {"gathered_columns": "stacked_conv", "dense_forward": "forward_all", "shared_base": "base_conv"}
+
+
+def _mix(stacked: Tensor, weights: Tensor) -> Tensor:
+    """``sum_e weights[e] * stacked[e]``; identical experts (upcycled, untrained) give themselves bit for bit."""
+    if bool((stacked == stacked[:1]).all()) and abs(float(weights.sum()) - 1.0) < 1e-6:
+        return stacked[0].clone()
+    return torch.einsum("e,e...->...", weights.to(stacked.dtype), stacked)
 
 
 class ExpertBank(nn.Module, abc.ABC):
@@ -89,8 +112,8 @@ class ExpertBank(nn.Module, abc.ABC):
 
     Required: ``forward_segments`` (abstract), and ``in_channels``, ``out_channels``, ``num_experts``
     and ``geometry`` given to ``__init__``. Optional, declared in ``capabilities`` (default: none):
-    ``stacked_conv()`` for ``gathered_columns`` (and the merged path when ``linear``), ``forward_all``
-    for ``dense_forward``. A class attribute ``capabilities`` that declares a capability without its
+    ``stacked_conv()`` for ``gathered_columns`` (and the merged path and ``mixed_conv`` when
+    ``linear``), ``forward_all`` for ``dense_forward``, ``base_conv()`` for ``shared_base``. A class attribute ``capabilities`` that declares a capability without its
     method fails at class creation; a bank without ``forward_segments`` cannot be instantiated.
 
     Args:
@@ -150,6 +173,76 @@ class ExpertBank(nn.Module, abc.ABC):
         """Every expert on the whole padded map, (B, E, C_out, H_out, W_out); required when
         ``capabilities.dense_forward``."""
         raise NotImplementedError(f"{type(self).__name__} has no forward_all (capabilities.dense_forward is False).")
+
+    def base_conv(self) -> tuple[Tensor, Tensor | None]:
+        """The shared conv's (weight (C_out, C_in, kh, kw), bias (C_out,) or None); required when
+        ``capabilities.shared_base``."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared base conv (capabilities.shared_base is False).")
+
+    def forward_base(self, x_pad: Tensor) -> Tensor:
+        """The shared base conv on the whole padded map, (B, C_out, H_out, W_out)."""
+        weight, bias = self.base_conv()
+        g = self.geometry
+        return F.conv2d(x_pad, weight, bias, stride=g.stride, dilation=g.dilation,
+                        groups=self.in_channels // weight.shape[1])
+
+    def mixed_conv(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The one conv (weight, bias) that computes ``sum_e weights[e] * expert_e`` plus the shared base.
+
+        What ``convmoe.unpatch`` folds a block into. Needs ``linear`` and ``gathered_columns``.
+
+        Args:
+            weights: Mixing weight of every expert, (E,).
+
+        Example:
+            >>> from convmoe.experts import ConvExperts
+            >>> weight, bias = ConvExperts(2, 3, 2, ConvGeometry.create(3)).mixed_conv(torch.tensor([0.5, 0.5]))
+            >>> weight.shape, bias.shape
+            (torch.Size([3, 2, 3, 3]), torch.Size([3]))
+        """
+        if not (self.capabilities.linear and self.capabilities.gathered_columns):
+            raise TypeError(f"{type(self).__name__} experts are not a linear stacked conv ({self.capabilities}); "
+                            "a mixture of them is not one conv.")
+        conv = self.stacked_conv()
+        weight = _mix(conv.full_weight(), weights)
+        bias = None if conv.bias is None else _mix(conv.bias, weights)
+        if self.capabilities.shared_base:
+            base_weight, base_bias = self.base_conv()
+            weight = base_weight + weight
+            if base_bias is not None:
+                bias = base_bias.clone() if bias is None else base_bias + bias
+        return weight, bias
+
+    def expert_macs_per_position(self) -> float:
+        """Multiply-adds of one expert per output position (what routing one token to it costs).
+
+        Default: the weights of 4-D and larger parameters over E (one conv per expert).
+        """
+        return sum(p.numel() for p in self.parameters() if p.dim() >= 4) / self.num_experts
+
+    def base_macs_per_position(self) -> float:
+        """Multiply-adds of the shared base conv per output position (0 without ``shared_base``)."""
+        if not self.capabilities.shared_base:
+            return 0.0
+        return float(self.base_conv()[0].numel())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ExpertBank:
+        """``nn.Module._apply`` that lets ``.to(memory_format=...)`` reach stacked 5-D weights.
+
+        ``Tensor.to(memory_format=torch.channels_last)`` only takes 4-D tensors (and sees a 5-D tensor
+        as already contiguous): conversions are applied to the (E * C_out, C_in, kh, kw) view, so each
+        expert's weight gets the layout of the ``nn.Conv2d`` weight it replaces, and back.
+        """
+
+        def convert(t: Tensor) -> Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            try:
+                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+            except RuntimeError:  # a conversion only 5-D tensors take (torch.channels_last_3d)
+                return fn(t)
+
+        return super()._apply(convert, recurse)
 
     @property
     def is_linear(self) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,25 +70,6 @@ class ConvExperts(ExpertBank):
             fan_in = self.weight[0].numel() // self.out_channels
             bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConvExperts:
-        """``nn.Module._apply`` that lets ``.to(memory_format=...)`` reach the experts.
-
-        The stacked weight is 5-D, and ``Tensor.to(memory_format=torch.channels_last)`` only takes 4-D
-        tensors (and sees a 5-D tensor as already contiguous): conversions are applied to the
-        (E * C_out, C_in, kh, kw) view, so each expert's weight gets the layout of the ``nn.Conv2d``
-        weight it replaces, and back.
-        """
-
-        def convert(t: Tensor) -> Tensor:
-            if t.dim() != 5:
-                return fn(t)
-            try:
-                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
-            except RuntimeError:  # a conversion only 5-D tensors take (torch.channels_last_3d)
-                return fn(t)
-
-        return super()._apply(convert, recurse)
 
     @torch.no_grad()
     def load_dense(self, weight: Tensor, bias: Tensor | None, noise_std: float = 0.0) -> None:

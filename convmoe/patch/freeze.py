@@ -3,6 +3,7 @@
 ```
 freeze_base(model, train=("fc",), freeze_norm_stats=False) -> FreezeSummary
  ├─ every MoE block: experts, shared expert, router         requires_grad=True
+ │    (low-rank experts: the deltas; their shared conv W0 stays frozen)
  ├─ modules named by `train` (names, globs, "re:" regexes)  requires_grad=True
  ├─ everything else                                         requires_grad=False
  └─ freeze_norm_stats: frozen norm layers held in eval mode (a forward pre-hook, so model.train() cannot undo it)
@@ -122,12 +123,22 @@ def _train_modules(model: nn.Module, train: TargetSpec | None) -> list[str]:
     return list(selected)
 
 
+def _shared_base(block: nn.Module) -> list[nn.Parameter]:
+    """The pretrained conv low-rank experts keep (W0 and its bias): frozen like the rest of the base."""
+    experts = getattr(block, "experts", None)
+    if experts is None or not experts.capabilities.shared_base:
+        return []
+    return [p for p in experts.base_conv() if p is not None]
+
+
 def freeze_base(model: nn.Module, train: TargetSpec | None = (), freeze_norm_stats: bool = False) -> FreezeSummary:
     """Freeze a patched model except its MoE experts and routers (and the modules in ``train``).
 
     Parameter-efficient fine-tuning of a pretrained model after :func:`convmoe.patch`: the experts,
     shared experts and routers of every MoE block and the modules ``train`` names (a new classifier
-    or decoder) get ``requires_grad=True``, every other parameter ``requires_grad=False``. Build the
+    or decoder) get ``requires_grad=True``, every other parameter ``requires_grad=False``. Low-rank
+    experts (``experts="lowrank"``) train their deltas only: their shared conv W0 is the pretrained
+    conv and stays frozen (mixture-of-LoRA fine-tuning), unless a ``train`` module contains it. Build the
     optimizer from the trainable parameters only (``filter(lambda p: p.requires_grad,
     model.parameters())``; the engine does this). Calling it again starts over: the second call's
     ``train`` and ``freeze_norm_stats`` replace the first's.
@@ -182,6 +193,8 @@ def freeze_base(model: nn.Module, train: TargetSpec | None = (), freeze_norm_sta
         trained_modules += parts or [block]
     trained_modules += [modules[name] for name in train_names]
     trained_ids = {id(p) for module in trained_modules for p in module.parameters()}
+    trained_ids -= {id(p) for _, block in blocks for p in _shared_base(block)}
+    trained_ids |= {id(p) for name in train_names for p in modules[name].parameters()}
 
     trainable: list[str] = []
     frozen: list[str] = []

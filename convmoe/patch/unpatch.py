@@ -3,8 +3,9 @@
 Conv experts are linear in their weights, so a fixed mixture of them is one conv:
 ``sum_e w_e (W_e * x + b_e) = (sum_e w_e W_e) * x + sum_e w_e b_e``. ``how="average"`` takes
 ``w_e = 1/E``; ``how="usage"`` takes each expert's share of the combine weight over the tokens of a
-measured batch. A shared expert is added with weight 1. The conv is rebuilt from the weightless
-copy ``patch`` kept (so a timm ``Conv2dSame`` comes back as a ``Conv2dSame``).
+measured batch; ``how="base"`` (low-rank experts) keeps the shared conv W0 alone. A shared expert,
+and the shared base conv of low-rank experts, are added with weight 1. The conv is rebuilt from
+the weightless copy ``patch`` kept (so a timm ``Conv2dSame`` comes back as a ``Conv2dSame``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from convmoe.block import MoEConv2d
-from convmoe.experts import ConvExperts
 from convmoe.scope import remove_forward_scope
 
-HOWS = ("average", "usage")
+HOWS = ("average", "usage", "base")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class UnpatchReport:
 
     Attributes:
         modules: Qualified names of the folded blocks.
-        how: ``"average"`` or ``"usage"``.
-        expert_weights: Mixing weight of every expert, per module (sums to 1).
+        how: ``"average"``, ``"usage"`` or ``"base"``.
+        expert_weights: Mixing weight of every expert, per module (sums to 1; all 0 for ``"base"``).
         max_abs_diff: max |y_unpatched - y_patched| over the batch (None without ``inputs``).
         max_rel_diff: ``max_abs_diff`` over max |y_patched| (None without ``inputs``).
 
@@ -47,17 +47,21 @@ class UnpatchReport:
     max_rel_diff: float | None = None
 
 
-def _check_foldable(name: str, block: MoEConv2d) -> None:
+def _check_foldable(name: str, block: MoEConv2d, how: str) -> None:
     experts = block.experts
-    if not isinstance(experts, ConvExperts):
-        raise TypeError(f"unpatch(): {name!r} has {type(experts).__name__} experts; only conv experts "
-                        "(experts='conv') fold into one conv.")
-    if not experts.is_linear:
+    capabilities = experts.capabilities
+    if not capabilities.gathered_columns:
+        raise TypeError(f"unpatch(): {name!r} has {type(experts).__name__} experts; only conv and low-rank experts "
+                        "(experts='conv' or 'lowrank') fold into one conv.")
+    if not capabilities.linear:
         raise TypeError(f"unpatch(): {name!r} has an expert norm/activation (expert_norm={block.config.expert_norm!r}, "
                         f"expert_act={block.config.expert_act!r}); a mixture of non-linear experts is not one conv.")
     shared = block.shared_expert
-    if shared is not None and not (isinstance(shared, ConvExperts) and shared.is_linear):
+    if shared is not None and not (shared.capabilities.gathered_columns and shared.capabilities.linear):
         raise TypeError(f"unpatch(): {name!r} has a non-linear shared expert; it does not fold into one conv.")
+    if how == "base" and not capabilities.shared_base:
+        raise ValueError(f"unpatch(how='base'): {name!r} has {type(experts).__name__} experts, which have no shared "
+                         "base conv; use how='average' or 'usage' (how='base' is for experts='lowrank').")
 
 
 def usage_weights(block: MoEConv2d) -> Tensor:
@@ -85,16 +89,9 @@ def usage_weights(block: MoEConv2d) -> Tensor:
     return totals / totals.sum()
 
 
-def _mix(stacked: Tensor, weights: Tensor) -> Tensor:
-    # Identical experts (upcycled, untrained) fold to themselves bit for bit: no rounding in a sum.
-    if bool((stacked == stacked[:1]).all()):
-        return stacked[0].clone()
-    return torch.einsum("e,e...->...", weights.to(stacked.dtype), stacked)
-
-
 @torch.no_grad()
 def fold_block(block: MoEConv2d, weights: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The dense (weight, bias) of a block whose experts are mixed with ``weights`` (E,), shared expert added.
+    """The dense (weight, bias) of a block whose experts are mixed with ``weights`` (E,), shared parts added.
 
     Example:
         >>> block = MoEConv2d(2, 3, 3, num_experts=2)
@@ -102,14 +99,13 @@ def fold_block(block: MoEConv2d, weights: Tensor) -> tuple[Tensor, Tensor | None
         >>> weight.shape, bias.shape
         (torch.Size([3, 2, 3, 3]), torch.Size([3]))
     """
-    experts = block.experts
-    weight = _mix(experts.weight, weights)
-    bias = None if experts.bias is None else _mix(experts.bias, weights)
+    weight, bias = block.experts.mixed_conv(weights)
     shared = block.shared_expert
     if shared is not None:
-        weight = weight + shared.weight[0]
-        if shared.bias is not None:
-            bias = shared.bias[0].clone() if bias is None else bias + shared.bias[0]
+        shared_weight, shared_bias = shared.mixed_conv(torch.ones(1, device=weights.device))
+        weight = weight + shared_weight
+        if shared_bias is not None:
+            bias = shared_bias if bias is None else bias + shared_bias
     return weight, bias
 
 
@@ -130,7 +126,7 @@ def _dense_conv(block: MoEConv2d, bias: bool) -> nn.Module:
 
 def _to_conv(block: MoEConv2d, weight: Tensor, bias: Tensor | None) -> nn.Module:
     conv = _dense_conv(block, bias is not None)
-    requires_grad = block.experts.weight.requires_grad
+    requires_grad = any(p.requires_grad for p in block.experts.parameters())
     conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
     if bias is not None:
         conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
@@ -181,10 +177,11 @@ def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> Unpat
     The forward scopes inside ``model`` (:mod:`convmoe.scope`, which ``patch`` adds) go with the blocks.
 
     Args:
-        model: A model with :class:`~convmoe.block.MoEConv2d` blocks (conv experts, no expert
-            norm/activation).
+        model: A model with :class:`~convmoe.block.MoEConv2d` blocks (conv or low-rank experts, no
+            expert norm/activation).
         how: ``"average"``: the experts' mean; ``"usage"``: each expert weighted by its share of the
-            combine weight on ``inputs`` (or, without inputs, on each block's last forward pass).
+            combine weight on ``inputs`` (or, without inputs, on each block's last forward pass);
+            ``"base"``: low-rank experts' shared conv W0 alone (the deltas dropped).
         inputs: A batch (tensor, tuple of arguments, or dict of keyword arguments). When given,
             the model runs on it in eval mode before and after folding, and the report gives the
             change of the outputs.
@@ -193,7 +190,8 @@ def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> Unpat
         An :class:`UnpatchReport`.
 
     Raises:
-        ValueError: Unknown ``how``; no MoE block; ``how="usage"`` without routing to measure.
+        ValueError: Unknown ``how``; no MoE block; ``how="usage"`` without routing to measure;
+            ``how="base"`` on experts without a shared base conv.
         TypeError: A block with residual experts or expert norm/activation (nothing is changed).
 
     Example:
@@ -209,7 +207,7 @@ def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> Unpat
     if not blocks:
         raise ValueError("unpatch(): the model has no MoEConv2d block to fold.")
     for name, block in blocks.items():
-        _check_foldable(name, block)
+        _check_foldable(name, block, how)
 
     before = None
     was_training = model.training
@@ -220,11 +218,11 @@ def unpatch(model: nn.Module, how: str = "average", inputs: Any = None) -> Unpat
 
     weights = {}
     for name, block in blocks.items():
-        E = block.config.num_experts
+        E, device = block.config.num_experts, next(block.experts.parameters()).device
         if how == "usage":
             weights[name] = usage_weights(block)
         else:
-            weights[name] = torch.full((E,), 1.0 / E, device=block.experts.weight.device)
+            weights[name] = torch.full((E,), 1.0 / E if how == "average" else 0.0, device=device)
     for name, block in blocks.items():
         _set_submodule(model, name, _to_conv(block, *fold_block(block, weights[name])))
     for module in model.modules():  # no MoE block is left to scope
