@@ -10,6 +10,7 @@ Under ``DistributedDataParallel`` (or FSDP) each rank routes its own batch. What
 | routing statistics, ``convmoe.routing_stats`` | local to the rank | cheap to log every step |
 | routing statistics, :func:`global_routing_stats` | summed over ranks (one ``all_reduce``) | expert utilisation, dead experts and drop rate of the whole global batch: an expert idle on one rank may be busy on another |
 | expert loads of bias balancing (``MoEConfig.bias_balancing``) | summed over ranks (one ``all_reduce`` per block call in training) | every rank updates the selection bias alike, so the bias stays identical on all ranks |
+| expert frequencies of the global-batch switch loss (``losses={"switch_global": w}``) | summed over ranks (one ``all_reduce`` per block call in training), and over the micro-batches of a :func:`global_batch` window | the loss balances the global batch, not each micro-batch (Qiu et al., 2025); ``P`` stays local, so DDP's average gives the single-process loss of the concatenated batch |
 
 The task loss, with equal local batch sizes, gives the gradients of single-process training on the
 global batch (DDP averages, the loss is a mean). Wrap BatchNorm in ``SyncBatchNorm`` as usual.
@@ -18,6 +19,8 @@ global batch (DDP averages, the loss is a mean). Wrap BatchNorm in ``SyncBatchNo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -32,6 +35,7 @@ from convmoe.diagnostics import (
     routing_counts,
     stats_from_counts,
 )
+from convmoe.losses import BalancingLoss, FrequencyWindow
 from convmoe.scope import ensure_forward_scope
 from convmoe.types import Routing
 
@@ -93,4 +97,41 @@ def _num_experts(name: str, block: nn.Module, routings: tuple[Routing, ...]) -> 
                          "to tell its number of experts; run it on every rank.")
     return config.num_experts
 
-__all__ = ["global_routing_stats"]
+@contextmanager
+def global_batch(model: nn.Module) -> Iterator[list[str]]:
+    """Within the block, the global-batch switch loss counts expert frequencies over every forward pass.
+
+    Wrap the micro-batches of one optimizer step (gradient accumulation): the ``"switch_global"``
+    loss of micro-batch m then uses the first-choice frequencies of micro-batches 1..m of all
+    ranks, and the last micro-batch's are those of the whole global batch (Qiu et al., 2025). The
+    engine opens one window per optimizer step. Outside a window each forward pass is its own
+    (frequencies over the ranks only). Other losses are unaffected.
+
+    Args:
+        model: The model (or its DDP/FSDP wrapper).
+
+    Yields:
+        Names of the blocks whose loss counts in the window.
+
+    Example:
+        >>> from convmoe import MoEConv2d, aux_loss
+        >>> model = nn.Sequential(MoEConv2d(3, 4, 1, num_experts=2, losses={"switch_global": 0.01})).train()
+        >>> with global_batch(model) as names:
+        ...     for micro_batch in torch.randn(2, 4, 3, 5, 5):  # two micro-batches of 4 images
+        ...         (model(micro_batch).mean() + aux_loss(model)).backward()
+        ...     window = model[0].balancing.window
+        >>> names, window.calls, window.tokens
+        (['0'], 2, 200.0)
+    """
+    losses = {name: block.balancing for name, block in moe_blocks(model)
+              if isinstance(getattr(block, "balancing", None), BalancingLoss)}
+    for loss in losses.values():
+        loss.window = FrequencyWindow()
+    try:
+        yield list(losses)
+    finally:
+        for loss in losses.values():
+            loss.window = None
+
+
+__all__ = ["global_batch", "global_routing_stats"]

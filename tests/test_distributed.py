@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 import convmoe
 from convmoe import MoEConfig
 from convmoe.diagnostics import compute_stats
-from convmoe.distributed import global_routing_stats
+from convmoe.distributed import global_batch, global_routing_stats
+from convmoe.losses import first_choice_counts
 from convmoe.routers.bias_balancing import bias_update, dispatched_load
 
 WORLD = 2
@@ -211,12 +212,65 @@ def _check_bias_balancing(rank: int) -> dict[str, Any]:
     return out
 
 
+def _switch_block(losses: dict[str, float]) -> nn.Module:
+    """The block of ``_bias_block`` (expert 3 wins where channel 0 > 0.5), with ``losses`` and no bias."""
+    torch.manual_seed(0)
+    block = convmoe.MoEConv2d(3, 4, 1, num_experts=4, top_k=1, losses=losses)
+    with torch.no_grad():
+        block.router.gate.proj.weight[UNUSED_EXPERT] = torch.tensor([30.0, 0.0, 0.0])
+        block.router.gate.proj.bias[UNUSED_EXPERT] = -15.0
+    return block
+
+
+def _aux_step(model: nn.Module, x: Tensor) -> tuple[float, list[float]]:
+    """One backward of the output's mean plus the aux loss; the aux loss and the gate's weight gradient.
+
+    (DDP reduces gradients only in a backward pass that reaches the model's output.)
+    """
+    model.zero_grad()
+    output = model(x).mean()
+    aux = convmoe.aux_loss(model)
+    (output + aux).backward()
+    loss = aux.detach()
+    weight = model.module.router.gate.proj.weight if isinstance(model, DistributedDataParallel) else (
+        model.router.gate.proj.weight)
+    return float(loss), weight.grad.flatten().tolist()
+
+
+def _check_global_switch(rank: int) -> dict[str, Any]:
+    """Expert 3 wins only on rank 1's half: the global switch loss sees the global frequencies."""
+    x, _ = _batch(seed=5, first_expert_3_on_rank_1=True)
+    local = x[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
+    out: dict[str, Any] = {}
+    ddp = DistributedDataParallel(_switch_block({"switch_global": 1.0}))
+    out["aux"], out["grad"] = _aux_step(ddp, local)
+    out["reference_aux"], out["reference_grad"] = _aux_step(_switch_block({"switch": 1.0}), x)
+    _, out["local_switch_grad"] = _aux_step(DistributedDataParallel(_switch_block({"switch": 1.0})), local)
+    # gradient accumulation: micro-batches of one image; the window ends with the global batch's frequencies
+    block = _switch_block({"switch_global": 1.0})
+    with global_batch(block):
+        losses = []
+        for image in local.split(1):
+            block(image)
+            losses.append(float(convmoe.aux_loss(block)))
+            probs = block.last_routing.probs
+        window = block.balancing.window
+        out["window_counts"], out["window_tokens"] = window.counts.tolist(), window.tokens
+    out["last_loss"] = losses[-1]
+    out["last_loss_expected"] = float(4 * (window.counts / window.tokens * probs.reshape(-1, 4).mean(0).double()).sum())
+    reference = _switch_block({"switch": 1.0})
+    reference(x)
+    out["expected_counts"] = first_choice_counts(reference.last_routing.probs, 4).tolist()
+    return out
+
+
 CHECKS: dict[str, Callable[[int], dict[str, Any]]] = {
     "ddp_unused_expert": _check_ddp_unused_expert,
     "ddp_configs": _check_ddp_configs,
     "ddp_expert_dropout": _check_ddp_expert_dropout,
     "fsdp": _check_fsdp,
     "bias_balancing": _check_bias_balancing,
+    "global_switch": _check_global_switch,
 }
 
 
@@ -323,3 +377,20 @@ def test_global_routing_stats_without_a_process_group_is_routing_stats():
 def test_global_routing_stats_before_a_forward_pass_names_the_blocks():
     with pytest.raises(ValueError, match=r"blocks \['0', '2'\] have no routing yet"):
         global_routing_stats(_model(MoEConfig(num_experts=4)))
+
+
+def test_the_global_switch_loss_is_the_single_process_loss_on_the_concatenated_batch(results):
+    rank0, rank1 = _result(results, "global_switch")
+    # DDP averages the ranks' losses and gradients: the single-process switch loss on the global batch
+    assert (rank0["aux"] + rank1["aux"]) / 2 == pytest.approx(rank0["reference_aux"], abs=1e-6)
+    assert rank0["grad"] == pytest.approx(rank0["reference_grad"], abs=1e-6)
+    assert rank1["grad"] == rank0["grad"]
+    # the per-rank (micro-batch) switch loss gives other gradients on this batch
+    assert max(abs(a - b) for a, b in zip(rank0["local_switch_grad"], rank0["reference_grad"], strict=True)) > 1e-3
+
+
+def test_the_window_accumulates_frequencies_over_micro_batches_and_ranks(results):
+    for r in _result(results, "global_switch"):
+        assert r["window_counts"] == r["expected_counts"]  # 2 micro-batches x 2 ranks = the global batch
+        assert r["window_tokens"] == WORLD * LOCAL_BATCH * 7 * 7
+        assert r["last_loss"] == pytest.approx(r["last_loss_expected"], rel=1e-6)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import convmoe
 from convmoe.engine import Trainer, evaluate, instantiate, load_checkpoint, load_config, train
 from convmoe.engine.callbacks import Callback
 from convmoe.engine.config import apply_override, parse_value
@@ -233,6 +234,27 @@ def test_engine_adds_the_aux_loss_to_the_task_loss(tmp_path, aux_weight, router_
     row = trainer.train_epoch(0)
     assert (row["train/aux_loss"] > 0) == router_moves
     assert (not torch.equal(gate.detach(), before)) == router_moves
+
+
+def test_one_frequency_window_per_optimizer_step(tmp_path):
+    """With gradient accumulation the global-batch switch loss counts over the step's micro-batches."""
+    config = classification_config(tmp_path, moe_targets="last_stage",
+                                   moe_config={"num_experts": 4, "top_k": 1, "losses": {"switch_global": 0.01}})
+    config["trainer"]["accumulate_grad_batches"] = 2
+    trainer = Trainer(config)
+    seen = []
+    for _, block in convmoe.moe_blocks(trainer.model):
+        block.balancing.register_forward_hook(
+            lambda module, args, out: seen.append((id(module), id(module.window), module.window.calls)))
+    row = trainer.train_epoch(0)
+    assert row["train/aux_loss"] > 0
+    assert trainer.global_step == 1  # 2 batches, one optimizer step
+    blocks = {block for block, _, _ in seen}
+    for block in blocks:
+        calls = [(window, count) for b, window, count in seen if b == block]
+        assert len({window for window, _ in calls}) == 1  # the same window for both micro-batches
+        assert [count for _, count in calls] == [1, 2]
+    assert all(block.balancing.window is None for _, block in convmoe.moe_blocks(trainer.model))
 
 
 def test_classification_training_two_steps_reports_top1_and_top5(tmp_path):

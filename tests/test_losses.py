@@ -120,7 +120,7 @@ def test_block_aux_total_backpropagates_to_the_router(x_small: Tensor) -> None:
 
 
 def test_unknown_loss_name_raises() -> None:
-    with pytest.raises(ValueError, match=r"unknown loss 'swich'; available: diversity, importance, switch, z "
+    with pytest.raises(ValueError, match=r"unknown loss 'swich'; available: diversity, importance, switch, switch_global, z "
                                          r"\(did you mean 'switch'\?\)"):
         BalancingLoss({"swich": 0.01})
     with pytest.raises(ValueError, match=r"unknown loss 'zloss'"):

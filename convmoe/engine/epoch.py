@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import convmoe
+from convmoe.distributed import global_batch
 from convmoe.engine.evaluate import autocast, model_output, split_batch
 from convmoe.engine.logging import TensorBoardLogger
 from convmoe.engine.processes import all_reduce_sum
@@ -33,9 +34,12 @@ def train_epoch(trainer: Trainer, epoch: int, tensorboard: TensorBoardLogger | N
     bar = tqdm(trainer.train_loader, total=trainer.train_batches, desc=f"epoch {epoch}", dynamic_ncols=True,
                disable=not (trainer.ctx.is_main and settings.enable_progress_bar))
     trainer.optimizer.zero_grad(set_to_none=True)
+    window = contextlib.ExitStack()  # the global-batch switch loss counts over one optimizer step's micro-batches
     for i, batch in enumerate(bar):
         if i >= trainer.train_batches:
             break
+        if i % accumulate == 0:
+            window.enter_context(global_batch(model))
         inputs, target = split_batch(batch)
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         boundary = (i + 1) % accumulate == 0 or i + 1 == trainer.train_batches
@@ -47,6 +51,7 @@ def train_epoch(trainer: Trainer, epoch: int, tensorboard: TensorBoardLogger | N
             loss = task_loss.float() + aux
             trainer.scaler.scale(loss / accumulate).backward()
         if boundary:
+            window.close()
             _optimizer_step(trainer)
             if tensorboard is not None and trainer.global_step % settings.log_every_n_steps == 0:
                 tensorboard.log({"train/loss_step": loss.item(), "lr": _lr(trainer)}, step=trainer.global_step)
@@ -60,6 +65,7 @@ def train_epoch(trainer: Trainer, epoch: int, tensorboard: TensorBoardLogger | N
         n, loss_value = inputs.shape[0], loss.item()
         totals += torch.tensor([loss_value * n, task_loss.item() * n, aux.item() * n, n], dtype=torch.float64)
         bar.set_postfix(loss=f"{loss_value:.4f}")
+    window.close()
     totals = all_reduce_sum(totals.to(device)).cpu() if trainer.ctx.distributed else totals
     samples = max(float(totals[3]), 1.0)
     row = {"train/loss": float(totals[0]) / samples, "train/task_loss": float(totals[1]) / samples,
