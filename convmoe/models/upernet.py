@@ -16,6 +16,7 @@ from convmoe.block import MoEConv2d
 from convmoe.config import MoEConfig
 from convmoe.dropout.medoe import MEDOE_DROP_RATE
 from convmoe.experts.conv import ConvExperts
+from convmoe.experts.lowrank import LowRankExperts
 from convmoe.presets import upernet_fusion_moe, upernet_fusion_moe_expert_choice
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 
@@ -65,14 +66,19 @@ def upernet_moe_config(routing: str = "token_choice", num_experts: int = 8, top_
 
 def _init_like_smp_decoder(block: MoEConv2d) -> None:
     # smp initialises decoder convs with Kaiming-uniform (fan_in, relu) and zero bias; each expert
-    # gets its own draw so experts start different, as in an MoE trained from scratch.
+    # gets its own draw so experts start different, as in an MoE trained from scratch. Low-rank
+    # experts: their shared conv is the decoder conv (the deltas start at zero).
     for module in block.modules():
-        if isinstance(module, ConvExperts):
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(module, ConvExperts):
                 for e in range(module.num_experts):
                     nn.init.kaiming_uniform_(module.weight[e], mode="fan_in", nonlinearity="relu")
                 if module.bias is not None:
                     module.bias.zero_()
+            elif isinstance(module, LowRankExperts):
+                nn.init.kaiming_uniform_(module.base_weight, mode="fan_in", nonlinearity="relu")
+                if module.base_bias is not None:
+                    module.base_bias.zero_()
 
 
 def replace_conv_with_moe(conv_block: nn.Sequential, config: MoEConfig, name: str) -> MoEConv2d:

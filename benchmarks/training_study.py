@@ -1,0 +1,140 @@
+"""Train the arms of a study (recipes x seeds) and summarise metric, balance and dead experts per arm.
+
+A study is a YAML file (``benchmarks/studies/*.yaml``)::
+
+    runs_root: runs/study_cheap_capacity_cifar10      # where the run folders go (not committed)
+    results: benchmarks/results/study_cheap_capacity_cifar10.json
+    seeds: [0, 1, 2]
+    arms:
+      dense: {config: configs/cpu/cifar10_efficientnet_lite0_dense.yaml}
+      lowrank_bias: {config: configs/cpu/cifar10_efficientnet_lite0_lowrank.yaml,
+                     overrides: ["model.moe_config.losses={}", "model.moe_config.bias_balancing=0.001"]}
+
+Runs go seed-major (every arm of seed 0, then seed 1, ...), so an interrupted queue leaves comparable
+arms; each run is ``convmoe train CONFIG trainer.seed=S trainer.default_root_dir=ROOT/ARM/seedS
+trainer.resume=auto OVERRIDES`` and a finished run is skipped. The summary (written after every run)
+holds, per run, the best epoch's headline metrics and, from the same row of ``metrics.csv``, each MoE
+layer's training-epoch imbalance (busiest expert's load over the mean) and dead experts; per arm, the
+mean and sample standard deviation over seeds.
+
+    python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml
+    python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --summary-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from convmoe.zoo.runs import read_run
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "DONE").exists()  # written after the run's process ended without error
+
+
+def _train(config: str, overrides: list[str], run_dir: Path, seed: int, log: Path) -> float:
+    command = ["convmoe", "train", config, f"trainer.seed={seed}", f"trainer.default_root_dir={run_dir}",
+               "trainer.resume=auto", "trainer.enable_progress_bar=false", *overrides]
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
+    (run_dir / "DONE").write_text("finished\n")
+    return time.perf_counter() - start
+
+
+def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "") and int(float(row["epoch"])) == epoch]
+    row = rows[-1] if rows else {}
+    layers: dict[str, dict[str, float]] = {}
+    for key, value in row.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "routing" and parts[2] in ("imbalance", "dead_experts") and value:
+            layers.setdefault(parts[1], {})[parts[2]] = float(value)
+    if not layers:
+        return {}
+    return {"imbalance_mean": statistics.fmean(v["imbalance"] for v in layers.values()),
+            "imbalance_max": max(v["imbalance"] for v in layers.values()),
+            "dead_experts": int(sum(v.get("dead_experts", 0) for v in layers.values())), "layers": len(layers)}
+
+
+def _run_summary(arm: str, seed: int, run_dir: Path, seconds: float | None) -> dict[str, Any]:
+    record = read_run(run_dir)
+    return {"arm": arm, "seed": seed, "run_dir": str(run_dir), "best_epoch": record.best_epoch,
+            "metrics": record.headline(), **_routing(run_dir, record.best_epoch),
+            **({"train_seconds": round(seconds, 1)} if seconds is not None else {})}
+
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm: mean and sample std over seeds of every metric, the imbalance and the dead experts."""
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in dict.fromkeys(run["arm"] for run in runs):
+        mine = [run for run in runs if run["arm"] == arm]
+        keys = dict.fromkeys(key for run in mine for key in run["metrics"])
+        summary = {key: _mean_std([run["metrics"][key] for run in mine if key in run["metrics"]]) for key in keys}
+        for key in ("imbalance_mean", "imbalance_max", "dead_experts"):
+            values = [run[key] for run in mine if key in run]
+            if values:
+                summary[key] = _mean_std(values)
+        arms[arm] = summary
+    return arms
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path)
+    parser.add_argument("--summary-only", action="store_true", help="summarise the finished runs, train nothing")
+    parser.add_argument("--arms", nargs="*", help="only these arms")
+    args = parser.parse_args(argv)
+    study = yaml.safe_load(args.study.read_text())
+    root, results = Path(study["runs_root"]), Path(study["results"])
+    arms = {name: arm for name, arm in study["arms"].items() if not args.arms or name in args.arms}
+    old = {(r["arm"], r["seed"]): r for r in json.loads(results.read_text())["runs"]} if results.exists() else {}
+    runs: dict[tuple[str, int], dict[str, Any]] = dict(old)
+    for seed in study["seeds"]:
+        for name, arm in arms.items():
+            run_dir = root / name / f"seed{seed}"
+            seconds = None
+            if not _finished(run_dir):
+                if args.summary_only:
+                    continue
+                run_dir.mkdir(parents=True, exist_ok=True)
+                print(f"training {name} seed {seed} -> {run_dir}", flush=True)
+                seconds = _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
+            elif (name, seed) in old:
+                continue
+            runs[name, seed] = _run_summary(name, seed, run_dir, seconds)
+            _write(results, study, args.study, list(runs.values()))
+    _write(results, study, args.study, list(runs.values()))
+    print(json.dumps(summarize(list(runs.values())), indent=1))
+    return 0
+
+
+def _write(results: Path, study: dict[str, Any], path: Path, runs: list[dict[str, Any]]) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    order = {name: i for i, name in enumerate(study["arms"])}
+    runs = sorted(runs, key=lambda r: (order.get(r["arm"], len(order)), r["seed"]))
+    payload = {"study": str(path), "command": f"python benchmarks/training_study.py {path}",
+               "arms": {name: arm for name, arm in study["arms"].items()}, "runs": runs, "summary": summarize(runs)}
+    results.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
