@@ -91,9 +91,15 @@ def test_yaml_floats_references_and_overrides(tmp_path):
 
 
 def test_override_errors_name_the_fix():
-    config = {"trainer": {"max_epochs": 1}, "items": [1, 2]}
-    with pytest.raises(ValueError, match=r"write \+trainer.seed=1 to add it"):
-        apply_override(config, "trainer.seed=1")
+    config = {"trainer": {"max_epochs": 1}, "model": {"width": 2}, "items": [1, 2]}
+    with pytest.raises(ValueError, match=r"write \+model.depth=1 to add it"):
+        apply_override(config, "model.depth=1")
+    with pytest.raises(ValueError, match=r"write \+trainer.sead=1 to add it"):  # not a trainer setting
+        apply_override(config, "trainer.sead=1")
+    # a trainer setting the recipe leaves at its default is added as is (trainer.resume=auto splits a run)
+    apply_override(config, "trainer.resume=auto")
+    apply_override(config, "trainer.seed=3")
+    assert config["trainer"] == {"max_epochs": 1, "resume": "auto", "seed": 3}
     with pytest.raises(ValueError, match="must look like key=value"):
         apply_override(config, "trainer.max_epochs")
     apply_override(config, "items.1=5")

@@ -17,6 +17,7 @@ config and ``~key`` removes one (Hydra's syntax). Values are parsed as YAML.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import re
@@ -97,8 +98,17 @@ def _get_path(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def _is_trainer_setting(parent: str, key: str) -> bool:
+    """Whether ``parent.key`` names a trainer setting (``trainer.resume``), which needs no ``+`` to add."""
+    from convmoe.engine.settings import TrainerSettings
+
+    return parent in ("trainer", "pl_trainer") and key in {f.name for f in dataclasses.fields(TrainerSettings)}
+
+
 def apply_override(config: dict[str, Any], override: str) -> None:
     """Apply one ``key=value``, ``+key=value`` or ``~key`` override to ``config`` in place.
+
+    A trainer setting the recipe leaves at its default (``trainer.resume=auto``) is added without ``+``.
 
     Raises:
         ValueError: Malformed override, or a key that does not exist without ``+``.
@@ -139,7 +149,7 @@ def apply_override(config: dict[str, Any], override: str) -> None:
             raise ValueError(f"override {override!r}: {parent!r} is a list of {len(node)}; use an index below it.")
         node[int(key)] = value
         return
-    if key not in node and not add:
+    if key not in node and not add and not _is_trainer_setting(parent, key):
         raise ValueError(f"override {override!r}: no key {dotted!r} in the config; write +{dotted}={text} to add it.")
     node[key] = value
 
