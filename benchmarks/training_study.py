@@ -11,7 +11,8 @@ A study is a YAML file (``benchmarks/studies/*.yaml``)::
                      overrides: ["model.moe_config.losses={}", "model.moe_config.bias_balancing=0.001"]}
 
 Runs go seed-major (every arm of seed 0, then seed 1, ...), so an interrupted queue leaves comparable
-arms; each run is ``convmoe train CONFIG trainer.seed=S trainer.default_root_dir=ROOT/ARM/seedS
+arms; a run already in the results file is not run again (commit the file: it survives a new machine,
+the run folders do not); each run is ``convmoe train CONFIG trainer.seed=S trainer.default_root_dir=ROOT/ARM/seedS
 trainer.resume=auto OVERRIDES`` and a finished run is skipped. The summary (written after every run)
 holds, per run, the best epoch's headline metrics and, from the same row of ``metrics.csv``, each MoE
 layer's training-epoch imbalance (busiest expert's load over the mean) and dead experts; per arm, the
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in study["seeds"]:
         for name, arm in arms.items():
             run_dir = root / name / f"seed{seed}"
+            if (name, seed) in old:  # summarised already (its run folder may be on another machine)
+                continue
             seconds = None
             if not _finished(run_dir):
                 if args.summary_only:
@@ -118,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 print(f"training {name} seed {seed} -> {run_dir}", flush=True)
                 seconds = _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
-            elif (name, seed) in old:
-                continue
             runs[name, seed] = _run_summary(name, seed, run_dir, seconds)
             _write(results, study, args.study, list(runs.values()))
     _write(results, study, args.study, list(runs.values()))

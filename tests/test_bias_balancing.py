@@ -119,7 +119,7 @@ def _imbalance_after_training(gamma: float, steps: int = 300) -> float:
 def test_bias_balancing_lowers_the_imbalance_of_a_skewed_input():
     without = _imbalance_after_training(0.0)
     with_bias = _imbalance_after_training(0.01)
-    assert without > 2.5  # collapsed on expert 0
+    assert without > 3.8  # total collapse on expert 0 is E = 4
     assert with_bias < 1.5
     assert with_bias < without - 1.0
 
