@@ -69,10 +69,11 @@ def _fresh_dynamo():
 
 
 def _static_model() -> nn.Module:
-    """Dense dispatch, CondConv (image tokens) and residual experts in the export mode."""
+    """Dense dispatch, CondConv (image tokens), residual and low-rank experts in the export mode."""
     model = _model(MoEConfig(num_experts=4, top_k=2, dispatcher="dense"),
                    MoEConfig(num_experts=4, top_k=1, tokens="image", capacity_factor=1.0),
-                   MoEConfig(num_experts=4, top_k=1, tokens="grid:2x2", router="positional", experts="residual"))
+                   MoEConfig(num_experts=4, top_k=1, tokens="grid:2x2", router="positional", experts="residual"),
+                   MoEConfig(num_experts=4, top_k=2, tokens="image", experts="lowrank", dispatcher="dense"))
     model[6].dispatcher = ExportDispatcher()
     return model
 

@@ -22,6 +22,9 @@ CONFIGS = {
                                     losses={"z": 0.001}),
     "patch-positional-dense": MoEConfig(num_experts=4, top_k=1, tokens="patch:4", router="positional",
                                         dispatcher="dense", losses={"switch": 0.01, "z": 0.001}),
+    "pixel-lowrank-bias": MoEConfig(num_experts=4, top_k=2, experts="lowrank", expert_kwargs={"rank": 4},
+                                    bias_balancing=0.01, losses={"switch_global": 0.01}),
+    "image-lowrank": MoEConfig(num_experts=4, top_k=2, tokens="image", experts="lowrank"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

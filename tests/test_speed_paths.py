@@ -135,6 +135,23 @@ def test_sparse_paths_keep_the_input_memory_format_and_match_dense(tokens: str, 
     assert max_abs_diff(dx, dx_ref) <= 1e-4
 
 
+@pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "patch:2", "image"])
+@pytest.mark.parametrize("spec", ["sparse:gathered", "sparse:regions", "sparse"])
+def test_low_rank_paths_keep_channels_last_and_match_dense(tokens: str, spec: str) -> None:
+    block = make_block(tokens=tokens, dispatcher=spec, stride=2, out_channels=16, experts="lowrank",
+                       expert_kwargs={"rank": 3}).eval()
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 11, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = block(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    reference = with_dispatcher(block, "dense")(x)
+    assert max_abs_diff(y, reference) <= 1e-4
+    grad = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    (dx_ref,) = torch.autograd.grad(reference, x, grad)
+    assert max_abs_diff(dx, dx_ref) <= 1e-4
+
+
 def test_auto_prefers_gathered_for_small_tokens_and_regions_for_large_ones(x_small: Tensor) -> None:
     def chosen(tokens: str, **kwargs) -> str:
         block = make_block(tokens=tokens, **kwargs)

@@ -23,6 +23,8 @@ CONFIGS = {
                                          shared_expert=True, expert_norm="layer", expert_act="relu"),
     "image-residual": MoEConfig(num_experts=3, top_k=1, tokens="image", experts="residual"),
     "noisy-medoe": MoEConfig(num_experts=4, top_k=1, noise_std=1.0, dropout="medoe", drop_rate=0.5),
+    "grid-lowrank-bias": MoEConfig(num_experts=4, top_k=2, tokens="grid:3x3", experts="lowrank",
+                                   expert_kwargs={"rank": 2, "alpha": 4.0}, bias_balancing=0.01),
 }
 
 
@@ -32,7 +34,7 @@ def _model(config: MoEConfig, seed: int = 0) -> nn.Module:
                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1))
     convmoe.patch(model, targets=["3"], config=config, upcycle=False)
     # the strided conv takes conv experts (residual experts keep the spatial size)
-    convmoe.patch(model, targets=["5"], config=config.replace(experts="conv"), upcycle=False)
+    convmoe.patch(model, targets=["5"], config=config.replace(experts="conv", expert_kwargs={}), upcycle=False)
     for _, block in convmoe.moe_blocks(model):
         randomize_experts(block)
     return model
@@ -57,7 +59,7 @@ def test_state_dict_round_trip(config):
     assert not result.missing_keys
     assert not result.unexpected_keys
     assert max_abs_diff(other(x), model(x)) == 0
-    assert "3.experts.weight" in model.state_dict() or "3.experts.conv1" in model.state_dict()
+    assert {"3.experts.weight", "3.experts.conv1", "3.experts.down"} & set(model.state_dict())
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
