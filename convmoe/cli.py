@@ -6,6 +6,7 @@ runs it), so a new subcommand (train, eval, zoo, analyze) is one more entry.
     convmoe demo                 patch the ImageNet EfficientNet-Lite0, check predictions, train, stats
     convmoe demo --synthetic     one MoEConv2d on synthetic data (no extra package)
     convmoe describe PATH|ID     what a saved checkpoint replaced, experts, params, FLOPs
+    convmoe data prepare DATASET SOURCE OUT   a public download (CIFAR-10, CamVid) in the layout the recipes read
     convmoe train CONFIG [k=v]   train from a YAML config (convmoe.engine)
     convmoe eval SOURCE          evaluate a checkpoint, folder or Hub id on a config's dataset
     convmoe analyze MODEL DATA   routing heatmaps, maps, specialisation, balance, layer redundancy (convmoe.analysis)
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import convmoe
 from convmoe import __version__, demo
 from convmoe.analysis import command as analysis_command
+from convmoe.data import command as data_command
 from convmoe.engine import cli as engine_cli
 from convmoe.errors import report_error
 from convmoe.hub import from_pretrained
@@ -94,6 +96,8 @@ COMMANDS: list[Command] = [
             "routing statistics", _demo_arguments, _run_demo),
     Command("describe", "print what a saved checkpoint replaced, its experts, parameters and FLOPs",
             _describe_arguments, _run_describe),
+    Command("data", "prepare a public download (CIFAR-10, CamVid) in the layout the recipes read",
+            data_command.add_arguments, data_command.run),
     Command("train", "train from a YAML config (key=value overrides); under torchrun, on every process",
             engine_cli.add_train_arguments, engine_cli.run_train),
     Command("eval", "metrics of a training checkpoint, save_pretrained folder or Hub id on a config's dataset",

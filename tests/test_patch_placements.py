@@ -1,8 +1,9 @@
-"""Named placements: "last", "last_stage", "decoder_last", "fusion" on timm, smp and plain models."""
+"""Named placements: "last", "last_stage", "last_stage_pointwise", "decoder_last", "fusion" on timm, smp and plain models."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 import convmoe
@@ -22,7 +23,31 @@ smp = pytest.importorskip("segmentation_models_pytorch")
 
 
 def test_placements_are_listed() -> None:
-    assert list_placements() == sorted(PLACEMENTS) == ["decoder_last", "fusion", "last", "last_stage"]
+    assert list_placements() == sorted(PLACEMENTS) == ["decoder_last", "fusion", "last", "last_stage",
+                                                       "last_stage_pointwise"]
+
+
+@pytest.mark.parametrize(("build", "expected"), [
+    (lambda: timm.create_model("test_efficientnet"), ["blocks.4.0.conv_pw", "blocks.4.0.conv_pwl"]),  # not se.*
+    (lambda: timm.create_model("test_resnet"), ["layer4.0.downsample.1"]),  # basic blocks: 3x3 convs only
+    (lambda: __import__("torchvision").models.mobilenet_v3_small(), ["features.11.block.0.0", "features.11.block.3.0"]),
+])
+def test_last_stage_pointwise_is_the_deepest_stages_ungrouped_1x1_convs_outside_se_gates(build, expected) -> None:
+    model = build()
+    assert PLACEMENTS["last_stage_pointwise"](model) == expected
+    # low-rank experts fit every one of them, and the patched model is the dense one until training
+    x = torch.randn(1, 3, 64, 64)
+    before = model.eval()(x)
+    convmoe.patch(model, targets="last_stage_pointwise", config=convmoe.MoEConfig(experts="lowrank", num_experts=4))
+    assert [name for name, _ in convmoe.moe_blocks(model)] == expected
+    assert (model(x) - before).abs().max() <= 1e-5
+
+
+def test_a_stage_without_pointwise_convs_names_the_fix() -> None:
+    model = nn.Module()
+    model.layer1, model.layer2 = nn.Sequential(nn.Conv2d(3, 8, 1)), nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))
+    with pytest.raises(ValueError, match=r"placement 'last_stage_pointwise': .* holds no ungrouped 1x1 conv; name the "):
+        PLACEMENTS["last_stage_pointwise"](model)
 
 
 def test_last_is_the_last_spatial_conv_before_the_head() -> None:

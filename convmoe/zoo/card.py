@@ -119,7 +119,8 @@ def build_front_matter(meta: Mapping[str, Any], license: str | None = None, base
     front: dict[str, Any] = {
         "library_name": "convmoe",
         "license": license or info.license,
-        "tags": ["convmoe", "mixture-of-experts", task, "pytorch", "safetensors"],
+        "tags": ["convmoe", "dense-baseline" if "moe_blocks" not in meta else "mixture-of-experts", task, "pytorch",
+                 "safetensors"],
         "datasets": [info.hub_id],
         "metrics": types,
         "pipeline_tag": task,
@@ -160,12 +161,21 @@ def render_body(meta: Mapping[str, Any], analysis: str | None = None) -> str:
     load_note = ("The weights are stored in float16 to halve the download; `from_pretrained` casts them to float32 "
                  "on load, so the model runs as any float32 model (its routers stay in float32)."
                  if weights["dtype"] == "float16" else "The weights are stored in float32.")
+    dense = "moe_blocks" not in meta  # a dense twin published as its own variant (schema.is_dense_variant)
+    if dense:
+        twins = ", ".join(f"`{model_id}`" for model_id in meta.get("moe_model_ids") or [])
+        intro = (f"{meta['task'].capitalize()} on {info.name}: `{meta['architecture']}`, dense (no Mixture-of-Experts "
+                 f"block): the dense twin of {twins}, trained with the same recipe without MoE, published so the two "
+                 f"can be loaded and compared. Initialisation: {meta['initialization']}.")
+    else:
+        intro = (f"{meta['task'].capitalize()} on {info.name}: `{meta['architecture']}` with Mixture-of-Experts blocks "
+                 f"from convmoe. MoE: {meta['patch']}. Initialisation: {meta['initialization']}.")
+        if meta.get("dense_model_id"):
+            intro += f" Its dense twin is published as `{meta['dense_model_id']}`."
     lines = [
         f"# {meta['model_id']}",
         "",
-        (f"{meta['task'].capitalize()} on {info.name}: `{meta['architecture']}` with Mixture-of-Experts blocks from "
-         f"convmoe. MoE: {meta['patch']}. Initialisation: "
-         f"{meta['initialization']}."),
+        intro,
         "",
         f"**Use:** {info.use}",
         "",
@@ -177,7 +187,7 @@ def render_body(meta: Mapping[str, Any], analysis: str | None = None) -> str:
         f'model = convmoe.from_pretrained("{meta["hub_id"]}"{revision})  # eval mode, float32',
         "```",
         "",
-        load_note + " `convmoe.describe(model)` lists the MoE blocks.",
+        load_note + (" `convmoe.describe(model)` lists the MoE blocks." if not dense else ""),
         "",
         *results_section(meta),
         "",

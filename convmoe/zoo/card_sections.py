@@ -73,6 +73,12 @@ def cost_section(meta: Mapping[str, Any]) -> list[str]:
     flops = meta["flops"]
     shape = "x".join(map(str, flops["input"]))
     lines = ["## Cost", ""]
+    if "moe_blocks" not in meta:  # a dense variant: it is its own dense equivalent
+        lines += [f"- Parameters: {format_count(meta['params'])}.",
+                  f"- FLOPs per image at input {shape}: {format_count(meta['active_flops'])}.",
+                  f"  Counted with {flops['method']}.",
+                  *cost_latency_and_weights(meta)]
+        return lines
     params = f"- Parameters: {format_count(meta['params'])} (dense equivalent: {format_count(meta['dense_params'])}"
     lines.append(params + (f"; dense twin: {format_count(twin['params'])})." if twin else ")."))
     flop_line = (f"- Active FLOPs per image at input {shape}: {format_count(meta['active_flops'])} (dense "
@@ -82,7 +88,13 @@ def cost_section(meta: Mapping[str, Any]) -> list[str]:
     flop_line += ")"
     if flops.get("block_ratio") is not None:
         flop_line += f"; the MoE blocks cost {flops['block_ratio']:.2f}x the convs they replace"
-    lines += [flop_line + ".", f"  Counted with {flops['method']}."]
+    lines += [flop_line + ".", f"  Counted with {flops['method']}.", *cost_latency_and_weights(meta)]
+    return lines
+
+
+def cost_latency_and_weights(meta: Mapping[str, Any]) -> list[str]:
+    """The latency and weights lines of ``## Cost``."""
+    lines = []
     latency = meta.get("latency")
     if latency:
         text = (f"- Latency: median of {latency['reps']} forward passes (batch {latency['input'][0]}, input "
@@ -103,7 +115,9 @@ def cost_section(meta: Mapping[str, Any]) -> list[str]:
 def reproduce_section(meta: Mapping[str, Any]) -> list[str]:
     """``## Reproduce``: the train and eval commands."""
     commands = meta["commands"]
-    lines = ["## Reproduce", "", "Train (one command per seed; `convmoe` is this library's command line):", "", "```bash",
+    info = get_dataset_info(meta["dataset"])
+    lines = ["## Reproduce", "", f"Data: {info.download}", "", "```bash", info.prepare, "```", "",
+             "Train (one command per seed; `convmoe` is this library's command line):", "", "```bash",
              *commands["train"], "```"]
     twin = meta.get("dense_twin")
     if twin:
@@ -131,9 +145,12 @@ def limitations_section(meta: Mapping[str, Any]) -> list[str]:
                      "measured on, so they are slightly optimistic.")
     items.append(f"{seeds} seed{'s' if seeds > 1 else ''}: " + ("the spread is a rough indication, not a confidence "
                                                               "interval." if seeds > 1 else "no spread is known."))
-    items.append("Latency comes from one machine at batch 1 in eager PyTorch: it compares the variant with its dense "
-                 "twin, it is not a deployment benchmark. MoE blocks dispatch tokens with gathers that FLOPs do not "
-                 "count.")
+    if "moe_blocks" in meta:
+        items.append("Latency comes from one machine at batch 1 in eager PyTorch: it compares the variant with its "
+                     "dense twin, it is not a deployment benchmark. MoE blocks dispatch tokens with gathers that FLOPs "
+                     "do not count.")
+    else:
+        items.append("Latency comes from one machine at batch 1 in eager PyTorch: it is not a deployment benchmark.")
     check = meta["weights"].get("check") or {}
     if meta["weights"]["dtype"] == "float16":
         items.append(f"Stored in float16 and cast to float32 on load: on one {meta['eval_split']} batch the round "

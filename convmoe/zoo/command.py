@@ -1,6 +1,8 @@
 """The ``convmoe zoo`` subcommand (registered in :mod:`convmoe.cli`): publish, table, check, push.
 
     convmoe zoo publish RUN_DIR --model-id ID [--seeds RUN ...] [--dense-twin RUN ...] [--float16]
+                                 [--dense-model-id ID]   (an MoE run whose dense twin is a variant too)
+                                 [--twin-of ID ...]      (a dense run, published as the twin of MoE variants)
     convmoe zoo table            regenerate zoo/README.md and re-render the cards from their metadata
     convmoe zoo check            schema, weights and their sha256, from_pretrained, plan.yaml and its budget, index up to date
     convmoe zoo push ID          upload zoo/ID to the Hub (after the checks)
@@ -44,6 +46,10 @@ def _publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis-batches", type=int, default=None, help="val batches for the routing analysis")
     parser.add_argument("--note", action="append", default=[], help="a sentence for the card's Limitations")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing variant folder")
+    parser.add_argument("--twin-of", nargs="+", default=[], metavar="MODEL_ID",
+                        help="publish a dense run (no MoE block) as the dense twin of these MoE variants")
+    parser.add_argument("--dense-model-id", default=None, metavar="MODEL_ID",
+                        help="the variant the MoE run's dense twin is published as (linked from the card)")
 
 
 def _run_publish(args: argparse.Namespace) -> int:
@@ -53,7 +59,8 @@ def _run_publish(args: argparse.Namespace) -> int:
                      recipes_dir=args.recipes_dir, repo_id=args.repo_id, dataset=args.dataset, license=args.license,
                      base_model=args.base_model, device=device, latency_warmup=args.latency_warmup,
                      latency_reps=args.latency_reps, analysis=not args.no_analysis,
-                     analysis_batches=args.analysis_batches, notes=args.note, overwrite=args.overwrite)
+                     analysis_batches=args.analysis_batches, notes=args.note, overwrite=args.overwrite,
+                     twin_of=args.twin_of, dense_model_id=args.dense_model_id)
     meta = result.front_matter["convmoe"]
     monitor = meta["monitor"]
     print(f"published {result.folder}: {monitor} {meta['metrics'][monitor]:.4g} over seeds {meta['seeds']}, "

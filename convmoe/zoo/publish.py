@@ -201,6 +201,25 @@ def _twin_summary(twins: Sequence[RunRecord], twin_cost: Any, recipe: Path, over
     return summary
 
 
+def _check_variant_kind(model: nn.Module, model_id: str, twins: Sequence[RunRecord], twin_of: Sequence[str],
+                        dense_model_id: str | None) -> None:
+    """An MoE run may name its dense twin's variant; a dense run is published as the twin of MoE variants."""
+    _, block_names = describe_moe(model)
+    ids = [*twin_of, *([dense_model_id] if dense_model_id else [])]
+    bad = [i for i in ids if not MODEL_ID.match(i) or i == model_id]
+    if bad:
+        raise ValueError(f"model ids {bad} must be other variants' ids (lower case letters, digits and . - _).")
+    if block_names and twin_of:
+        raise ValueError(f"--twin-of is for a dense run, but {model_id} has MoE blocks; name its dense twin's variant "
+                         "with --dense-model-id instead.")
+    if not block_names and (twins or dense_model_id):
+        raise ValueError(f"{model_id} is dense (no MoE block), so it has no dense twin; publish it with --twin-of "
+                         "MOE_ID, without --dense-twin or --dense-model-id.")
+    if not block_names and not twin_of:
+        raise ValueError(f"{model_id} is dense (no MoE block); the zoo publishes dense models as twins of MoE variants: "
+                         "pass --twin-of MOE_ID (the MoE variants trained with the same recipe).")
+
+
 def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Path] = (),
             seeds: Sequence[str | Path] = (), float16: bool = False, zoo_dir: str | Path = "zoo",
             config: str | Path | None = None, dense_config: str | Path | None = None,
@@ -208,7 +227,8 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
             license: str | None = None, base_model: str | None = None, device: str | torch.device | None = None,
             latency_warmup: int = 5, latency_reps: int = 30, analysis: bool = True,
             analysis_batches: int | None = None, metric_tolerance: float | None = None, notes: Sequence[str] = (),
-            overwrite: bool = False, update_index: bool = True) -> PublishResult:
+            overwrite: bool = False, update_index: bool = True, twin_of: Sequence[str] = (),
+            dense_model_id: str | None = None) -> PublishResult:
     """Publish the best checkpoint of an engine run as ``zoo/<model_id>/`` with its model card.
 
     Args:
@@ -236,6 +256,9 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         notes: Extra sentences for the card's Limitations.
         overwrite: Replace an existing variant folder.
         update_index: Regenerate ``zoo/README.md`` (and re-render the other cards).
+        twin_of: For a dense run (no MoE block): the model ids of the MoE variants it is the dense
+            twin of. The card has no ``moe_blocks`` and lists them as ``moe_model_ids``.
+        dense_model_id: For an MoE run: the model id its dense twin is (or will be) published as.
 
     Returns:
         The folder, the card and its front matter.
@@ -243,8 +266,8 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
     Raises:
         FileNotFoundError: A run folder or recipe is missing.
         ValueError: Runs that are not seeds of one recipe, an incomparable dense twin, no recipe
-            reproducing a run, a variant that exists, or published files that do not reproduce the
-            checkpoint's outputs and metrics.
+            reproducing a run, a variant that exists, a dense run without ``twin_of`` (or an MoE run
+            with it), or published files that do not reproduce the checkpoint's outputs and metrics.
 
     Example:
         >>> publish("runs/camvid_upernet_moe", "upernet-lite0-moe8-camvid",  # doctest: +SKIP
@@ -273,13 +296,14 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
     recipe, overrides = _commands(runs, config, recipes_dir)
     twin_recipe, twin_overrides = _commands(twins, dense_config, recipes_dir) if twins else (None, [])
 
+    model, _ = load_model(main.checkpoint)
+    _check_variant_kind(model, model_id, twins, twin_of, dense_model_id)
     folder = Path(zoo_dir) / model_id
     _prepare_folder(folder, overwrite)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "float16" if float16 else "float32"
 
     # The weights: best checkpoint -> folder, then the folder must compute what the checkpoint does.
-    model, _ = load_model(main.checkpoint)
     export_weights(model, folder, base_recipe_for(main.config["model"]), float16=float16)
     loaded = from_pretrained(folder)
     loader = _val_loader(main.config, device)
@@ -315,7 +339,9 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         "schema_version": SCHEMA_VERSION, "model_id": model_id, "hub_id": hub_id, "revision": None,
         "task": main.task, "dataset": dataset_key, "eval_split": split,
         "architecture": base_recipe_for(main.config["model"]).name,
-        "initialization": describe_initialization(main.config), "patch": patch_text, "moe_blocks": block_names,
+        "initialization": describe_initialization(main.config), "patch": patch_text,
+        **({"moe_blocks": block_names} if block_names else {"moe_model_ids": list(twin_of)}),
+        **({"dense_model_id": dense_model_id} if dense_model_id else {}),
         "monitor": main.monitor, "metrics": summary["metrics"], "metrics_std": summary["metrics_std"],
         "seeds": summary["seeds"], "runs": summary["runs"], "published_seed": main.seed,
         "params": cost.params, "dense_params": cost.dense_params, "active_flops": cost.active_flops,

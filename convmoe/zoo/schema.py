@@ -111,7 +111,6 @@ METADATA_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "architecture": (_is_text, "the builder of the base model ('module:function')"),
     "initialization": (_is_text, "where the training started from"),
     "patch": (_is_text, "the MoE blocks in words"),
-    "moe_blocks": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "MoE block names"),
     "monitor": (lambda v: isinstance(v, str) and v.startswith("val/"), "the metric that chose the best epoch"),
     "metrics": (_is_metrics, "headline metrics, mean over seeds: finite numbers"),
     "metrics_std": (_is_spreads, "sample standard deviation per metric (null for one seed)"),
@@ -135,6 +134,55 @@ METADATA_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
 OPTIONAL_METADATA = ("preprocessing", "per_class_iou", "references", "notes")
 
 
+def _is_model_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(MODEL_ID.match(value))
+
+
+# Keys that tell an MoE variant from a dense one and link the two: an MoE card has ``moe_blocks`` (and,
+# when its dense twin is published too, ``dense_model_id``); a dense card has neither, but ``moe_model_ids``.
+VARIANT_KIND_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "moe_blocks": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                   "MoE block names (left out by a dense variant)"),
+    "dense_model_id": (_is_model_id, "the model id of the dense twin, published as its own variant"),
+    "moe_model_ids": (lambda v: isinstance(v, list) and bool(v) and all(_is_model_id(n) for n in v)
+                      and len(set(v)) == len(v), "the model ids of the MoE variants a dense variant is the twin of"),
+}
+
+
+def is_dense_variant(meta: Mapping[str, Any]) -> bool:
+    """Whether a ``convmoe:`` block describes a dense variant (a dense twin published on its own): no ``moe_blocks``.
+
+    Example:
+        >>> from convmoe.zoo.card import EXAMPLE_META
+        >>> is_dense_variant(EXAMPLE_META), is_dense_variant({k: v for k, v in EXAMPLE_META.items() if k != "moe_blocks"})
+        (False, True)
+    """
+    return "moe_blocks" not in meta
+
+
+def _kind_problems(meta: Mapping[str, Any]) -> list[str]:
+    problems = [f"convmoe.{key} is {meta[key]!r}; it must be {what}."
+                for key, (check, what) in VARIANT_KIND_SCHEMA.items() if key in meta and not check(meta[key])]
+    if problems:
+        return problems
+    if not is_dense_variant(meta):
+        if "moe_model_ids" in meta:
+            problems.append("convmoe.moe_model_ids belongs to a dense variant, but the card lists moe_blocks; "
+                            "point an MoE variant to its twin with dense_model_id.")
+        if meta.get("dense_model_id") == meta.get("model_id"):
+            problems.append("convmoe.dense_model_id names the variant itself; it must be its dense twin's model id.")
+        return problems
+    if "moe_model_ids" not in meta:
+        problems.append("convmoe.moe_blocks is missing; an MoE variant lists its blocks, a dense variant gives "
+                        "moe_model_ids (publish it with --twin-of MOE_ID).")
+    if "dense_model_id" in meta or meta.get("dense_twin") is not None:
+        problems.append("a dense variant (no moe_blocks) has no dense twin; leave out dense_model_id and set "
+                        "dense_twin to null.")
+    if meta.get("model_id") in (meta.get("moe_model_ids") or []):
+        problems.append("convmoe.moe_model_ids names the variant itself; it must name the MoE variants.")
+    return problems
+
+
 def validate_metadata(meta: Any, folder_name: str | None = None) -> list[str]:
     """Problems of a ``convmoe:`` block against :data:`METADATA_SCHEMA` and its internal consistency.
 
@@ -153,9 +201,11 @@ def validate_metadata(meta: Any, folder_name: str | None = None) -> list[str]:
             problems.append(f"convmoe.{key} is missing; it must be {what}.")
         elif not check(meta[key]):
             problems.append(f"convmoe.{key} is {meta[key]!r}; it must be {what}.")
-    unknown = sorted(set(meta) - set(METADATA_SCHEMA) - set(OPTIONAL_METADATA))
+    known = [*METADATA_SCHEMA, *VARIANT_KIND_SCHEMA, *OPTIONAL_METADATA]
+    unknown = sorted(set(meta) - set(known))
     if unknown:
-        problems.append(f"convmoe has unknown keys {unknown}; known: {sorted([*METADATA_SCHEMA, *OPTIONAL_METADATA])}.")
+        problems.append(f"convmoe has unknown keys {unknown}; known: {sorted(known)}.")
+    problems += _kind_problems(meta)
     if problems:
         return problems
     if folder_name is not None and meta["model_id"] != folder_name:
