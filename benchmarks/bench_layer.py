@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernel", type=int, default=3)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--expert-type", nargs="+", default=["conv"], choices=["conv", "lowrank"],
+                        help="expert banks to time: full-rank conv experts, low-rank deltas on a shared conv")
+    parser.add_argument("--rank", type=int, default=8, help="rank of low-rank experts")
     parser.add_argument("--tokens", nargs="+", default=["pixel", "grid:3x3", "patch:8", "image"])
     parser.add_argument("--dispatchers", nargs="+", default=["dense", "sparse"],
                         help="dispatcher specs, e.g. dense sparse sparse:gathered sparse:regions sparse:merged "
@@ -130,11 +133,13 @@ def main(argv: list[str] | None = None) -> None:
             step = make_step(dense, x, mode, autocast)
             fastest_dense[mode] = min(interleaved_median_ms({"dense": step}, warmup=2, reps=10, device=device)["dense"]
                                       for _ in range(3))
-    for E, k, tokens, spec, mode, phase in itertools.product(args.experts, args.top_k, args.tokens, args.dispatchers,
-                                                               args.modes, args.phases):
+    for kind, E, k, tokens, spec, mode, phase in itertools.product(args.expert_type, args.experts, args.top_k,
+                                                                     args.tokens, args.dispatchers, args.modes,
+                                                                     args.phases):
         if k > E:
             continue
-        block = MoEConv2d.from_conv(dense, num_experts=E, top_k=k, tokens=tokens, dispatcher=spec)
+        bank = {"experts": kind, "expert_kwargs": {"rank": args.rank} if kind == "lowrank" else {}}
+        block = MoEConv2d.from_conv(dense, num_experts=E, top_k=k, tokens=tokens, dispatcher=spec, **bank)
         block = block.to(memory_format=memory_format).train(phase == "train")
         dense.train(phase == "train")
         try:
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         write_jsonl(args.out, {
             "bench": "layer", "shape": [batch, channels, size, size], "kernel": args.kernel, "dtype": str(dtype),
             "channels_last": channels_last, "experts": E, "top_k": k, "tokens": tokens, "dispatcher": spec,
+            "expert_type": kind, **({"rank": args.rank} if kind == "lowrank" else {}),
             "path": path, "mode": mode, "phase": phase, "dense_ms": round(medians["dense"], 3),
             "moe_ms": round(medians["moe"], 3), "ratio": round(medians["moe"] / medians["dense"], 3),
             "ratio_per_active_expert": round(medians["moe"] / medians["dense"] / k, 3),

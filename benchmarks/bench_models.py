@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="input side; default 128 on CPU, 224 on CUDA")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--expert-type", default="conv", choices=["conv", "lowrank"],
+                        help="full-rank conv experts, or low-rank deltas on a shared conv (ungrouped targets only)")
+    parser.add_argument("--rank", type=int, default=8, help="rank of low-rank experts")
     parser.add_argument("--targets", nargs="+", default=None,
                         help="patch targets for every model (default: the last stage's k x k convs, plus the "
                              "decoder's last conv for UPerNet)")
@@ -81,7 +84,8 @@ def build(name: str, classes: int | None) -> nn.Module:
 
 
 def patched(model: nn.Module, name: str, args: argparse.Namespace) -> nn.Module:
-    config = MoEConfig(num_experts=args.experts, top_k=args.top_k, tokens=args.tokens, dispatcher=args.dispatcher)
+    config = MoEConfig(num_experts=args.experts, top_k=args.top_k, tokens=args.tokens, dispatcher=args.dispatcher,
+                       experts=args.expert_type, expert_kwargs={"rank": args.rank} if args.expert_type == "lowrank" else {})
     return convmoe.patch(copy.deepcopy(model), targets=targets_of(name, args), config=config)
 
 
@@ -180,6 +184,7 @@ def bench_model(name: str, args: argparse.Namespace, setup: Setup, where: dict[s
     record: dict[str, Any] = {
         "bench": "model", "model": name, "targets": targets_of(name, args), "blocks": len(blocks),
         "experts": args.experts, "top_k": args.top_k, "tokens": args.tokens, "dispatcher": args.dispatcher,
+        "expert_type": args.expert_type, **({"rank": args.rank} if args.expert_type == "lowrank" else {}),
         "batch": setup.batch, "size": setup.size, "dtype": "bfloat16" if setup.cuda else "float32",
         "channels_last": setup.cuda, "dense_params": count_params(dense), "moe_params": count_params(moe),
         "dense_gflops": round(report.dense / 1e9, 3), "moe_active_gflops": round(report.active / 1e9, 3),

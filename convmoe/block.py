@@ -246,8 +246,8 @@ class MoEConv2d(nn.Module, ScopedModule):
         if x.shape[0] == 0 and isinstance(dispatcher, SparseDispatcher):
             dispatcher = _DENSE
         y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
-        if self.experts.capabilities.shared_base:  # low-rank experts: W0 on every position, the deltas routed
-            y = self.experts.forward_base(x_pad).add_(y)
+        if self.experts.capabilities.shared_base and not getattr(dispatcher, "adds_shared_base", False):
+            y = self.experts.forward_base(x_pad).add_(y)  # low-rank experts' W0, for a dispatcher of the user's
         if self.shared_expert is not None:
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 

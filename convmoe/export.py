@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from convmoe.diagnostics import moe_blocks
 from convmoe.dispatch import DenseDispatcher, SparseDispatcher
+from convmoe.dispatch.base import add_shared_base
 from convmoe.dispatch.merged import merged_conv
 from convmoe.types import Routing, Tokens
 
@@ -72,6 +73,8 @@ class ExportDispatcher(nn.Module):
         True
     """
 
+    adds_shared_base = True
+
     def __init__(self) -> None:
         super().__init__()
         self.dense = DenseDispatcher()
@@ -83,7 +86,7 @@ class ExportDispatcher(nn.Module):
                              "dynamo=True, the default since torch 2.9.")
         capabilities = experts.capabilities
         if capabilities.sees_no_halo:
-            return _regions_static(x_pad, tokens, routing, experts)
+            return add_shared_base(experts, x_pad, _regions_static(x_pad, tokens, routing, experts))
         # CondConv runs a conv with B * groups groups: ONNX's Conv takes a fixed group count.
         merged_ok = capabilities.gathered_columns and capabilities.linear and not torch.onnx.is_in_onnx_export()
         if tokens.num_tokens == 1 and merged_ok:

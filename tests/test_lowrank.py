@@ -7,13 +7,14 @@ from typing import Any
 import pytest
 import timm
 import torch
-from conftest import TOKEN_SPECS, max_abs_diff
+from conftest import TOKEN_SPECS, gradients, max_abs_diff, with_dispatcher
 from torch import Tensor, nn
 
 import convmoe
 from convmoe import MoEConfig, MoEConv2d
 from convmoe.describe import summarize_block
-from convmoe.dispatch import SparseDispatcher
+from convmoe.dispatch import SparseDispatcher, every_pair
+from convmoe.dispatch.regions import run_regions
 from convmoe.experts import LowRankExperts
 from convmoe.geometry import ConvGeometry
 from convmoe.patch.unpatch import fold_block
@@ -156,9 +157,15 @@ def test_unpatch_base_needs_a_shared_base() -> None:
     assert isinstance(model[0], MoEConv2d)  # nothing changed
 
 
-def test_merged_path_keeps_the_rank() -> None:
-    """Image tokens: one conv to the used experts' r channels each, never a full-rank expert conv."""
-    block = MoEConv2d(16, 32, 3, padding=1, num_experts=4, top_k=2, tokens="image", **LOWRANK).eval()
+@pytest.mark.parametrize(("size", "expected_convs"), [
+    (8, [(32, 16, 3, 3)]),  # a large map: each image's W0 + sum_e w_e dW_e multiplied out, one conv
+    (2, [(8, 16, 3, 3), (32, 16, 3, 3)]),  # a tiny map: the used experts' k * r = 8 channels, and W0
+])
+def test_merged_path_folds_or_keeps_the_rank_by_cost(size: int, expected_convs: list[tuple[int, ...]]) -> None:
+    """Image tokens: multiplying the factors out costs C_out * K * r per used expert once, running them
+    factored B * positions * r * (K + C_out); the cheaper runs, and both equal the dense reference."""
+    torch.manual_seed(0)
+    block = _randomize_deltas(MoEConv2d(16, 32, 3, padding=1, num_experts=4, top_k=2, tokens="image", **LOWRANK))
     calls: list[tuple[int, ...]] = []
     original = torch.nn.functional.conv2d
 
@@ -166,14 +173,24 @@ def test_merged_path_keeps_the_rank() -> None:
         calls.append(tuple(weight.shape))
         return original(x, weight, *args, **kwargs)
 
-    x = torch.randn(1, 16, 8, 8)
+    x = torch.randn(1, 16, size, size, requires_grad=True)
     assert block.dispatcher.choose_path(block.tokens.split(x), block.experts) == "merged"
     torch.nn.functional.conv2d = record
     try:
-        block(x)
+        y = block(x)
     finally:
         torch.nn.functional.conv2d = original
-    assert sorted(calls) == [(8, 16, 3, 3), (32, 16, 3, 3)]  # k * r = 8 delta channels, and W0
+    assert calls == expected_convs
+    dense = with_dispatcher(block, "dense")
+    x_dense = x.detach().clone().requires_grad_()
+    expected = dense(x_dense)
+    assert max_abs_diff(y, expected) <= 1e-5
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (expected * grad).sum().backward()
+    assert max_abs_diff(x.grad, x_dense.grad) <= 1e-5
+    for name, value in gradients(block).items():
+        assert max_abs_diff(value, gradients(dense)[name]) <= 1e-5, name
 
 
 def test_scale_and_forward_segments_follow_the_definition() -> None:
@@ -237,3 +254,20 @@ def test_sparse_paths_choose_the_factored_kernels() -> None:
     for tokens, path in (("pixel", "gathered"), ("patch:2", "gathered"), ("grid:3x3", "regions"),
                          ("image", "merged")):
         assert SparseDispatcher().choose_path(convmoe.create_tokens(tokens).split(x), block.experts) == path
+
+
+class _RoutedOnly(nn.Module):
+    """A user's dispatcher that knows nothing of shared bases: every expert on every region, weighted."""
+
+    def forward(self, x_pad: Tensor, tokens: Any, routing: Any, experts: Any, out_size: tuple[int, int]) -> Tensor:
+        return run_regions(x_pad, tokens, every_pair(routing), experts, out_size)
+
+
+@pytest.mark.parametrize("tokens", ["pixel", "image"])
+def test_the_block_adds_w0_for_a_dispatcher_that_does_not(tokens: str) -> None:
+    torch.manual_seed(0)
+    block = _randomize_deltas(MoEConv2d(8, 8, 3, padding=1, num_experts=4, tokens=tokens, **LOWRANK)).eval()
+    x = torch.randn(2, 8, 7, 7)
+    expected = block(x)
+    block.dispatcher = _RoutedOnly()
+    assert max_abs_diff(block(x), expected) <= 1e-5

@@ -16,6 +16,11 @@ class Dispatcher(Protocol):
     ``x_pad`` is the input with the conv's padding already applied; ``experts`` is an
     :class:`~convmoe.experts.ExpertBank`, whose ``capabilities`` say which paths it allows.
 
+    A bank with ``capabilities.shared_base`` (low-rank experts) also has a conv that every position
+    passes through at weight 1. A dispatcher whose class sets ``adds_shared_base = True`` includes it
+    in ``y`` (the built-in ones do, and the merged path folds it into each image's conv); for any
+    other dispatcher the block adds it.
+
     Example:
         >>> import torch
         >>> from convmoe import MoEConv2d
@@ -30,3 +35,20 @@ class Dispatcher(Protocol):
 
     def __call__(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                  out_size: tuple[int, int]) -> Tensor: ...
+
+
+def add_shared_base(experts: ExpertBank, x_pad: Tensor, y: Tensor) -> Tensor:
+    """``y`` plus the bank's shared base conv on ``x_pad`` (``y`` unchanged without ``shared_base``).
+
+    Example:
+        >>> import torch
+        >>> from convmoe.experts import LowRankExperts
+        >>> from convmoe.geometry import ConvGeometry
+        >>> experts = LowRankExperts(2, 3, num_experts=2, geometry=ConvGeometry.create(1))
+        >>> x_pad = torch.randn(1, 2, 4, 4)
+        >>> torch.allclose(add_shared_base(experts, x_pad, torch.zeros(1, 3, 4, 4)), experts.forward_base(x_pad))
+        True
+    """
+    if not experts.capabilities.shared_base:
+        return y
+    return experts.forward_base(x_pad).add_(y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from convmoe.dispatch.assignments import every_pair
+from convmoe.dispatch.base import add_shared_base
 from convmoe.dispatch.regions import run_regions
 from convmoe.experts.base import ExpertBank
 from convmoe.types import Routing, Tokens
@@ -25,12 +26,14 @@ class DenseDispatcher(nn.Module):
         torch.Size([1, 4, 6, 6])
     """
 
+    adds_shared_base = True
+
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                 out_size: tuple[int, int]) -> Tensor:
         capabilities = experts.capabilities
         if capabilities.sees_no_halo or not capabilities.dense_forward:
-            return run_regions(x_pad, tokens, every_pair(routing), experts, out_size)
+            return add_shared_base(experts, x_pad, run_regions(x_pad, tokens, every_pair(routing), experts, out_size))
         all_outputs = experts.forward_all(x_pad)  # (B, E, C_out, H_out, W_out)
         weight = routing.dense_weights()[:, tokens.token_map]  # (B, H_out * W_out, E)
         weight = weight.transpose(1, 2).reshape(*weight.shape[:1], weight.shape[2], *out_size).to(all_outputs.dtype)
-        return (all_outputs * weight[:, :, None]).sum(dim=1)
+        return add_shared_base(experts, x_pad, (all_outputs * weight[:, :, None]).sum(dim=1))

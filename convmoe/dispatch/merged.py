@@ -1,9 +1,11 @@
 """The merged path: mix each image's expert weights into one conv (CondConv), one grouped conv for the batch.
 
 Exact for linear experts only: sum_e w_e (W_e * x + b_e) = (sum_e w_e W_e) * x + sum_e w_e b_e
-(Yang et al., 2019, CondConv, arXiv:1904.04971). Applies when every image is one token. Factored
-(low-rank) experts keep their rank: one conv to the used experts' r channels each, then each
-image's mixture of the ``up`` factors.
+(Yang et al., 2019, CondConv, arXiv:1904.04971). Applies when every image is one token. A shared
+base conv (low-rank experts' W0) is folded in: each image's conv is ``W0 + sum_e w_e dW_e``.
+Factored (low-rank) experts are multiplied out when that is cheaper than running them factored
+(large maps); otherwise (small maps) they keep their rank: one conv to the used experts' r
+channels each, then each image's mixture of the ``up`` factors, beside the base conv.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from convmoe.experts.base import ExpertBank
 
 
 def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
-    """Each image through the weighted sum of the experts' convs, (B, C_out, H_out, W_out).
+    """Each image through the weighted sum of the experts' convs (plus a shared base), (B, C_out, H_out, W_out).
 
     Args:
         experts: A bank whose capabilities are ``gathered_columns`` (a stacked conv) and ``linear``.
@@ -44,17 +46,39 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
             weights, expert_weight = weights[:, used], expert_weight[used]
             expert_bias = None if expert_bias is None else expert_bias[used]
             expert_up = None if expert_up is None else expert_up[used]
-    if expert_up is None:
-        mixed = torch.einsum("be,eoikl->boikl", weights, expert_weight).flatten(0, 1)
-        bias = None if expert_bias is None else (weights @ expert_bias).flatten()
-        y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed, bias, stride=g.stride, dilation=g.dilation,
+    base = experts.base_conv() if experts.capabilities.shared_base else None
+    positions = _output_positions(x_pad, g.span, g.stride)
+    if expert_up is not None and not _fold_factors(expert_up, expert_weight, B, positions):
+        y = _merged_factored(expert_up, expert_weight, x_pad, weights, g.stride, g.dilation)
+        if base is not None:
+            y = F.conv2d(x_pad, base[0], base[1], stride=g.stride, dilation=g.dilation).add_(y)
+    else:
+        stacked = expert_weight if expert_up is None else torch.einsum("eor,erikl->eoikl", expert_up, expert_weight)
+        mixed = torch.einsum("be,eoikl->boikl", weights, stacked)
+        bias = None if expert_bias is None else weights @ expert_bias  # (B, C_out)
+        if base is not None:
+            mixed = mixed + base[0]
+            if base[1] is not None:
+                bias = base[1].expand(B, -1) if bias is None else bias + base[1]
+        y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
+                     None if bias is None else bias.flatten(), stride=g.stride, dilation=g.dilation,
                      groups=conv.groups * B)
         y = y.reshape(B, experts.out_channels, *y.shape[2:])
-    else:
-        y = _merged_factored(expert_up, expert_weight, x_pad, weights, g.stride, g.dilation)
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
     return y
+
+
+def _output_positions(x_pad: Tensor, span: tuple[int, int], stride: tuple[int, int]) -> int:
+    """Output positions per image of a conv of this span and stride on the padded input."""
+    return ((x_pad.shape[-2] - span[0]) // stride[0] + 1) * ((x_pad.shape[-1] - span[1]) // stride[1] + 1)
+
+
+def _fold_factors(up: Tensor, down: Tensor, batch: int, positions: int) -> bool:
+    """Whether to multiply factored experts out (U * C_out * r * K multiply-adds, once) and run one conv,
+    rather than run them factored (B * positions * U * r * (K + C_out), beside the base conv)."""
+    c_out, k = up.shape[1], down[0, 0].numel()
+    return c_out * k <= batch * positions * (k + c_out)
 
 
 def _merged_factored(up: Tensor, down: Tensor, x_pad: Tensor, weights: Tensor, stride: tuple[int, int],

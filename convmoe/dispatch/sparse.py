@@ -8,6 +8,7 @@ import warnings
 from torch import Tensor, nn
 
 from convmoe.dispatch.assignments import routed
+from convmoe.dispatch.base import add_shared_base
 from convmoe.dispatch.gathered import run_gathered
 from convmoe.dispatch.merged import merged_conv
 from convmoe.dispatch.regions import run_regions
@@ -110,14 +111,16 @@ class SparseDispatcher(nn.Module):
             return "gathered"
         return "regions"
 
+    adds_shared_base = True
+
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                 out_size: tuple[int, int]) -> Tensor:
         path = self.choose_path(tokens, experts)
-        if path == "merged":
+        if path == "merged":  # folds a shared base into each image's conv
             return merged_conv(experts, x_pad, routing.dense_weights()[:, 0])
         if path == "gathered":
-            return run_gathered(x_pad, tokens, routed(routing), experts, out_size)
-        return run_regions(x_pad, tokens, routed(routing), experts, out_size)
+            return add_shared_base(experts, x_pad, run_gathered(x_pad, tokens, routed(routing), experts, out_size))
+        return add_shared_base(experts, x_pad, run_regions(x_pad, tokens, routed(routing), experts, out_size))
 
     def extra_repr(self) -> str:
         return f"path={self.path}"
