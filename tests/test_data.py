@@ -153,3 +153,22 @@ def test_read_image_returns_writable_rgb():
     image = read_image(next((CAMVID / "train").iterdir()))
     assert image.shape == (90, 120, 3)
     assert image.flags.writeable
+
+
+def test_cifar10_dataset_runs_nothing_in_a_downloaded_batch(tmp_path: Path) -> None:
+    """A batch file is a pickle; one naming a callable must be refused, never called."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        (root / name).write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match=r"test_batch refers to io\.open, which a CIFAR batch never holds"):
+        CIFAR10Dataset(tmp_path, split="test")
+    assert not marker.exists()

@@ -640,7 +640,7 @@ def test_dense_twin_is_published_as_a_variant_and_linked(runs, tmp_path, capsys)
     assert "([`tiny-dense`](tiny-dense/README.md))" in index  # the MoE row links its twin
     assert 'convmoe.from_pretrained("zoo/tiny-moe")' in index
     loaded = convmoe.from_pretrained(zoo_dir / "tiny-dense")
-    assert not convmoe.moe_blocks(loaded)
+    assert not list(convmoe.moe_blocks(loaded))
 
     # a broken link and numbers that differ are named
     card = zoo_dir / "tiny-moe" / "README.md"
@@ -669,8 +669,8 @@ def test_publish_refuses_mixed_up_twins(runs, tmp_path):
 def test_dense_variant_schema():
     dense = {k: v for k, v in EXAMPLE_META.items() if k != "moe_blocks"}
     assert validate_metadata(dense, "tiny-moe") == [
-        "convmoe.moe_blocks is missing; an MoE variant lists its blocks, a dense variant gives moe_model_ids "
-        "(publish it with --twin-of MOE_ID)."]
+        ("convmoe.moe_blocks is missing; an MoE variant lists its blocks, a dense variant gives moe_model_ids "
+         "(publish it with --twin-of MOE_ID).")]
     assert validate_metadata({**dense, "moe_model_ids": ["a"]}, "tiny-moe") == []
     assert "has no dense twin" in validate_metadata({**dense, "moe_model_ids": ["a"], "dense_model_id": "b"})[0]
     assert "belongs to a dense variant" in validate_metadata({**EXAMPLE_META, "moe_model_ids": ["a"]})[0]
@@ -681,7 +681,9 @@ def test_plan_declares_dense_twin_variants(tmp_path):
     root = tmp_path / "repo"
     for name in ("moe.yaml", "ec.yaml", "dense.yaml"):
         (root / "configs").mkdir(parents=True, exist_ok=True)
-        (root / "configs" / name).write_text(yaml.safe_dump({"trainer": {"default_root_dir": f"runs/{name[:-5]}"}}))
+        (root / "configs" / name).write_text(yaml.safe_dump({
+            "trainer": {"default_root_dir": f"runs/{name[:-5]}"},
+            "model": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 1, "kernel_size": 1}}))
     variants = [{"model_id": m, "config": f"configs/{c}", "dense_config": "configs/dense.yaml", "dataset": "camvid",
                  "seeds": [0], "dense_seeds": [0, 1], "dense_model_id": "a-dense"} for m, c in (("a-moe", "moe.yaml"),
                                                                                               ("a-ec", "ec.yaml"))]

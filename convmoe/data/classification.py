@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from convmoe.data.io import list_images, read_image
+from convmoe.data.safe_pickle import load_cifar_pickle
 from convmoe.data.transforms import compose, to_tensors
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -65,8 +65,8 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         >>> images, labels = read_cifar_batch("tests/fixtures/cifar-10-batches-py/test_batch")  # doctest: +SKIP
     """
     with open(path, "rb") as f:
-        # The CIFAR-10 release is a pickle by definition; read only files you trust.
-        batch = pickle.load(f, encoding="bytes")
+        # The CIFAR-10 release is a pickle: read with an unpickler that resolves only arrays and bytes.
+        batch = load_cifar_pickle(f, str(path))
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
