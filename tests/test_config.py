@@ -80,9 +80,9 @@ def test_replace_validates_again() -> None:
     ({"dispatcher": "sparce"}, r"unknown dispatcher 'sparce'; available: dense, sparse \(did you mean 'sparse'\?\)"),
     ({"dispatcher": "sparse:regoins"}, (rf"unknown sparse dispatch path 'regoins'; available: {', '.join(PATHS)} "
                                        r"\(did you mean 'regions'\?\)")),
-    ({"experts": "convs"}, r"unknown experts 'convs'; available: conv, residual \(did you mean 'conv'\?\)"),
+    ({"experts": "convs"}, r"unknown experts 'convs'; available: conv, lowrank, residual \(did you mean 'conv'\?\)"),
     ({"gate": "gap"}, r"unknown gate 'gap'; available: conv_gap, linear, positional"),
-    ({"losses": {"balance": 0.01}}, r"unknown loss 'balance'; available: diversity, importance, switch, z"),
+    ({"losses": {"balance": 0.01}}, r"unknown loss 'balance'; available: diversity, importance, switch, switch_global, z"),
 ])
 def test_invalid_configs_raise_with_the_field(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

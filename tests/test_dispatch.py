@@ -32,13 +32,15 @@ def path_applies(dispatcher: str, tokens: str, *, experts: str = "conv", linear:
     """Whether ``dispatcher`` can run ``tokens`` with these experts (forced sparse paths are restricted).
 
     'regions' runs anything; 'gathered' needs stacked-conv experts (conv or low-rank); 'merged' one
-    token per image and linear stacked-conv experts.
+    token per image and linear stacked-conv experts; 'deltas' low-rank experts.
     """
     if dispatcher in ("dense", "sparse", "sparse:regions"):
         return True
     stacked = experts in ("conv", "lowrank")
     if dispatcher == "sparse:merged":
         return tokens == "image" and stacked and linear
+    if dispatcher == "sparse:deltas":
+        return experts == "lowrank"
     return stacked
 
 
@@ -51,7 +53,8 @@ COMBINATIONS = [
 
 def test_registry_and_forced_paths() -> None:
     assert DISPATCHERS.names() == ["dense", "sparse"]
-    assert {spec for _, _, spec in COMBINATIONS} == {"dense", "sparse", *SPARSE_PATHS}
+    # every forced path runs conv experts, except 'deltas' (low-rank experts: tests/test_lowrank.py)
+    assert {spec for _, _, spec in COMBINATIONS} == {"dense", "sparse", *SPARSE_PATHS} - {"sparse:deltas"}
 
 
 @pytest.mark.parametrize(("router", "tokens", "dispatcher"), COMBINATIONS)

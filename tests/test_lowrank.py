@@ -26,7 +26,7 @@ CONVS = {
     "1x1": lambda: nn.Conv2d(8, 12, 1),
     "even_same_reflect": lambda: nn.Conv2d(8, 12, 2, padding="same", padding_mode="reflect"),
 }
-DISPATCHERS = ["dense", "sparse", "sparse:gathered", "sparse:regions"]
+DISPATCHERS = ["dense", "sparse", "sparse:gathered", "sparse:regions", "sparse:deltas"]
 
 
 def _randomize_deltas(block: MoEConv2d) -> MoEConv2d:
@@ -189,8 +189,8 @@ def test_merged_path_folds_or_keeps_the_rank_by_cost(size: int, expected_convs: 
     (y * grad).sum().backward()
     (expected * grad).sum().backward()
     assert max_abs_diff(x.grad, x_dense.grad) <= 1e-5
-    for name, value in gradients(block).items():
-        assert max_abs_diff(value, gradients(dense)[name]) <= 1e-5, name
+    for name, value in gradients(block).items():  # float32 sums in another order: relative to the size
+        assert max_abs_diff(value, gradients(dense)[name]) <= 1e-6 * max(1.0, float(value.abs().max())), name
 
 
 def test_scale_and_forward_segments_follow_the_definition() -> None:
@@ -252,8 +252,13 @@ def test_sparse_paths_choose_the_factored_kernels() -> None:
     block = MoEConv2d(8, 8, 3, padding=1, **LOWRANK)
     x = torch.randn(1, 8, 9, 9)
     for tokens, path in (("pixel", "gathered"), ("patch:2", "gathered"), ("grid:3x3", "regions"),
-                         ("image", "merged")):
+                         ("image", "merged")):  # 8 experts x rank 4 = 32 down channels > 8 + 8 channels
         assert SparseDispatcher().choose_path(convmoe.create_tokens(tokens).split(x), block.experts) == path
+    small = MoEConv2d(8, 8, 3, padding=1, num_experts=4, experts="lowrank", expert_kwargs={"rank": 2})
+    for tokens, path in (("pixel", "deltas"), ("grid:3x3", "deltas"), ("image", "merged")):  # 8 <= 16 channels
+        assert SparseDispatcher().choose_path(convmoe.create_tokens(tokens).split(x), small.experts) == path
+    with pytest.raises(ValueError, match=r"sparse path 'deltas' needs factored experts \(experts='lowrank'\)"):
+        MoEConv2d(8, 8, 3, dispatcher="sparse:deltas")(x)
 
 
 class _RoutedOnly(nn.Module):
