@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 run_dir.mkdir(parents=True, exist_ok=True)
                 print(f"training {name} seed {seed} -> {run_dir}", flush=True)
-                seconds = _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
+                try:
+                    seconds = _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
+                except subprocess.CalledProcessError as error:  # the next invocation resumes it
+                    print(f"FAILED {name} seed {seed} (exit {error.returncode}); see {root / 'train.log'}", flush=True)
+                    continue
             runs[name, seed] = _run_summary(name, seed, run_dir, seconds)
             _write(results, study, args.study, list(runs.values()))
     _write(results, study, args.study, list(runs.values()))
