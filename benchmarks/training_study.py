@@ -20,6 +20,10 @@ mean and sample standard deviation over seeds.
 
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --summary-only
+    python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --markdown   # the table
+
+With ``input_size: [H, W]`` in the study, each arm's active FLOPs (``convmoe.flops``, one image, eval)
+are counted on its recipe's model and given as a ratio to the first arm's.
 """
 
 from __future__ import annotations
@@ -98,14 +102,58 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return arms
 
 
+def arm_flops(arms: dict[str, Any], input_size: list[int]) -> dict[str, float]:
+    """Active FLOPs of one eval forward of every arm's model (random weights), at ``input_size``."""
+    import torch
+
+    import convmoe
+    from convmoe.engine import instantiate, load_config
+
+    flops = {}
+    for name, arm in arms.items():
+        config = load_config(arm["config"], list(arm.get("overrides", [])))
+        model_config = {**config["model"], **({"pretrained": False} if "pretrained" in config["model"] else {})}
+        model = instantiate(model_config).eval()
+        flops[name] = float(convmoe.flops(model, torch.zeros(1, 3, *input_size)).active)
+    return flops
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The study's summary as a Markdown table: metric, FLOPs ratio, imbalance and dead experts per arm."""
+    summary, flops = payload["summary"], payload.get("active_flops", {})
+    metrics = list(dict.fromkeys(key for arm in summary.values() for key in arm if "/" in key))
+    first = next(iter(flops.values()), None)
+
+    def cell(stats: dict[str, Any] | None, digits: int) -> str:
+        if not stats:
+            return "-"
+        std = f" ± {stats['std']:.{digits}f}" if stats["std"] is not None else ""
+        return f"{stats['mean']:.{digits}f}{std}"
+
+    head = ["arm", "seeds", *metrics, "active FLOPs", "imbalance (mean over layers)", "dead experts"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, stats in summary.items():
+        seeds = max((s["n"] for s in stats.values() if isinstance(s, dict) and "n" in s), default=0)
+        ratio = f"{flops[name] / first:.3f}x" if first and name in flops else "-"
+        digits = [4 if "miou" in m else 2 for m in metrics]
+        rows.append("| " + " | ".join([f"`{name}`", str(seeds), *(cell(stats.get(m), d) for m, d in zip(metrics, digits, strict=True)),
+                                       ratio, cell(stats.get("imbalance_mean"), 2), cell(stats.get("dead_experts"), 1)])
+                    + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path)
     parser.add_argument("--summary-only", action="store_true", help="summarise the finished runs, train nothing")
     parser.add_argument("--arms", nargs="*", help="only these arms")
+    parser.add_argument("--markdown", action="store_true", help="print the results file's table and stop")
     args = parser.parse_args(argv)
     study = yaml.safe_load(args.study.read_text())
     root, results = Path(study["runs_root"]), Path(study["results"])
+    if args.markdown:
+        print(markdown(json.loads(results.read_text())))
+        return 0
     arms = {name: arm for name, arm in study["arms"].items() if not args.arms or name in args.arms}
     old = {(r["arm"], r["seed"]): r for r in json.loads(results.read_text())["runs"]} if results.exists() else {}
     runs: dict[tuple[str, int], dict[str, Any]] = dict(old)
@@ -138,6 +186,10 @@ def _write(results: Path, study: dict[str, Any], path: Path, runs: list[dict[str
     runs = sorted(runs, key=lambda r: (order.get(r["arm"], len(order)), r["seed"]))
     payload = {"study": str(path), "command": f"python benchmarks/training_study.py {path}",
                "arms": {name: arm for name, arm in study["arms"].items()}, "runs": runs, "summary": summarize(runs)}
+    old = json.loads(results.read_text()) if results.exists() else {}
+    if "input_size" in study:
+        payload["input_size"] = study["input_size"]
+        payload["active_flops"] = old.get("active_flops") or arm_flops(study["arms"], study["input_size"])
     results.write_text(json.dumps(payload, indent=1) + "\n")
 
 
