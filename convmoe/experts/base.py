@@ -113,8 +113,9 @@ class ExpertBank(nn.Module, abc.ABC):
     Required: ``forward_segments`` (abstract), and ``in_channels``, ``out_channels``, ``num_experts``
     and ``geometry`` given to ``__init__``. Optional, declared in ``capabilities`` (default: none):
     ``stacked_conv()`` for ``gathered_columns`` (and the merged path and ``mixed_conv`` when
-    ``linear``), ``forward_all`` for ``dense_forward``, ``base_conv()`` for ``shared_base``. A class attribute ``capabilities`` that declares a capability without its
-    method fails at class creation; a bank without ``forward_segments`` cannot be instantiated.
+    ``linear``), ``forward_all`` for ``dense_forward``, ``base_conv()`` for ``shared_base``. A class
+    attribute ``capabilities`` that declares a capability without its method fails at class
+    creation; a bank without ``forward_segments`` cannot be instantiated.
 
     Args:
         in_channels: C_in.
