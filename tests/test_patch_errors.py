@@ -216,7 +216,7 @@ def test_apply_spec_errors() -> None:
 def test_unpatch_errors() -> None:
     with pytest.raises(ValueError, match=re.escape("unpatch(): the model has no MoEConv2d block to fold.")):
         convmoe.unpatch(resnet_like())
-    with pytest.raises(ValueError, match=re.escape("unpatch(): how='median' is not one of average, usage.")):
+    with pytest.raises(ValueError, match=re.escape("unpatch(): how='median' is not one of average, usage, base.")):
         convmoe.unpatch(convmoe.patch(resnet_like(), targets="conv1", config=CONFIG), how="median")
     model = convmoe.patch(resnet_like(), targets="conv1", config=CONFIG)
     with pytest.raises(ValueError, match=re.escape("block 'conv1' has no routing yet; pass inputs= (a batch to "

@@ -481,7 +481,7 @@ def test_a_misspelt_placement_is_suggested(spec: str, placement: str) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     with pytest.raises(ValueError, match=rf"^patch\(\): targets '{spec}' matched no module; did you mean the "
                                          rf"placement '{placement}'\? Placements: decoder_last, fusion, last, "
-                                         r"last_stage\.$"):
+                                         r"last_stage, last_stage_pointwise\.$"):
         convmoe.patch(model, targets=spec)
 
 
