@@ -228,7 +228,7 @@ def test_unpatch_errors() -> None:
         convmoe.unpatch(model)
     residual = nn.Sequential(MoEConv2d(8, 8, 3, padding=1, num_experts=2, top_k=1, experts="residual"),
                              MoEConv2d(8, 8, 3, padding=1, num_experts=2, top_k=1))
-    with pytest.raises(TypeError, match=re.escape("'0' has ResidualConvExperts experts; only conv experts "
-                                                  "(experts='conv') fold into one conv.")):
+    with pytest.raises(TypeError, match=re.escape("'0' has ResidualConvExperts experts; only conv and low-rank "
+                                                  "experts (experts='conv' or 'lowrank') fold into one conv.")):
         convmoe.unpatch(residual)
     assert isinstance(residual[1], MoEConv2d), "a refused unpatch changes nothing"
