@@ -94,6 +94,33 @@ def with_dispatcher(block: MoEConv2d, dispatcher: str) -> MoEConv2d:
     return other
 
 
+def assert_matches_dense_dispatch(block: MoEConv2d, x: Tensor, y: Tensor, tolerance: float = 1e-5) -> dict[str, Tensor]:
+    """``y = block(x)`` (``x`` requiring grad) equals the dense dispatcher's output, input gradient and
+    parameter gradients; each parameter's tolerance is ``tolerance`` times max(1, its gradient's size).
+
+    Returns:
+        ``block``'s parameter gradients, by name.
+
+    Example:
+        >>> block = make_block().eval()
+        >>> x = torch.randn(1, 4, 5, 5, requires_grad=True)
+        >>> sorted(assert_matches_dense_dispatch(block, x, block(x)))[:2]
+        ['experts.bias', 'experts.weight']
+    """
+    dense = with_dispatcher(block, "dense")
+    x_dense = x.detach().clone().requires_grad_()
+    expected = dense(x_dense)
+    assert max_abs_diff(y, expected) <= tolerance
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (expected * grad).sum().backward()
+    assert max_abs_diff(x.grad, x_dense.grad) <= tolerance
+    got, want = gradients(block), gradients(dense)
+    for name, value in got.items():
+        assert max_abs_diff(value, want[name]) <= tolerance * max(1.0, float(value.abs().max())), name
+    return got
+
+
 def run_seeded(block: nn.Module, x: Tensor, seed: int = 1) -> Tensor:
     """``block(x)`` after seeding the RNG, so router noise and expert dropout repeat exactly.
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gradients, make_block, max_abs_diff, with_dispatcher
+from conftest import assert_matches_dense_dispatch, make_block
 from torch import Tensor, nn
 
 from convmoe import EXPERTS, ConvGeometry, create_experts
@@ -61,18 +61,8 @@ def assert_matches_dense(block: nn.Module, x: Tensor) -> None:
     x = x.clone().requires_grad_()
     y = block(x)
     torch.testing.assert_close(y, reference(block, x), atol=1e-5, rtol=0)
-    dense = with_dispatcher(block, "dense")
-    x_dense = x.detach().clone().requires_grad_()
-    expected = dense(x_dense)
-    assert max_abs_diff(y, expected) <= 1e-5
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (expected * grad).sum().backward()
-    assert max_abs_diff(x.grad, x_dense.grad) <= 1e-5
-    got, want = gradients(block), gradients(dense)
+    got = assert_matches_dense_dispatch(block, x, y)
     assert float(got["experts.scale"].abs().sum()) > 0
-    for name, value in got.items():
-        assert max_abs_diff(value, want[name]) <= 1e-5, name
 
 
 TOKENS = ["pixel", "grid:3x3", "patch:4", "image"]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import timm
 import torch
-from conftest import TOKEN_SPECS, gradients, max_abs_diff, with_dispatcher
+from conftest import TOKEN_SPECS, assert_matches_dense_dispatch, max_abs_diff
 from torch import Tensor, nn
 
 import convmoe
@@ -181,16 +181,7 @@ def test_merged_path_folds_or_keeps_the_rank_by_cost(size: int, expected_convs: 
     finally:
         torch.nn.functional.conv2d = original
     assert calls == expected_convs
-    dense = with_dispatcher(block, "dense")
-    x_dense = x.detach().clone().requires_grad_()
-    expected = dense(x_dense)
-    assert max_abs_diff(y, expected) <= 1e-5
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    (expected * grad).sum().backward()
-    assert max_abs_diff(x.grad, x_dense.grad) <= 1e-5
-    for name, value in gradients(block).items():  # float32 sums in another order: relative to the size
-        assert max_abs_diff(value, gradients(dense)[name]) <= 1e-6 * max(1.0, float(value.abs().max())), name
+    assert_matches_dense_dispatch(block, x, y)
 
 
 def test_scale_and_forward_segments_follow_the_definition() -> None:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_block, max_abs_diff, with_dispatcher
+from conftest import assert_matches_dense_dispatch, make_block, max_abs_diff, with_dispatcher
 from torch import Tensor
 
 from convmoe import ConvGeometry, MoEConv2d
@@ -117,39 +117,23 @@ def test_gathered_kernel_accepts_channels_last_receptive_fields() -> None:
                                gathered_experts(experts, unfolded, counts.tolist()), atol=1e-5, rtol=0)
 
 
+BANKS = {"conv": {}, "lowrank": {"experts": "lowrank", "expert_kwargs": {"rank": 3}}}
+
+
 @pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "grid:2x4", "patch:4", "patch:2", "image"])
 @pytest.mark.parametrize("spec", ["sparse:gathered", "sparse:regions", "sparse"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("out_channels", [8, 64])  # 64: fewer rows than E x C_out, the columns are transposed
+@pytest.mark.parametrize("bank", list(BANKS))
 def test_sparse_paths_keep_the_input_memory_format_and_match_dense(tokens: str, spec: str, out_channels: int,
-                                                                   memory_format: torch.memory_format) -> None:
-    block = make_block(tokens=tokens, dispatcher=spec, stride=2, out_channels=out_channels).eval()
+                                                                   memory_format: torch.memory_format,
+                                                                   bank: str) -> None:
+    block = make_block(tokens=tokens, dispatcher=spec, stride=2, out_channels=out_channels, **BANKS[bank]).eval()
+    block = block.to(memory_format=memory_format)
     x = torch.randn(2, 4, 11, 10).contiguous(memory_format=memory_format).requires_grad_()
     y = block(x)
     assert y.is_contiguous(memory_format=memory_format)
-    reference = with_dispatcher(block, "dense")(x)
-    assert max_abs_diff(y, reference) <= 1e-4
-    grad = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, grad)
-    (dx_ref,) = torch.autograd.grad(reference, x, grad)
-    assert max_abs_diff(dx, dx_ref) <= 1e-4
-
-
-@pytest.mark.parametrize("tokens", ["pixel", "grid:3x3", "patch:2", "image"])
-@pytest.mark.parametrize("spec", ["sparse:gathered", "sparse:regions", "sparse"])
-def test_low_rank_paths_keep_channels_last_and_match_dense(tokens: str, spec: str) -> None:
-    block = make_block(tokens=tokens, dispatcher=spec, stride=2, out_channels=16, experts="lowrank",
-                       expert_kwargs={"rank": 3}).eval()
-    block = block.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 4, 11, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
-    y = block(x)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    reference = with_dispatcher(block, "dense")(x)
-    assert max_abs_diff(y, reference) <= 1e-4
-    grad = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, grad)
-    (dx_ref,) = torch.autograd.grad(reference, x, grad)
-    assert max_abs_diff(dx, dx_ref) <= 1e-4
+    assert_matches_dense_dispatch(block, x, y, tolerance=1e-4)
 
 
 def test_auto_prefers_gathered_for_small_tokens_and_regions_for_large_ones(x_small: Tensor) -> None:
