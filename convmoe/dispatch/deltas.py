@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convmoe.experts.base import ExpertBank
+from convmoe.experts.base import ExpertBank, StackedConv
 
 
 def is_factored(experts: ExpertBank) -> bool:
@@ -60,8 +60,12 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor) -> Tens
     return y
 
 
-def deltas_are_cheap(experts: ExpertBank) -> bool:
+def deltas_are_cheap(experts: ExpertBank, conv: StackedConv | None = None) -> bool:
     """Whether the deltas path should beat gathering: all E * r ``down`` channels at most C_in + C_out.
+
+    Args:
+        experts: The bank.
+        conv: Its ``stacked_conv()``, when the caller has it already.
 
     Example:
         >>> from convmoe.experts import LowRankExperts
@@ -69,5 +73,5 @@ def deltas_are_cheap(experts: ExpertBank) -> bool:
         >>> deltas_are_cheap(LowRankExperts(64, 64, 8, ConvGeometry.create(3), rank=8))
         True
     """
-    conv = experts.stacked_conv()
+    conv = conv if conv is not None else experts.stacked_conv()
     return conv.up is not None and conv.up.shape[0] * conv.up.shape[2] <= experts.in_channels + experts.out_channels

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from convmoe.dispatch.assignments import routed
 from convmoe.dispatch.base import add_shared_base
-from convmoe.dispatch.deltas import deltas_are_cheap, is_factored, mixed_deltas
+from convmoe.dispatch.deltas import deltas_are_cheap, mixed_deltas
 from convmoe.dispatch.dense import position_weights
 from convmoe.dispatch.gathered import run_gathered
 from convmoe.dispatch.merged import merged_conv
@@ -101,25 +101,26 @@ class SparseDispatcher(nn.Module):
         capabilities = experts.capabilities
         gathered_ok = capabilities.gathered_columns and not capabilities.sees_no_halo
         merged_ok = tokens.num_tokens == 1 and gathered_ok and capabilities.linear
+        conv = experts.stacked_conv() if gathered_ok else None
         if self.path == "merged" and not merged_ok:
             raise ValueError("sparse path 'merged' needs one token per image ('image' tokens) and linear conv experts "
                              "(no expert norm or activation); use path='auto'.")
         if self.path == "gathered" and not gathered_ok:
             raise ValueError(f"sparse path 'gathered' needs conv experts (capabilities.gathered_columns, a halo), "
                              f"{type(experts).__name__} has {capabilities}; use path='auto' or 'regions'.")
-        if self.path == "deltas" and not (gathered_ok and is_factored(experts)):
+        if self.path == "deltas" and not (conv is not None and conv.up is not None):
             raise ValueError(f"sparse path 'deltas' needs factored experts (experts='lowrank'), "
                              f"{type(experts).__name__} are not; use path='auto'.")
         if self.path != "auto":
             return self.path
         if merged_ok:
             return "merged"
-        if gathered_ok and deltas_are_cheap(experts):
+        if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
         if gathered_ok and tokens.is_pixel:
             return "gathered"
         tile = TileLayout.from_tokens(tokens).tile
-        if gathered_ok and experts.stacked_conv().groups == 1 and tile[0] * tile[1] <= self.gathered_max_positions:
+        if conv is not None and conv.groups == 1 and tile[0] * tile[1] <= self.gathered_max_positions:
             return "gathered"
         return "regions"
 

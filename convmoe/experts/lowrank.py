@@ -130,7 +130,7 @@ class LowRankExperts(ExpertBank):
             >>> conv.column_weight().shape, conv.full_weight().shape
             (torch.Size([3, 36, 2]), torch.Size([3, 6, 4, 3, 3]))
         """
-        return StackedConv(self.down, None, 1, self.post, up=self.up * self.scale)
+        return StackedConv(self.down, None, 1, self.post, up=self.up if self.scale == 1 else self.up * self.scale)
 
     def _down(self, x: Tensor, weight: Tensor) -> Tensor:
         g = self.geometry
@@ -140,7 +140,7 @@ class LowRankExperts(ExpertBank):
         """Every delta on the whole padded map, (B, E, C_out, H_out, W_out): one conv to E * r channels."""
         h = self._down(x_pad, self.down.flatten(0, 1))  # (B, E * r, H, W)
         h = h.unflatten(1, (self.num_experts, self.rank))
-        return torch.einsum("berhw,eor->beohw", h, self.up.to(h.dtype) * self.scale)
+        return torch.einsum("berhw,eor->beohw", h, self.stacked_conv().up.to(h.dtype))
 
     def forward_segments(self, windows: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Delta e on the e-th consecutive segment of padded-input windows, (M, C_out, h_out, w_out).
@@ -151,7 +151,7 @@ class LowRankExperts(ExpertBank):
             torch.Size([3, 3, 2, 2])
         """
         counts = counts.tolist() if isinstance(counts, Tensor) else counts
-        downs, ups = self.down.unbind(0), (self.up * self.scale).unbind(0)
+        downs, ups = self.down.unbind(0), self.stacked_conv().up.unbind(0)
         outputs = []
         for e, segment in enumerate(windows.split(counts)):
             if segment.shape[0] == 0:
