@@ -83,7 +83,11 @@ class Router(nn.Module):
             # NaN for a token whose logits are not all finite (NaN, or an Inf that turns NaN times 0),
             # 0 otherwise: one product and one sum instead of isfinite's four operators and all().
             invalid = (logits.detach() * 0).sum(dim=-1, keepdim=True).isnan()  # (B, N, 1), before the -inf masks
-            logits = torch.where(invalid, 0.0, logits)  # keeps the gate's layout, unlike masked_fill
+            # Eager CPU reads the flag for free and skips the masks when every token is finite (the usual
+            # case); on an accelerator or while compiling, reading it would wait or break the graph.
+            masks = logits.device.type != "cpu" or torch.compiler.is_compiling() or bool(invalid.any())
+            if masks:
+                logits = torch.where(invalid, 0.0, logits)  # keeps the gate's layout, unlike masked_fill
             if self.training and self.noise_std > 0:
                 # drawn in (B, N, E) order whatever the logits' layout: the same noise for the same seed
                 noise = torch.randn(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -91,6 +95,8 @@ class Router(nn.Module):
             if expert_mask is not None:
                 logits = logits.masked_fill(~expert_mask, float("-inf"))
             probs = softmax_over_experts(logits if self.temperature == 1.0 else logits / self.temperature)
+            if not masks:
+                return self.select(logits, probs, tokens, expert_mask)
             # A non-finite token selects with near-zero probabilities: below every finite token.
             probs = probs * torch.where(invalid, _LOWEST_PRIORITY, 1.0)
             return _poison_invalid(self.select(logits, probs, tokens, expert_mask), invalid)
