@@ -172,3 +172,43 @@ def test_cifar10_dataset_runs_nothing_in_a_downloaded_batch(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"test_batch refers to io\.open, which a CIFAR batch never holds"):
         CIFAR10Dataset(tmp_path, split="test")
     assert not marker.exists()
+
+
+def _folder(root: Path, per_class: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for name, count in per_class.items():
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(root / "train" / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("hold_out", [6, 0.3])
+def test_a_held_out_validation_part_is_stratified_disjoint_and_deterministic(tmp_path: Path, hold_out: float) -> None:
+    root = _folder(tmp_path, {"cat": 10, "dog": 10})
+    rest = ImageFolderDataset(root, split="train", hold_out=hold_out, hold_out_seed=3)
+    held = ImageFolderDataset(root, split="train", hold_out=hold_out, part="held_out", hold_out_seed=3)
+    everything = ImageFolderDataset(root, split="train")
+    assert len(held) == 6
+    assert len(rest) == 14
+    assert sorted(label for _, label in held.samples) == [0, 0, 0, 1, 1, 1]  # the same share of every class
+    assert not set(held.samples) & set(rest.samples)
+    assert sorted(held.samples + rest.samples) == sorted(everything.samples)
+    again = ImageFolderDataset(root, split="train", hold_out=hold_out, part="held_out", hold_out_seed=3)
+    other_seed = ImageFolderDataset(root, split="train", hold_out=hold_out, part="held_out", hold_out_seed=4)
+    assert again.samples == held.samples
+    assert other_seed.samples != held.samples
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"hold_out": 20}, r"hold_out=20 must be a count below the 20 images or a fraction in \(0, 1\)"),
+    ({"hold_out": 1.5}, r"hold_out=1.5 must be a count below"),
+    ({"hold_out": -1}, r"hold_out=-1 must be"),
+    ({"hold_out": 2, "part": "val"}, r"part='val' must be 'rest' or 'held_out'"),
+    ({"part": "held_out"}, r"part='held_out' needs hold_out > 0"),
+])
+def test_bad_hold_out_settings_name_the_fix(tmp_path: Path, kwargs: dict, message: str) -> None:
+    root = _folder(tmp_path, {"cat": 10, "dog": 10})
+    with pytest.raises(ValueError, match=message):
+        ImageFolderDataset(root, split="train", **kwargs)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from convmoe.data.io import list_images, read_image
@@ -22,13 +23,21 @@ class ImageFolderDataset(Dataset):
     Classes are the sorted folder names; label ``i`` is the i-th. Items are dicts
     ``{"image": (C, H, W) float tensor, "label": int}``.
 
+    A validation split without touching the test set: ``hold_out`` images of the folder (a count, or a
+    fraction in (0, 1)), the same share of every class, chosen by ``hold_out_seed``, are left out
+    (``part="rest"``, the default) or are the dataset (``part="held_out"``). Two datasets with the same
+    ``hold_out`` and seed and the two parts are disjoint and together the whole folder.
+
     Args:
         root: The dataset folder.
         split: Optional sub-folder (``"train"``, ``"test"``).
         augmentation_list: Transforms called as ``t(image=...)`` (see :mod:`convmoe.data.transforms`).
+        hold_out: Images held out for validation: a count or a fraction; 0 (the default) holds out none.
+        part: ``"rest"`` or ``"held_out"``.
+        hold_out_seed: Seed of the choice of held-out images.
 
     Raises:
-        ValueError: No class folder or no image found.
+        ValueError: No class folder or no image found; a bad ``hold_out`` or ``part``.
 
     Example:
         >>> dataset = ImageFolderDataset("tests/fixtures/cifar10_folder", split="test")  # doctest: +SKIP
@@ -37,7 +46,8 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str | None = None,
-                 augmentation_list: Sequence[Callable[..., dict]] | None = None) -> None:
+                 augmentation_list: Sequence[Callable[..., dict]] | None = None, hold_out: float = 0,
+                 part: str = "rest", hold_out_seed: int = 0) -> None:
         folder = Path(root) / split if split else Path(root)
         if not folder.is_dir():
             raise ValueError(f"image folder {folder} does not exist.")
@@ -47,6 +57,7 @@ class ImageFolderDataset(Dataset):
         self.samples = [(path, label) for label, name in enumerate(self.classes) for path in list_images(folder / name)]
         if not self.samples:
             raise ValueError(f"no image found under {folder}/<class>/.")
+        self.samples = held_out_part(self.samples, hold_out, part, hold_out_seed)
         self.transform = compose(augmentation_list)
 
     def __len__(self) -> int:
@@ -56,6 +67,40 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         sample = to_tensors(self.transform(image=read_image(path)))
         return {"image": sample["image"], "label": label}
+
+
+def held_out_part(samples: list[tuple[Path, int]], hold_out: float, part: str, seed: int) -> list[tuple[Path, int]]:
+    """The ``part`` (``"rest"`` or ``"held_out"``) of ``(path, label)`` samples when ``hold_out`` of them
+    (a count or a fraction), the same share of every label, are held out; order kept.
+
+    Example:
+        >>> samples = [(Path(f"{i}.png"), i % 2) for i in range(10)]
+        >>> sorted(label for _, label in held_out_part(samples, 0.4, "held_out", seed=0))  # 2 of each label
+        [0, 0, 1, 1]
+    """
+    if part not in ("rest", "held_out"):
+        raise ValueError(f"part={part!r} must be 'rest' or 'held_out'.")
+    if isinstance(hold_out, bool) or not isinstance(hold_out, (int, float)) or hold_out < 0 or (
+            not isinstance(hold_out, int) and hold_out >= 1) or hold_out >= len(samples):
+        raise ValueError(f"hold_out={hold_out!r} must be a count below the {len(samples)} images or a fraction in "
+                         "(0, 1); e.g. hold_out=5000 or 0.1.")
+    if hold_out == 0:
+        if part == "held_out":
+            raise ValueError("part='held_out' needs hold_out > 0 (the images to hold out).")
+        return samples
+    fraction = hold_out / len(samples) if isinstance(hold_out, int) else hold_out
+    generator = torch.Generator().manual_seed(seed)
+    held: set[int] = set()
+    by_label: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_label.setdefault(label, []).append(index)
+    for label in sorted(by_label):
+        indices = by_label[label]
+        count = round(fraction * len(indices))
+        order = torch.randperm(len(indices), generator=generator)[:count].tolist()
+        held.update(indices[i] for i in order)
+    keep = (lambda i: i in held) if part == "held_out" else (lambda i: i not in held)
+    return [sample for i, sample in enumerate(samples) if keep(i)]
 
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
