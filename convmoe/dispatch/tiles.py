@@ -85,12 +85,27 @@ class TileLayout:
         (R, C), (th, tw) = self.grid, self.tile
         return R * th == self.out_size[0] and C * tw == self.out_size[1]
 
+    def _canvas_positions(self, axis: int) -> tuple[int, ...]:
+        starts, step, size = (self.row_starts, self.col_starts)[axis], self.tile[axis], self.out_size[axis]
+        return tuple(t * step + p - start for t, (start, stop) in enumerate(itertools.pairwise((*starts, size)))
+                     for p in range(start, stop))
+
     def canvas_index(self, axis: int, device: torch.device) -> Tensor:
         """Index of every output row (axis 0) or column (axis 1) in the tiled canvas, (H_out,) or (W_out,)."""
-        starts, step, size = (self.row_starts, self.col_starts)[axis], self.tile[axis], self.out_size[axis]
-        index = [t * step + p - start for t, (start, stop) in enumerate(itertools.pairwise((*starts, size)))
-                 for p in range(start, stop)]
-        return device_index(tuple(index), device)
+        return device_index(self._canvas_positions(axis), device)
+
+    def canvas_rows(self, device: torch.device) -> Tensor:
+        """Row of every output position (row-major) in one image's canvas of tiles seen as (N * th * tw, C) rows.
+
+        Example:
+            >>> from convmoe.tokens import create_tokens
+            >>> layout = TileLayout.from_tokens(create_tokens("grid:2x2").split(torch.randn(1, 1, 3, 2)))
+            >>> layout.tile, layout.row_starts  # token rows of 1 and 2 output rows, tiles of 2 x 1
+            ((2, 1), (0, 1))
+            >>> layout.canvas_rows(torch.device("cpu")).tolist()  # canvas rows 1 and 3 are unused
+            [0, 2, 4, 6, 5, 7]
+        """
+        return _canvas_rows(self, device)
 
     def input_extent(self, geometry: ConvGeometry, window: tuple[int, int]) -> tuple[int, int]:
         """Padded-input (rows, cols) that every tile's window of ``window`` input positions fits in."""
@@ -104,6 +119,13 @@ class TileLayout:
         """
         (R, Cn), (th, tw) = self.grid, self.tile
         C = canvas.shape[-1]
+        if not self.uniform:  # one gather of whole channel rows, straight into the map (channels-last)
+            per_image = R * Cn * th * tw
+            rows = self.canvas_rows(canvas.device)
+            images = canvas.shape[0] // (R * Cn)
+            index = (torch.arange(images, device=canvas.device)[:, None] * per_image + rows[None, :]).flatten()
+            y = canvas.reshape(-1, C).index_select(0, index).reshape(images, *self.out_size, C).permute(0, 3, 1, 2)
+            return y if channels_last else y.contiguous()
         canvas = canvas.reshape(-1, R, Cn, th, tw, C)
         if channels_last:
             y = canvas.permute(0, 1, 3, 2, 4, 5).reshape(-1, R * th, Cn * tw, C)
@@ -114,6 +136,14 @@ class TileLayout:
         if not self.uniform:
             y = y.index_select(2, self.canvas_index(0, y.device)).index_select(3, self.canvas_index(1, y.device))
         return y.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _canvas_rows(layout: TileLayout, device: torch.device) -> Tensor:
+    (_, columns), (th, tw) = layout.grid, layout.tile
+    rows, cols = layout._canvas_positions(0), layout._canvas_positions(1)
+    index = [((r // th) * columns + c // tw) * th * tw + (r % th) * tw + c % tw for r in rows for c in cols]
+    return torch.tensor(index, dtype=torch.int64, device=device)
 
 
 def channels_last_rows(x_pad: Tensor, extent: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
@@ -156,4 +186,4 @@ def combine_tiles(outputs: Tensor, weight: Tensor, destination: Tensor, num_tile
     accumulate = torch.float32 if outputs.dtype in (torch.bfloat16, torch.float16) else outputs.dtype
     weighted = outputs.to(accumulate) * weight.to(accumulate)[:, None, None, None]
     canvas = torch.zeros(num_tiles, *outputs.shape[1:], dtype=accumulate, device=outputs.device)
-    return canvas.index_add(0, destination, weighted).to(outputs.dtype)
+    return canvas.index_add_(0, destination, weighted).to(outputs.dtype)  # in place: the canvas is new
