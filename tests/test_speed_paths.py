@@ -218,3 +218,13 @@ def test_channels_last_model_computes_the_same_forward_and_backward(tokens: str,
     assert max_abs_diff(block.experts.weight.grad, converted.experts.weight.grad) <= 1e-5
     assert converted.to(memory_format=torch.contiguous_format).experts.weight.is_contiguous()
     converted.to(memory_format=torch.channels_last_3d)  # 5-D tensors take it as they are
+
+
+def test_image_tokens_merge_small_batches_and_split_large_ones_into_sub_batches() -> None:
+    """Merging builds B x C_out x C_in x kh x kw weights; above merged_max_weights sub-batches are faster."""
+    block = MoEConv2d(256, 256, 3, padding=1, num_experts=8, top_k=2, tokens="image")
+    for batch, path in ((8, "merged"), (32, "regions")):  # 4.7M and 18.9M merged weights
+        split = block.tokens.split(torch.randn(batch, 256, 4, 4))
+        assert block.dispatcher.choose_path(split, block.experts) == path
+    block.dispatcher.merged_max_weights = 10 ** 9
+    assert block.dispatcher.choose_path(block.tokens.split(torch.randn(32, 256, 2, 2)), block.experts) == "merged"

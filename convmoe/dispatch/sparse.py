@@ -58,7 +58,8 @@ class SparseDispatcher(nn.Module):
       weighted and mixed before one product with the stacked ``up`` (:mod:`convmoe.dispatch.deltas`):
       no gather or scatter, shapes independent of the routing.
 
-    ``"auto"`` uses ``"merged"`` where it applies, ``"deltas"`` for factored experts whose E * r
+    ``"auto"`` uses ``"merged"`` where it applies and the batch's merged weights (B x C_out x
+    C_in / groups x kh x kw) are at most ``merged_max_weights``, ``"deltas"`` for factored experts whose E * r
     ``down`` channels are at most C_in + C_out (measured on CPU at C=64 and 256, E=8, r=8: 0.6-0.85x
     the gathered path's time), ``"gathered"`` for per-pixel tokens and for tokens
     of at most ``gathered_max_positions`` output positions with ungrouped experts (small patches),
@@ -70,6 +71,10 @@ class SparseDispatcher(nn.Module):
     Args:
         path: Force a path; an impossible choice raises ``ValueError``.
         gathered_max_positions: Largest token (in output positions) ``"auto"`` sends to ``"gathered"``.
+        merged_max_weights: Largest batch of merged weights ``"auto"`` builds; above it per-expert
+            sub-batches (``"regions"``) are faster (measured on CPU, 3x3 convs, E=8, top-2: merged
+            wins at 1.5-2.4x the dense conv up to C=256 at batch 8, 4.7M weights; at C=256 and batch
+            32, 19M weights, sub-batches take 2.8x and merging 3.0x; ``benchmarks/bench_image_paths.py``).
         columns_max_positions: Deprecated name of ``gathered_max_positions``.
 
     Example:
@@ -83,9 +88,10 @@ class SparseDispatcher(nn.Module):
     """
 
     def __init__(self, path: str = "auto", gathered_max_positions: int = 4,
-                 columns_max_positions: int | None = None) -> None:
+                 columns_max_positions: int | None = None, merged_max_weights: int = 8_000_000) -> None:
         super().__init__()
         self.path = resolve_path(path)
+        self.merged_max_weights = merged_max_weights
         if columns_max_positions is not None:
             warnings.warn("columns_max_positions is deprecated; use gathered_max_positions.", DeprecationWarning,
                           stacklevel=2)
@@ -113,7 +119,8 @@ class SparseDispatcher(nn.Module):
                              f"{type(experts).__name__} are not; use path='auto'.")
         if self.path != "auto":
             return self.path
-        if merged_ok:
+        if merged_ok and tokens.source.shape[0] * experts.out_channels * conv.weight[0, 0].numel() <= (
+                getattr(self, "merged_max_weights", 8_000_000)):  # (pickled before the setting: its default)
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
