@@ -21,6 +21,8 @@ from convmoe.types import Routing, Tokens
 PATHS = ("auto", "gathered", "regions", "merged", "deltas")
 DEPRECATED_PATHS = {"pixels": "gathered", "columns": "gathered", "mixed": "merged"}
 """Old path names, still accepted (with a ``DeprecationWarning``): saved configs may carry them."""
+MERGED_MAX_WEIGHTS = 8_000_000
+"""Default ``SparseDispatcher.merged_max_weights`` (see ``benchmarks/bench_image_paths.py``)."""
 
 
 def resolve_path(path: str) -> str:
@@ -87,8 +89,10 @@ class SparseDispatcher(nn.Module):
         'regions'
     """
 
+    adds_shared_base = True
+
     def __init__(self, path: str = "auto", gathered_max_positions: int = 4,
-                 columns_max_positions: int | None = None, merged_max_weights: int = 8_000_000) -> None:
+                 columns_max_positions: int | None = None, merged_max_weights: int = MERGED_MAX_WEIGHTS) -> None:
         super().__init__()
         self.path = resolve_path(path)
         self.merged_max_weights = merged_max_weights
@@ -120,7 +124,7 @@ class SparseDispatcher(nn.Module):
         if self.path != "auto":
             return self.path
         if merged_ok and tokens.source.shape[0] * experts.out_channels * conv.weight[0, 0].numel() <= (
-                getattr(self, "merged_max_weights", 8_000_000)):  # (pickled before the setting: its default)
+                getattr(self, "merged_max_weights", MERGED_MAX_WEIGHTS)):  # (pickled before the setting: its default)
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
@@ -130,8 +134,6 @@ class SparseDispatcher(nn.Module):
         if conv is not None and conv.groups == 1 and tile[0] * tile[1] <= self.gathered_max_positions:
             return "gathered"
         return "regions"
-
-    adds_shared_base = True
 
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                 out_size: tuple[int, int]) -> Tensor:
