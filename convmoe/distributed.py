@@ -120,7 +120,7 @@ def global_batch(model: nn.Module) -> Iterator[list[str]]:
         ...     for micro_batch in torch.randn(2, 4, 3, 5, 5):  # two micro-batches of 4 images
         ...         (model(micro_batch).mean() + aux_loss(model)).backward()
         ...     window = model[0].balancing.window
-        >>> names, window.calls, window.tokens
+        >>> names, window.calls, float(window.tokens)
         (['0'], 2, 200.0)
     """
     losses = {name: block.balancing for name, block in moe_blocks(model)

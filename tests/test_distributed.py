@@ -255,7 +255,7 @@ def _check_global_switch(rank: int) -> dict[str, Any]:
             losses.append(float(convmoe.aux_loss(block)))
             probs = block.last_routing.probs
         window = block.balancing.window
-        out["window_counts"], out["window_tokens"] = window.counts.tolist(), window.tokens
+        out["window_counts"], out["window_tokens"] = window.counts.tolist(), float(window.tokens)
     out["last_loss"] = losses[-1]
     out["last_loss_expected"] = float(4 * (window.counts / window.tokens * probs.reshape(-1, 4).mean(0).double()).sum())
     reference = _switch_block({"switch": 1.0})

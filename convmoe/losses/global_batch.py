@@ -29,27 +29,28 @@ class FrequencyWindow:
 
     Attributes:
         counts: First choices per expert so far, summed over ranks, (E,) float64; None before the first.
-        tokens: Tokens so far, summed over ranks.
+        tokens: Tokens so far, summed over ranks, a float64 scalar tensor (on the counts' device: no
+            host sync); None before the first.
 
     Example:
         >>> window = FrequencyWindow()
-        >>> window.add(torch.tensor([3.0, 1.0]), 4.0).tolist()
+        >>> window.add(torch.tensor([3.0, 1.0]), torch.tensor(4.0)).tolist()
         [0.75, 0.25]
-        >>> window.add(torch.tensor([0.0, 4.0]), 4.0).tolist()
+        >>> window.add(torch.tensor([0.0, 4.0]), torch.tensor(4.0)).tolist()
         [0.375, 0.625]
     """
 
     counts: Tensor | None = None
-    tokens: float = 0.0
+    tokens: Tensor | None = None
     calls: int = field(default=0, repr=False)
 
-    def add(self, counts: Tensor, tokens: float) -> Tensor:
-        """Add one micro-batch's counts; return the frequencies so far, (E,)."""
-        counts = counts.to(torch.float64)
+    def add(self, counts: Tensor, tokens: Tensor) -> Tensor:
+        """Add one micro-batch's counts and tokens; return the frequencies so far, (E,)."""
+        counts, tokens = counts.to(torch.float64), tokens.to(torch.float64)
         self.counts = counts.clone() if self.counts is None else self.counts + counts
-        self.tokens += tokens
+        self.tokens = tokens.clone() if self.tokens is None else self.tokens + tokens
         self.calls += 1
-        return self.counts / max(self.tokens, 1.0)
+        return self.counts / self.tokens.clamp_min(1.0)
 
 
 def first_choice_counts(probs: Tensor, num_experts: int) -> Tensor:
@@ -83,13 +84,12 @@ def global_switch_loss(probs: Tensor, num_experts: int, window: FrequencyWindow 
         True
     """
     counts = first_choice_counts(probs, num_experts)
-    tokens = torch.tensor([float(counts.sum())], device=counts.device)
-    reduced = all_reduce_load(torch.cat([counts, tokens]))
-    counts, total = reduced[:-1], float(reduced[-1])
+    reduced = all_reduce_load(torch.cat([counts, counts.sum(dim=0, keepdim=True)]))  # one collective, no sync
+    counts, total = reduced[:-1], reduced[-1]
     if window is not None:
         frequency = window.add(counts, total)
     else:
-        frequency = counts.to(torch.float64) / max(total, 1.0)
+        frequency = counts.to(torch.float64) / total.to(torch.float64).clamp_min(1.0)
     flat = probs.reshape(-1, num_experts)
     mean_probs = flat.sum(dim=0) / max(flat.shape[0], 1)  # an empty micro-batch: 0, still a collective
     return num_experts * (frequency.to(mean_probs.dtype) * mean_probs).sum()
