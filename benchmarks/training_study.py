@@ -68,7 +68,11 @@ def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
         parts = key.split("/")
         if len(parts) == 3 and parts[0] == "routing" and parts[2] in ("imbalance", "dead_experts") and value:
             layers.setdefault(parts[1], {})[parts[2]] = float(value)
-    if not layers:
+    if not layers:  # no per-layer tracker in this run: the per-batch means of the training epoch
+        if row.get("routing/train_imbalance_mean"):
+            return {"imbalance_mean": float(row["routing/train_imbalance_mean"]),
+                    "imbalance_max": float(row["routing/train_imbalance_max"]),
+                    "dead_experts": float(row.get("routing/train_dead_experts") or 0), "per_batch": True}
         return {}
     return {"imbalance_mean": statistics.fmean(v["imbalance"] for v in layers.values()),
             "imbalance_max": max(v["imbalance"] for v in layers.values()),
