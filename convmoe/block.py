@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from convmoe.config import MoEConfig
 from convmoe.dispatch import DenseDispatcher, SparseDispatcher, create_dispatcher
+from convmoe.dispatch.base import add_shared_base
 from convmoe.dropout import create_dropout
 from convmoe.experts import create_experts
 from convmoe.export import export_dispatcher, is_exporting
@@ -246,8 +247,8 @@ class MoEConv2d(nn.Module, ScopedModule):
         if x.shape[0] == 0 and isinstance(dispatcher, SparseDispatcher):
             dispatcher = _DENSE
         y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
-        if self.experts.capabilities.shared_base and not getattr(dispatcher, "adds_shared_base", False):
-            y = self.experts.forward_base(x_pad).add_(y)  # low-rank experts' W0, for a dispatcher of the user's
+        if not getattr(dispatcher, "adds_shared_base", False):  # low-rank experts' W0, for a user's dispatcher
+            y = add_shared_base(self.experts, x_pad, y)
         if self.shared_expert is not None:
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 

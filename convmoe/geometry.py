@@ -106,8 +106,11 @@ class ConvGeometry:
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Output (H_out, W_out) for an input of (height, width); may be <= 0 for a too-small input."""
-        padded = self.padded_size(height, width)
-        return tuple((p - s) // st + 1 for p, s, st in zip(padded, self.span, self.stride, strict=True))
+        return self.padded_output_size(*self.padded_size(height, width))
+
+    def padded_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output (H_out, W_out) for an already padded input of (height, width)."""
+        return tuple((p - s) // st + 1 for p, s, st in zip((height, width), self.span, self.stride, strict=True))
 
     def pad(self, x: Tensor) -> Tensor:
         """Apply the padding explicitly, so every later step is a padding-free convolution."""

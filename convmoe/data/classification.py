@@ -114,7 +114,17 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         batch = load_cifar_pickle(f, str(path))
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64)
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+    return cifar_images(data), labels
+
+
+def cifar_images(data: np.ndarray) -> np.ndarray:
+    """A CIFAR batch's ``data`` rows (N, 3072: the R, G and B planes of 32 x 32) as images (N, 32, 32, 3).
+
+    Example:
+        >>> cifar_images(np.zeros((2, 3072), np.uint8)).shape
+        (2, 32, 32, 3)
+    """
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
 class CIFAR10Dataset(Dataset):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convmoe.data.classification import CIFAR10_CLASSES
+from convmoe.data.classification import CIFAR10_CLASSES, cifar_images
 from convmoe.data.io import list_images
 from convmoe.data.safe_pickle import load_cifar_pickle
 
@@ -62,7 +62,7 @@ def _batch_arrays(batch: object, where: str) -> tuple[np.ndarray, np.ndarray]:
             or labels.shape != (len(data),) or not np.isin(labels, np.arange(10)).all():
         raise ValueError(f"{where} does not hold N x 3072 uint8 images with labels 0..9; download it again from "
                          f"{CIFAR10_URL}.")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
+    return cifar_images(data), labels.astype(np.int64)
 
 
 def _batches_in_folder(folder: Path, split: str) -> Iterator[tuple[str, bytes]]:

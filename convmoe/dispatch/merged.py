@@ -47,7 +47,8 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
             expert_bias = None if expert_bias is None else expert_bias[used]
             expert_up = None if expert_up is None else expert_up[used]
     base = experts.base_conv() if experts.capabilities.shared_base else None
-    positions = _output_positions(x_pad, g.span, g.stride)
+    out_h, out_w = g.padded_output_size(*x_pad.shape[-2:])
+    positions = out_h * out_w
     if expert_up is not None and not _fold_factors(expert_up, expert_weight, B, positions):
         y = _merged_factored(expert_up, expert_weight, x_pad, weights, g.stride, g.dilation)
         if base is not None:
@@ -67,11 +68,6 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
     return y
-
-
-def _output_positions(x_pad: Tensor, span: tuple[int, int], stride: tuple[int, int]) -> int:
-    """Output positions per image of a conv of this span and stride on the padded input."""
-    return ((x_pad.shape[-2] - span[0]) // stride[0] + 1) * ((x_pad.shape[-1] - span[1]) // stride[1] + 1)
 
 
 def _fold_factors(up: Tensor, down: Tensor, batch: int, positions: int) -> bool:

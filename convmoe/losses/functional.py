@@ -25,8 +25,19 @@ def switch_loss(probs: Tensor, num_experts: int) -> Tensor:
         tensor(1.)
     """
     flat = probs.reshape(-1, num_experts)
-    first = F.one_hot(flat.argmax(dim=-1), num_experts).to(flat.dtype)
-    return num_experts * (first.mean(dim=0) * flat.mean(dim=0)).sum()
+    first = first_choice_counts(flat, num_experts).to(flat.dtype) / flat.shape[0]
+    return num_experts * (first * flat.mean(dim=0)).sum()
+
+
+def first_choice_counts(probs: Tensor, num_experts: int) -> Tensor:
+    """Tokens whose highest-probability expert is each expert, (E,) float32.
+
+    Example:
+        >>> first_choice_counts(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), 2).tolist()
+        [2.0, 1.0]
+    """
+    flat = probs.detach().reshape(-1, num_experts)
+    return F.one_hot(flat.argmax(dim=-1), num_experts).sum(dim=0).float()
 
 
 def importance_loss(probs: Tensor) -> Tensor:

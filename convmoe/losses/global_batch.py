@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from convmoe.losses.functional import first_choice_counts
 from convmoe.routers.bias_balancing import all_reduce_load
 
 
@@ -51,17 +51,6 @@ class FrequencyWindow:
         self.tokens = tokens.clone() if self.tokens is None else self.tokens + tokens
         self.calls += 1
         return self.counts / self.tokens.clamp_min(1.0)
-
-
-def first_choice_counts(probs: Tensor, num_experts: int) -> Tensor:
-    """Tokens whose highest-probability expert is each expert, (E,) float32.
-
-    Example:
-        >>> first_choice_counts(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), 2).tolist()
-        [2.0, 1.0]
-    """
-    flat = probs.detach().reshape(-1, num_experts)
-    return F.one_hot(flat.argmax(dim=-1), num_experts).sum(dim=0).float()
 
 
 def global_switch_loss(probs: Tensor, num_experts: int, window: FrequencyWindow | None = None) -> Tensor:
