@@ -62,7 +62,7 @@ def _train(config: str, overrides: list[str], run_dir: Path, seed: int, log: Pat
 def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "") and int(float(row["epoch"])) == epoch]
-    row = rows[-1] if rows else {}
+    row = {key: value for r in rows for key, value in r.items() if value not in (None, "")}  # Lightning logs one row per logging call
     layers: dict[str, dict[str, float]] = {}
     for key, value in row.items():
         parts = key.split("/")
