@@ -9,6 +9,7 @@ x (B, C_in, H, W)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -86,8 +87,9 @@ class Tokens:
             # form is not counted, where the two matrix products would be.
             summed = source.new_zeros(B, C, self.num_tokens).index_add_(2, self.token_map, source.flatten(2))
             return (summed / self.counts().to(dtype)).transpose(1, 2)
-        rows = _averaging_matrix(self.row_edges, H, dtype, source.device)  # (H, grid rows)
-        cols = _averaging_matrix(self.col_edges, W, dtype, source.device)  # (W, grid cols)
+        averaging = _averaging_matrix.__wrapped__ if torch.compiler.is_compiling() else _averaging_matrix
+        rows = averaging(self.row_edges, H, dtype, source.device)  # (H, grid rows)
+        cols = averaging(self.col_edges, W, dtype, source.device)  # (W, grid cols)
         rows_n, cols_n = rows.shape[1], cols.shape[1]
         by_col = (source @ cols).transpose(2, 3).reshape(B * C * cols_n, H)  # (B C gc, H)
         means = (by_col @ rows).reshape(B, C, cols_n, rows_n)
@@ -114,12 +116,15 @@ class Tokens:
         return grid.reshape(-1, 2).to(self.source.device)
 
 
+@functools.lru_cache(maxsize=256)
 def _averaging_matrix(edges: tuple[int, ...], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(size, len(edges) - 1): column ``a`` averages positions ``edges[a]:edges[a + 1]``."""
-    bounds = torch.tensor(edges, device=device)
-    position = torch.arange(size, device=device)[:, None]
-    inside = (position >= bounds[:-1]) & (position < bounds[1:])
-    return inside.to(dtype) / (bounds[1:] - bounds[:-1]).to(dtype)
+    """(size, len(edges) - 1): column ``a`` averages positions ``edges[a]:edges[a + 1]``; one tensor per
+    layout, shared read-only."""
+    with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode
+        bounds = torch.tensor(edges, device=device)
+        position = torch.arange(size, device=device)[:, None]
+        inside = (position >= bounds[:-1]) & (position < bounds[1:])
+        return inside.to(dtype) / (bounds[1:] - bounds[:-1]).to(dtype)
 
 
 @dataclass(frozen=True)

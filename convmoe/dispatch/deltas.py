@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convmoe.dispatch.base import add_shared_base
 from convmoe.experts.base import ExpertBank, StackedConv
+from convmoe.experts.derived import derived_weight
 
 
 def is_factored(experts: ExpertBank) -> bool:
@@ -30,13 +32,19 @@ def is_factored(experts: ExpertBank) -> bool:
     return experts.capabilities.gathered_columns and experts.stacked_conv().up is not None
 
 
-def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor) -> Tensor:
+def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_base: bool = False) -> Tensor:
     """Every factored expert on every position, weighted by ``weight_map`` and summed, (B, C_out, H_out, W_out).
+
+    With ``with_base`` the bank's shared base conv (``capabilities.shared_base``) is added, computed in
+    the same conv as the ``down`` factors (W0's C_out channels first) and added inside the ``up``
+    product: one conv and one batched matrix product per call. Without autograd the concatenated
+    weights are built once per parameter change (:func:`~convmoe.experts.derived.derived_weight`).
 
     Args:
         experts: A bank whose stacked conv is factored (see :func:`is_factored`).
         x_pad: The padded input, (B, C_in, H_pad, W_pad).
         weight_map: Each output position's combine weight per expert, (B, E, H_out, W_out).
+        with_base: Also add the shared base conv.
 
     Example:
         >>> from convmoe.experts import LowRankExperts
@@ -47,17 +55,45 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor) -> Tens
         >>> expected = (experts.forward_all(x_pad) * weight_map[:, :, None]).sum(1)
         >>> torch.allclose(mixed_deltas(experts, x_pad, weight_map), expected, atol=1e-5)
         True
+        >>> with_base = mixed_deltas(experts, x_pad, weight_map, with_base=True)
+        >>> torch.allclose(with_base, expected + experts.forward_base(x_pad), atol=1e-5)
+        True
     """
     conv, g = experts.stacked_conv(), experts.geometry
     E, C_out, rank = conv.up.shape
-    h = F.conv2d(x_pad, conv.weight.flatten(0, 1), None, stride=g.stride, dilation=g.dilation)  # (B, E * r, H, W)
-    B, _, H, W = h.shape
-    h = h.reshape(B, E, rank, H * W) * weight_map.reshape(B, E, 1, H * W).to(h.dtype)
-    up = conv.up.permute(1, 0, 2).reshape(C_out, E * rank).to(h.dtype)
-    y = torch.matmul(up, h.reshape(B, E * rank, H * W)).reshape(B, C_out, H, W)
+    fused = with_base and experts.capabilities.shared_base and experts.base_conv()[0].shape[1] == conv.weight.shape[2]
+    weight, bias, up = _factored_weights(experts, conv, fused)
+    out = F.conv2d(x_pad, weight, bias, stride=g.stride, dilation=g.dilation)  # (B, [C_out +] E * r, H, W)
+    B, _, H, W = out.shape
+    h = out[:, out.shape[1] - E * rank:].reshape(B, E, rank, H * W) * weight_map.reshape(B, E, 1, H * W).to(out.dtype)
+    h = h.reshape(B, E * rank, H * W)
+    up = up.to(h.dtype)
+    if fused:  # W0 * x + b0 + UP @ (h * w), the sum inside the product
+        y = torch.baddbmm(out[:, :C_out].reshape(B, C_out, H * W), up.expand(B, -1, -1), h).reshape(B, C_out, H, W)
+    else:
+        y = torch.matmul(up, h).reshape(B, C_out, H, W)
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
+    if with_base and not fused:
+        y = add_shared_base(experts, x_pad, y)
     return y
+
+
+def _factored_weights(experts: ExpertBank, conv: StackedConv, with_base: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The conv weight ([W0 and] every ``down``), its bias, and ``up`` as one (C_out, E * r) matrix."""
+    E, C_out, rank = conv.up.shape
+    base = experts.base_conv() if with_base else (None, None)
+
+    def build() -> tuple[Tensor, Tensor | None, Tensor]:
+        down, up = conv.weight.flatten(0, 1), conv.up.permute(1, 0, 2).reshape(C_out, E * rank)
+        if base[0] is None:
+            return down, None, up
+        weight = torch.cat([base[0], down.to(base[0].dtype)])
+        bias = None if base[1] is None else torch.cat([base[1], base[1].new_zeros(E * rank)])
+        return weight, bias, up
+
+    name = "deltas_with_base" if with_base else "deltas"
+    return derived_weight(experts, name, [conv.weight, conv.up, *base], build)
 
 
 def deltas_are_cheap(experts: ExpertBank, conv: StackedConv | None = None) -> bool:

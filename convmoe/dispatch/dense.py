@@ -37,7 +37,7 @@ class DenseDispatcher(nn.Module):
             return add_shared_base(experts, x_pad, run_regions(x_pad, tokens, every_pair(routing), experts, out_size))
         weight = position_weights(tokens, routing, out_size)  # (B, E, H_out, W_out)
         if is_factored(experts):  # low-rank experts: mixed at rank r, no E x C_out maps
-            return add_shared_base(experts, x_pad, mixed_deltas(experts, x_pad, weight))
+            return mixed_deltas(experts, x_pad, weight, with_base=True)
         all_outputs = experts.forward_all(x_pad)  # (B, E, C_out, H_out, W_out)
         return add_shared_base(experts, x_pad, (all_outputs * weight[:, :, None].to(all_outputs.dtype)).sum(dim=1))
 
@@ -53,5 +53,7 @@ def position_weights(tokens: Tokens, routing: Routing, out_size: tuple[int, int]
         >>> position_weights(tokens, block.router(tokens), (4, 4)).shape
         torch.Size([1, 3, 4, 4])
     """
-    weight = routing.dense_weights()[:, tokens.token_map]  # (B, H_out * W_out, E)
+    weight = routing.dense_weights()  # (B, N, E)
+    if not tokens.is_pixel:  # pixel tokens are the output positions, in order
+        weight = weight[:, tokens.token_map]  # (B, H_out * W_out, E)
     return weight.transpose(1, 2).reshape(weight.shape[0], weight.shape[2], *out_size)

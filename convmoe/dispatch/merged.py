@@ -4,8 +4,8 @@ Exact for linear experts only: sum_e w_e (W_e * x + b_e) = (sum_e w_e W_e) * x +
 (Yang et al., 2019, CondConv, arXiv:1904.04971). Applies when every image is one token. A shared
 base conv (low-rank experts' W0) is folded in: each image's conv is ``W0 + sum_e w_e dW_e``.
 Factored (low-rank) experts are multiplied out when that is cheaper than running them factored
-(large maps); otherwise (small maps) they keep their rank: one conv to the used experts' r
-channels each, then each image's mixture of the ``up`` factors, beside the base conv.
+(large maps); otherwise (small maps) they keep their rank: W0 and every expert's ``down`` in one
+conv, then each image's weighted ``up`` (:func:`~convmoe.dispatch.deltas.mixed_deltas`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convmoe.dispatch.deltas import mixed_deltas
 from convmoe.experts.base import ExpertBank
 
 
@@ -36,6 +37,12 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
     """
     conv, g = experts.stacked_conv(), experts.geometry
     B = x_pad.shape[0]
+    out_h, out_w = g.padded_output_size(*x_pad.shape[-2:])
+    if conv.up is not None and not _fold_factors(conv.up, conv.weight, B, out_h * out_w):
+        # A small map: keep the rank. W0 and every expert's r channels in one conv, then each image's
+        # weights on its r-channel groups inside the product with ``up`` (the deltas path, one weight per image).
+        weight_map = weights.to(conv.up.dtype)[:, :, None, None].expand(-1, -1, out_h, out_w)
+        return mixed_deltas(experts, x_pad, weight_map, with_base=True)
     weights = weights.to(conv.weight.dtype)
     expert_weight, expert_bias, expert_up = conv.weight, conv.bias, conv.up
     # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling
@@ -47,42 +54,27 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
             expert_bias = None if expert_bias is None else expert_bias[used]
             expert_up = None if expert_up is None else expert_up[used]
     base = experts.base_conv() if experts.capabilities.shared_base else None
-    out_h, out_w = g.padded_output_size(*x_pad.shape[-2:])
-    positions = out_h * out_w
-    if expert_up is not None and not _fold_factors(expert_up, expert_weight, B, positions):
-        y = _merged_factored(expert_up, expert_weight, x_pad, weights, g.stride, g.dilation)
-        if base is not None:
-            y = F.conv2d(x_pad, base[0], base[1], stride=g.stride, dilation=g.dilation).add_(y)
-    else:
-        stacked = expert_weight if expert_up is None else torch.einsum("eor,erikl->eoikl", expert_up, expert_weight)
-        mixed = torch.einsum("be,eoikl->boikl", weights, stacked)
-        bias = None if expert_bias is None else weights @ expert_bias  # (B, C_out)
-        if base is not None:
-            mixed = mixed + base[0]
-            if base[1] is not None:
-                bias = base[1].expand(B, -1) if bias is None else bias + base[1]
-        y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
-                     None if bias is None else bias.flatten(), stride=g.stride, dilation=g.dilation,
-                     groups=conv.groups * B)
-        y = y.reshape(B, experts.out_channels, *y.shape[2:])
+    stacked = expert_weight if expert_up is None else torch.einsum("eor,erikl->eoikl", expert_up, expert_weight)
+    mixed = torch.einsum("be,eoikl->boikl", weights, stacked)
+    bias = None if expert_bias is None else weights @ expert_bias  # (B, C_out)
+    if base is not None:
+        mixed = mixed + base[0]
+        if base[1] is not None:
+            bias = base[1].expand(B, -1) if bias is None else bias + base[1]
+    y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
+                 None if bias is None else bias.flatten(), stride=g.stride, dilation=g.dilation,
+                 groups=conv.groups * B)
+    y = y.reshape(B, experts.out_channels, *y.shape[2:])
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
     return y
 
 
 def _fold_factors(up: Tensor, down: Tensor, batch: int, positions: int) -> bool:
-    """Whether to multiply factored experts out (U * C_out * r * K multiply-adds, once) and run one conv,
-    rather than run them factored (B * positions * U * r * (K + C_out), beside the base conv)."""
+    """Whether to multiply factored experts out (C_out * r * K multiply-adds per used expert, once) and run
+    one conv, rather than run them factored (B * positions * r * (K + C_out) per expert, in the base conv).
+
+    The factored side then runs all E experts, with no selection: where it wins (maps of a few
+    positions) that costs less than the selection's operators."""
     c_out, k = up.shape[1], down[0, 0].numel()
     return c_out * k <= batch * positions * (k + c_out)
-
-
-def _merged_factored(up: Tensor, down: Tensor, x_pad: Tensor, weights: Tensor, stride: tuple[int, int],
-                     dilation: tuple[int, int]) -> Tensor:
-    """Factored (low-rank) experts merged per image: one conv to every used expert's r channels, then
-    each image's combine-weighted ``up`` as one batched product, (B, C_out, H_out, W_out)."""
-    B = x_pad.shape[0]
-    h = F.conv2d(x_pad, down.flatten(0, 1).to(x_pad.dtype), None, stride=stride, dilation=dilation)  # (B, U * r, H, W)
-    mixed_up = torch.einsum("be,eor->boer", weights, up.to(weights.dtype)).flatten(2)  # (B, C_out, U * r)
-    y = torch.bmm(mixed_up.to(h.dtype), h.flatten(2))
-    return y.reshape(B, up.shape[1], *h.shape[2:])

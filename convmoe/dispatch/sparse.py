@@ -142,7 +142,7 @@ class SparseDispatcher(nn.Module):
             return merged_conv(experts, x_pad, routing.dense_weights()[:, 0])
         if path == "deltas":
             weight_map = position_weights(tokens, routing, out_size)
-            return add_shared_base(experts, x_pad, mixed_deltas(experts, x_pad, weight_map))
+            return mixed_deltas(experts, x_pad, weight_map, with_base=True)
         if path == "gathered":
             return add_shared_base(experts, x_pad, run_gathered(x_pad, tokens, routed(routing), experts, out_size))
         return add_shared_base(experts, x_pad, run_regions(x_pad, tokens, routed(routing), experts, out_size))

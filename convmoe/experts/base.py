@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convmoe.experts.derived import clear_derived_weights, without_derived_weights
 from convmoe.geometry import ConvGeometry
 
 if TYPE_CHECKING:
@@ -243,7 +244,11 @@ class ExpertBank(nn.Module, abc.ABC):
             except RuntimeError:  # a conversion only 5-D tensors take (torch.channels_last_3d)
                 return fn(t)
 
+        clear_derived_weights(self)  # built from the tensors being replaced
         return super()._apply(convert, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return without_derived_weights(super().__getstate__())  # rebuilt on demand, never pickled
 
     @property
     def is_linear(self) -> bool:

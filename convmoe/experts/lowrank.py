@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convmoe.experts.base import ExpertBank, ExpertCapabilities, StackedConv
+from convmoe.experts.derived import derived_weight
 from convmoe.experts.post import ExpertPostOps
 from convmoe.geometry import ConvGeometry
 
@@ -130,7 +131,9 @@ class LowRankExperts(ExpertBank):
             >>> conv.column_weight().shape, conv.full_weight().shape
             (torch.Size([3, 36, 2]), torch.Size([3, 6, 4, 3, 3]))
         """
-        return StackedConv(self.down, None, 1, self.post, up=self.up if self.scale == 1 else self.up * self.scale)
+        scale = self.scale
+        up = self.up if scale == 1 else derived_weight(self, "scaled_up", [self.up], lambda: self.up * scale, scale)
+        return StackedConv(self.down, None, 1, self.post, up=up)
 
     def _down(self, x: Tensor, weight: Tensor) -> Tensor:
         g = self.geometry

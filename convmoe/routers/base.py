@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -78,15 +79,19 @@ class Router(nn.Module):
                                 **(gate_kwargs or {}), device=device, dtype=dtype)
 
     def forward(self, tokens: Tokens, expert_mask: Tensor | None = None) -> Routing:
-        with torch.autocast(device_type=tokens.source.device.type, enabled=False):
+        device_type = tokens.source.device.type
+        autocast = torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             logits = self.gate(tokens).float()
-            # NaN for a token whose logits are not all finite (NaN, or an Inf that turns NaN times 0),
-            # 0 otherwise: one product and one sum instead of isfinite's four operators and all().
-            invalid = (logits.detach() * 0).sum(dim=-1, keepdim=True).isnan()  # (B, N, 1), before the -inf masks
-            # Eager CPU reads the flag for free and skips the masks when every token is finite (the usual
-            # case); on an accelerator or while compiling, reading it would wait or break the graph.
-            masks = logits.device.type != "cpu" or torch.compiler.is_compiling() or bool(invalid.any())
+            # Eager CPU reads one sum for free and skips the masks when it is finite, so every logit is
+            # (the usual case; an overflowing sum only takes the masked path, which is exact too); on an
+            # accelerator or while compiling, reading it would wait or break the graph.
+            masks = (device_type != "cpu" or torch.compiler.is_compiling()
+                     or not math.isfinite(float(logits.detach().sum())))
             if masks:
+                # NaN for a token whose logits are not all finite (NaN, or an Inf that turns NaN times 0),
+                # 0 otherwise: one product and one sum instead of isfinite's four operators and all().
+                invalid = (logits.detach() * 0).sum(dim=-1, keepdim=True).isnan()  # (B, N, 1), before the -inf masks
                 logits = torch.where(invalid, 0.0, logits)  # keeps the gate's layout, unlike masked_fill
             if self.training and self.noise_std > 0:
                 # drawn in (B, N, E) order whatever the logits' layout: the same noise for the same seed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,21 +34,29 @@ class Tokenizer:
     def split(self, source: Tensor) -> Tokens:
         """Partition ``source`` (B, C, H_out, W_out) into tokens."""
         height, width = source.shape[-2:]
-        row_edges, col_edges = self.edges(height, width)
-        rows = torch.bucketize(torch.arange(height), torch.tensor(row_edges[1:-1]), right=True)
-        cols = torch.bucketize(torch.arange(width), torch.tensor(col_edges[1:-1]), right=True)
-        token_map = (rows[:, None] * (len(col_edges) - 1) + cols[None, :]).flatten().to(source.device)
+        row_edges, col_edges = (tuple(edges) for edges in self.edges(height, width))
+        make = _token_map.__wrapped__ if torch.compiler.is_compiling() else _token_map  # no cache in a graph
         return Tokens(
             kind=self.spec,
             source=source,
-            row_edges=tuple(row_edges),
-            col_edges=tuple(col_edges),
-            token_map=token_map,
+            row_edges=row_edges,
+            col_edges=col_edges,
+            token_map=make(row_edges, col_edges, source.device),
             group_over_batch=self.group_over_batch,
         )
 
     def __repr__(self) -> str:
         return self.spec
+
+
+@functools.lru_cache(maxsize=256)
+def _token_map(row_edges: tuple[int, ...], col_edges: tuple[int, ...], device: torch.device) -> Tensor:
+    """Token id of every output position, (H_out * W_out,) int64; one tensor per layout, shared read-only
+    (a model calls every block with the same few sizes)."""
+    with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode
+        rows = torch.bucketize(torch.arange(row_edges[-1]), torch.tensor(row_edges[1:-1]), right=True)
+        cols = torch.bucketize(torch.arange(col_edges[-1]), torch.tensor(col_edges[1:-1]), right=True)
+        return (rows[:, None] * (len(col_edges) - 1) + cols[None, :]).flatten().to(device)
 
 
 def even_edges(size: int, parts: int) -> tuple[int, ...]:
