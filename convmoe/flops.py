@@ -27,6 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from convmoe.block import MoEConv2d, named_blocks
+from convmoe.dispatch import DenseDispatcher, SparseDispatcher
+from convmoe.dispatch.deltas import is_factored, mixed_deltas
+from convmoe.dispatch.dense import position_weights
+from convmoe.dispatch.merged import merged_conv
 from convmoe.dispatch.tiles import sizes
 from convmoe.tokens.base import Tokenizer
 
@@ -60,6 +64,10 @@ class BlockFlops:
         dispatched_slots: (token, expert) pairs dispatched.
         tokens: Routed tokens (B * N).
         base: The shared base conv W0 of low-rank experts, on every position (0 for other experts).
+        executed: What the dispatcher's path really computed: the merged path one conv per image plus
+            the mixing of the used experts' weights (fewer than ``active``), the deltas path every
+            expert's rank-r factors on every position (more than ``active``), the dense reference every
+            expert; the gathered and regions paths compute ``active``.
 
     Example:
         >>> BlockFlops(10, 8, 1, 9, 0, 36, 2, 2).active
@@ -75,6 +83,7 @@ class BlockFlops:
     dispatched_slots: int
     tokens: int
     base: int = 0
+    executed: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,9 @@ class FlopReport:
         params_by_module: Parameters per module name.
         blocks: The detail of every MoE block by name.
         convention: How FLOPs are counted.
+        executed: FLOPs of the model with its MoE blocks counted as their dispatch paths ran
+            (:attr:`BlockFlops.executed`): the cost of this inference, where ``active`` is the
+            definition (k experts per token).
 
     Example:
         >>> report = flops(nn.Sequential(MoEConv2d(4, 4, 3, padding=1, num_experts=4, top_k=1)),
@@ -109,6 +121,7 @@ class FlopReport:
     params_by_module: dict[str, int]
     blocks: dict[str, BlockFlops]
     convention: str = field(default=CONVENTION)
+    executed: int = 0
 
     def table(self, max_depth: int = 3) -> str:
         """A per-module table (module, parameters, active FLOPs, dense FLOPs) down to ``max_depth``.
@@ -188,10 +201,48 @@ class _Recorded(nn.Module):
         return _Replay.apply(x, out)
 
 
+def _baddbmm_flop(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``baddbmm(input, batch1, batch2)``: the product's B * n * m * p (the add is free)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    batch, n, m = get_shape(inputs[1])
+    return batch * n * m * get_shape(inputs[2])[-1]
+
+
 def _count(module: nn.Module, x: Tensor) -> int:
-    analysis = _fvcore().FlopCountAnalysis(module, (x,))
+    analysis = _fvcore().FlopCountAnalysis(module, (x,)).set_op_handle("aten::baddbmm", _baddbmm_flop)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return int(analysis.total())
+
+
+class _Kernel(nn.Module):
+    """A dispatch kernel ``function(experts, x_pad, *extra, **options)`` as a module fvcore can trace."""
+
+    def __init__(self, function: Any, experts: nn.Module, *extra: Any, **options: Any) -> None:
+        super().__init__()
+        self.function, self.experts, self.extra, self.options = function, experts, extra, options
+
+    def forward(self, x_pad: Tensor) -> Tensor:
+        return self.function(self.experts, x_pad, *self.extra, **self.options)
+
+
+def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: Any,
+                     out_size: tuple[int, int]) -> int | None:
+    """fvcore's count of the kernel the block's dispatcher ran, for the paths whose cost is not the
+    routed tokens' (shared base included); None for the gathered and regions paths and other dispatchers."""
+    experts, dispatcher = block.experts, block.dispatcher
+    if isinstance(dispatcher, SparseDispatcher):
+        path = dispatcher.choose_path(block.tokens.split(source), experts)
+    elif isinstance(dispatcher, DenseDispatcher) and is_factored(experts):
+        path = "deltas"
+    else:
+        return None
+    if path == "merged":
+        return _count(_Kernel(merged_conv, experts, routing.dense_weights()[:, 0]), x_pad)
+    if path == "deltas":
+        weight_map = position_weights(block.tokens.split(source), routing, out_size)
+        return _count(_Kernel(mixed_deltas, experts, weight_map, with_base=True), x_pad)
+    return None
 
 
 def _token_sizes(block: MoEConv2d, out_size: tuple[int, int]) -> tuple[list[int], list[int]]:
@@ -254,9 +305,12 @@ def block_flops(block: MoEConv2d, x: Tensor, routing) -> BlockFlops:
         if block.experts.capabilities.shared_base:
             base = _count(_Call(block.experts, "forward_base"), x_pad)
         dense = _dense_flops(block, x_pad)
+        kernel = _executed_kernel(block, x_pad, source, routing, out_size)
+    if kernel is None:  # the routed tokens' experts, or every expert for the dense reference
+        kernel = (all_experts if isinstance(block.dispatcher, DenseDispatcher) else experts) + base
     return BlockFlops(active=gate + experts + shared + base, dense=dense, gate=gate, experts=experts, shared=shared,
                       all_experts=all_experts, dispatched_slots=int(slots.sum()), tokens=B * per_token.numel(),
-                      base=base)
+                      base=base, executed=gate + kernel + shared)
 
 
 def _ancestors(name: str) -> list[str]:
@@ -272,9 +326,11 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
 
     The model runs twice (a recording pass and fvcore's trace), under ``torch.no_grad``; in
     training mode batch-norm statistics update as on any forward pass, so call ``model.eval()``
-    for inference counts. The counts are for the whole batch of ``inputs``. An image-token block on
-    the ``mixed`` path computes one mixture of its experts per image, i.e. fewer FLOPs than its
-    active count; the active count follows the definition (k experts per token).
+    for inference counts. The counts are for the whole batch of ``inputs``. ``active`` follows the
+    definition (k experts per token); ``executed`` counts what the dispatch paths really ran: an
+    image-token block on the ``merged`` path computes one mixture of its experts per image (about
+    one conv, fewer FLOPs than ``active``), low-rank experts on the ``deltas`` path every expert's
+    factors on every position (more).
 
     Args:
         model: Any module; its :class:`~convmoe.MoEConv2d` blocks are counted from their routing.
@@ -335,8 +391,9 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
     # rows in the model's module order, each block followed by its parts
     order = [name for name, _ in model.named_modules() if name in by_module or name in params]
     order += [name for name in by_module if name not in order]
+    executed = by_module[""] - sum(c.active for c in counted.values()) + sum(c.executed for c in counted.values())
     return FlopReport(
-        active=by_module[""], dense=dense_by_module[""], params=total_params,
+        active=by_module[""], dense=dense_by_module[""], params=total_params, executed=executed,
         dense_params=total_params - block_params + dense_block_params,
         by_module={name: by_module.get(name, 0) for name in order},
         dense_by_module={name: dense_by_module.get(name, 0) for name in order},

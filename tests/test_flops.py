@@ -115,3 +115,39 @@ def test_a_block_called_twice_is_counted_twice() -> None:
     single = flops(block.eval(), torch.randn(1, 4, 6, 6)).blocks[""]
     assert report.blocks["0"].dense == 2 * single.dense
     assert report.blocks["0"].experts == 2 * single.experts
+
+
+def _executed_case(tokens: str, dispatcher: str = "sparse", **kwargs: object) -> tuple[convmoe.flops, nn.Module]:
+    torch.manual_seed(0)
+    block = MoEConv2d.from_conv(nn.Conv2d(16, 24, 3, padding=1), num_experts=4, top_k=2, tokens=tokens,
+                                dispatcher=dispatcher, **kwargs)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), block).eval()
+    return flops(model, torch.randn(2, 3, 6, 6)), block
+
+
+def test_merged_image_experts_execute_one_conv_per_image_plus_the_mixing() -> None:
+    report, block = _executed_case("image")
+    counted = report.blocks["1"]
+    used = int((block.last_routing.dense_weights()[:, 0] != 0).any(dim=0).sum())
+    mixing = 2 * used * (24 * 16 * 9 + 24)  # each image's weighted sum of the used experts' weights and biases
+    assert counted.active == counted.gate + 2 * counted.dense  # the definition: two experts per token
+    # fvcore prices the einsum from numpy's einsum_path estimate, which can be one multiply-add off
+    assert counted.executed == pytest.approx(counted.gate + counted.dense + mixing, abs=2)
+    assert report.executed == report.active - counted.active + counted.executed
+
+
+def test_deltas_path_executes_every_factor_on_every_position() -> None:
+    report, _ = _executed_case("pixel", experts="lowrank", expert_kwargs={"rank": 2})
+    counted, positions, rank_channels = report.blocks["1"], 2 * 6 * 6, 4 * 2
+    kernel = positions * ((24 + rank_channels) * 16 * 9 + 24 * rank_channels)  # [W0; down] conv, then up
+    assert counted.executed == counted.gate + kernel
+    assert counted.executed > counted.active  # all E deltas, not the k routed ones
+
+
+@pytest.mark.parametrize(("tokens", "dispatcher", "expected"), [
+    ("pixel", "sparse:gathered", "active"), ("grid:2x2", "sparse:regions", "active"), ("grid:2x2", "dense", "all"),
+])
+def test_routed_paths_execute_the_active_count_and_the_reference_every_expert(tokens: str, dispatcher: str,
+                                                                              expected: str) -> None:
+    counted = _executed_case(tokens, dispatcher)[0].blocks["1"]
+    assert counted.executed == (counted.active if expected == "active" else counted.gate + counted.all_experts)
