@@ -232,7 +232,8 @@ class MoEConv2d(nn.Module, ScopedModule):
         # Where to route: tokens are regions of the output; each is summarised by the input at the
         # centre of its positions' receptive fields.
         x_pad = geometry.pad(x)
-        tokens = self.tokens.split(geometry.centre_sample(x_pad, out_size))
+        source = geometry.centre_sample_unpadded(x, out_size)  # the same values, without the padded copy's strides
+        tokens = self.tokens.split(source if source is not None else geometry.centre_sample(x_pad, out_size))
 
         # Which experts, with what weight (float32); MEDoE removes experts before the choice.
         expert_mask = None

@@ -124,6 +124,29 @@ class ConvGeometry:
         (ch, cw), (sh, sw), (oh, ow) = self.centre, self.stride, out_size
         return x_pad[..., ch : ch + sh * (oh - 1) + 1 : sh, cw : cw + sw * (ow - 1) + 1 : sw]
 
+    def centre_sample_unpadded(self, x: Tensor, out_size: tuple[int, int]) -> Tensor | None:
+        """``centre_sample(pad(x))`` read from ``x`` itself when every centre tap falls inside it, else None.
+
+        A view of the unpadded input: the whole ``x`` for a stride-1 'same' conv, where the padded
+        map's window is a strided copy away (slower to pool on CPU).
+
+        Example:
+            >>> import torch
+            >>> g = ConvGeometry.create(3, padding=1)
+            >>> x = torch.randn(1, 2, 5, 5)
+            >>> g.centre_sample_unpadded(x, (5, 5)) is not None and torch.equal(
+            ...     g.centre_sample_unpadded(x, (5, 5)), g.centre_sample(g.pad(x), (5, 5)))
+            True
+        """
+        (ch, cw), (sh, sw), (oh, ow) = self.centre, self.stride, out_size
+        top, _, left, _ = self.padding_for(*x.shape[-2:])
+        row, col = ch - top, cw - left
+        if row < 0 or col < 0 or row + sh * (oh - 1) >= x.shape[-2] or col + sw * (ow - 1) >= x.shape[-1]:
+            return None
+        if (row, col, sh, sw, oh, ow) == (0, 0, 1, 1, *x.shape[-2:]):
+            return x
+        return x[..., row : row + sh * (oh - 1) + 1 : sh, col : col + sw * (ow - 1) + 1 : sw]
+
     def input_extent(self, start: int, stop: int, axis: int) -> tuple[int, int]:
         """Padded-input window [begin, end) that output positions [start, stop) along ``axis`` read."""
         step, span = self.stride[axis], self.span[axis]
