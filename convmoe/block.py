@@ -231,9 +231,13 @@ class MoEConv2d(nn.Module, ScopedModule):
 
         # Where to route: tokens are regions of the output; each is summarised by the input at the
         # centre of its positions' receptive fields.
-        x_pad = geometry.pad(x)
+        # The padded copy of x is made only where a step needs it (whole-map convs pad themselves).
+        x_pad: Tensor | None = None
         source = geometry.centre_sample_unpadded(x, out_size)  # the same values, without the padded copy's strides
-        tokens = self.tokens.split(source if source is not None else geometry.centre_sample(x_pad, out_size))
+        if source is None:
+            x_pad = geometry.pad(x)
+            source = geometry.centre_sample(x_pad, out_size)
+        tokens = self.tokens.split(source)
 
         # Which experts, with what weight (float32); MEDoE removes experts before the choice.
         expert_mask = None
@@ -247,10 +251,16 @@ class MoEConv2d(nn.Module, ScopedModule):
         dispatcher = export_dispatcher(self.dispatcher) if is_exporting() else self.dispatcher
         if x.shape[0] == 0 and isinstance(dispatcher, SparseDispatcher):
             dispatcher = _DENSE
-        y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
+        if getattr(dispatcher, "pads_itself", False):
+            y = dispatcher(x, tokens, routing, self.experts, out_size, padded=False)
+        else:
+            x_pad = geometry.pad(x) if x_pad is None else x_pad
+            y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
         if not getattr(dispatcher, "adds_shared_base", False):  # low-rank experts' W0, for a user's dispatcher
+            x_pad = geometry.pad(x) if x_pad is None else x_pad
             y = add_shared_base(self.experts, x_pad, y)
         if self.shared_expert is not None:
+            x_pad = geometry.pad(x) if x_pad is None else x_pad
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 
         # Losses on the side, where convmoe.aux_loss finds them, and the routing, from which

@@ -100,6 +100,19 @@ class ConvGeometry:
                                                  strict=True))
         return pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2
 
+    def conv_padding(self, height: int, width: int) -> tuple[int, int] | None:
+        """The padding as ``F.conv2d``'s ``padding=(pad_h, pad_w)``, when it is zeros on both sides of each
+        axis; None otherwise (reflect, replicate or circular modes, uneven 'same' padding): pad explicitly.
+
+        Example:
+            >>> ConvGeometry.create(3, padding=1).conv_padding(8, 8), ConvGeometry.create(2, padding="same").conv_padding(8, 8)
+            ((1, 1), None)
+        """
+        top, bottom, left, right = self.padding_for(height, width)
+        if self.padding_mode != "zeros" or top != bottom or left != right:
+            return None
+        return top, left
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         top, bottom, left, right = self.padding_for(height, width)
         return height + top + bottom, width + left + right

@@ -301,3 +301,30 @@ def test_sparse_matches_dense_on_random_geometries(kernel: Any, stride: Any, dil
     for spec in SPARSE_SPECS:
         if path_applies(spec, tokens):
             assert max_abs_diff(with_dispatcher(block, spec)(x), reference) <= 1e-4, spec
+
+
+@pytest.mark.parametrize(("tokens", "experts", "padding_mode", "pads"), [
+    ("image", "conv", "zeros", 0),           # merged: the conv takes the zero padding
+    ("pixel", "lowrank", "zeros", 0),        # deltas: likewise
+    ("pixel", "conv", "zeros", 1),           # gathered: windows of the padded map
+    ("image", "conv", "reflect", 1),         # reflect padding is copied
+])
+def test_whole_map_paths_pad_inside_the_conv_and_match_the_padded_input(
+        tokens: str, experts: str, padding_mode: str, pads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, padding_mode=padding_mode)
+    block = MoEConv2d.from_conv(conv, num_experts=4, top_k=2, tokens=tokens, experts=experts,
+                                **({"expert_kwargs": {"rank": 2}} if experts == "lowrank" else {})).eval()
+    if experts == "lowrank":
+        with torch.no_grad():
+            block.experts.up.normal_()
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        expected = DenseDispatcher()(block.geometry.pad(x), block.tokens.split(x), block.router(block.tokens.split(x)),
+                                     block.experts, (7, 7))
+        calls: list[int] = []
+        original = torch.nn.functional.pad
+        monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: calls.append(1) or original(*a, **k))
+        y = block(x)
+    assert len(calls) == pads
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

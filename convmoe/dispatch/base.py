@@ -21,6 +21,11 @@ class Dispatcher(Protocol):
     in ``y`` (the built-in ones do, and the merged path folds it into each image's conv); for any
     other dispatcher the block adds it.
 
+    A dispatcher whose class sets ``pads_itself = True`` is called as ``dispatcher(x, ..., padded=False)``
+    with the unpadded input and applies the padding itself, so a path that runs whole-map convs can
+    hand zero padding to the conv instead of copying the input into a padded map (the sparse
+    dispatcher does).
+
     Example:
         >>> import torch
         >>> from convmoe import MoEConv2d
@@ -37,8 +42,9 @@ class Dispatcher(Protocol):
                  out_size: tuple[int, int]) -> Tensor: ...
 
 
-def add_shared_base(experts: ExpertBank, x_pad: Tensor, y: Tensor) -> Tensor:
-    """``y`` plus the bank's shared base conv on ``x_pad`` (``y`` unchanged without ``shared_base``).
+def add_shared_base(experts: ExpertBank, x_pad: Tensor, y: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """``y`` plus the bank's shared base conv on ``x_pad`` (``y`` unchanged without ``shared_base``);
+    ``padding`` as in :meth:`~convmoe.experts.ExpertBank.forward_base`.
 
     Example:
         >>> import torch
@@ -51,4 +57,4 @@ def add_shared_base(experts: ExpertBank, x_pad: Tensor, y: Tensor) -> Tensor:
     """
     if not experts.capabilities.shared_base:
         return y
-    return experts.forward_base(x_pad).add_(y)
+    return experts.forward_base(x_pad, padding).add_(y)

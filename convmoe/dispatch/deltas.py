@@ -32,7 +32,8 @@ def is_factored(experts: ExpertBank) -> bool:
     return experts.capabilities.gathered_columns and experts.stacked_conv().up is not None
 
 
-def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_base: bool = False) -> Tensor:
+def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_base: bool = False,
+                 padding: tuple[int, int] = (0, 0)) -> Tensor:
     """Every factored expert on every position, weighted by ``weight_map`` and summed, (B, C_out, H_out, W_out).
 
     With ``with_base`` the bank's shared base conv (``capabilities.shared_base``) is added, computed in
@@ -45,6 +46,8 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_ba
         x_pad: The padded input, (B, C_in, H_pad, W_pad).
         weight_map: Each output position's combine weight per expert, (B, E, H_out, W_out).
         with_base: Also add the shared base conv.
+        padding: Zeros the conv adds itself, when ``x_pad`` is the unpadded input
+            (``ConvGeometry.conv_padding``).
 
     Example:
         >>> from convmoe.experts import LowRankExperts
@@ -63,7 +66,7 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_ba
     E, C_out, rank = conv.up.shape
     fused = with_base and experts.capabilities.shared_base and experts.base_conv()[0].shape[1] == conv.weight.shape[2]
     weight, bias, up = _factored_weights(experts, conv, fused)
-    out = F.conv2d(x_pad, weight, bias, stride=g.stride, dilation=g.dilation)  # (B, [C_out +] E * r, H, W)
+    out = F.conv2d(x_pad, weight, bias, stride=g.stride, padding=padding, dilation=g.dilation)  # (B, [C_out +] E*r, H, W)
     B, _, H, W = out.shape
     h = out[:, out.shape[1] - E * rank:].reshape(B, E, rank, H * W) * weight_map.reshape(B, E, 1, H * W).to(out.dtype)
     h = h.reshape(B, E * rank, H * W)
@@ -75,7 +78,7 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_ba
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
     if with_base and not fused:
-        y = add_shared_base(experts, x_pad, y)
+        y = add_shared_base(experts, x_pad, y, padding)
     return y
 
 

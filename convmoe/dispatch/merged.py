@@ -18,13 +18,15 @@ from convmoe.dispatch.deltas import mixed_deltas
 from convmoe.experts.base import ExpertBank
 
 
-def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
+def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
     """Each image through the weighted sum of the experts' convs (plus a shared base), (B, C_out, H_out, W_out).
 
     Args:
         experts: A bank whose capabilities are ``gathered_columns`` (a stacked conv) and ``linear``.
         x_pad: The padded input, (B, C_in, H_pad, W_pad).
         weights: Each image's combine weight per expert, (B, E).
+        padding: Zeros the conv adds itself, when ``x_pad`` is the unpadded input
+            (``ConvGeometry.conv_padding``).
 
     Example:
         >>> from convmoe.experts import ConvExperts
@@ -37,12 +39,12 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
     """
     conv, g = experts.stacked_conv(), experts.geometry
     B = x_pad.shape[0]
-    out_h, out_w = g.padded_output_size(*x_pad.shape[-2:])
+    out_h, out_w = g.padded_output_size(x_pad.shape[-2] + 2 * padding[0], x_pad.shape[-1] + 2 * padding[1])
     if conv.up is not None and not _fold_factors(conv.up, conv.weight, B, out_h * out_w):
         # A small map: keep the rank. W0 and every expert's r channels in one conv, then each image's
         # weights on its r-channel groups inside the product with ``up`` (the deltas path, one weight per image).
         weight_map = weights.to(conv.up.dtype)[:, :, None, None].expand(-1, -1, out_h, out_w)
-        return mixed_deltas(experts, x_pad, weight_map, with_base=True)
+        return mixed_deltas(experts, x_pad, weight_map, with_base=True, padding=padding)
     weights = weights.to(conv.weight.dtype)
     expert_weight, expert_bias, expert_up = conv.weight, conv.bias, conv.up
     # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling
@@ -62,7 +64,7 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor) -> Tensor:
         if base[1] is not None:
             bias = base[1].expand(B, -1) if bias is None else bias + base[1]
     y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
-                 None if bias is None else bias.flatten(), stride=g.stride, dilation=g.dilation,
+                 None if bias is None else bias.flatten(), stride=g.stride, padding=padding, dilation=g.dilation,
                  groups=conv.groups * B)
     y = y.reshape(B, experts.out_channels, *y.shape[2:])
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():

@@ -90,6 +90,7 @@ class SparseDispatcher(nn.Module):
     """
 
     adds_shared_base = True
+    pads_itself = True
 
     def __init__(self, path: str = "auto", gathered_max_positions: int = 4,
                  columns_max_positions: int | None = None, merged_max_weights: int = MERGED_MAX_WEIGHTS) -> None:
@@ -136,13 +137,19 @@ class SparseDispatcher(nn.Module):
         return "regions"
 
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
-                out_size: tuple[int, int]) -> Tensor:
+                out_size: tuple[int, int], padded: bool = True) -> Tensor:
+        """``padded=False``: ``x_pad`` is the unpadded input; the whole-map paths (merged, deltas) hand
+        zero padding to their convs, the others pad it first."""
         path = self.choose_path(tokens, experts)
+        padding = (0, 0)
+        if not padded:
+            whole_map = experts.geometry.conv_padding(*x_pad.shape[-2:]) if path in ("merged", "deltas") else None
+            x_pad, padding = (experts.geometry.pad(x_pad), padding) if whole_map is None else (x_pad, whole_map)
         if path == "merged":  # folds a shared base into each image's conv
-            return merged_conv(experts, x_pad, routing.dense_weights()[:, 0])
+            return merged_conv(experts, x_pad, routing.dense_weights()[:, 0], padding)
         if path == "deltas":
             weight_map = position_weights(tokens, routing, out_size)
-            return mixed_deltas(experts, x_pad, weight_map, with_base=True)
+            return mixed_deltas(experts, x_pad, weight_map, with_base=True, padding=padding)
         if path == "gathered":
             return add_shared_base(experts, x_pad, run_gathered(x_pad, tokens, routed(routing), experts, out_size))
         return add_shared_base(experts, x_pad, run_regions(x_pad, tokens, routed(routing), experts, out_size))

@@ -181,11 +181,12 @@ class ExpertBank(nn.Module, abc.ABC):
         ``capabilities.shared_base``."""
         raise NotImplementedError(f"{type(self).__name__} has no shared base conv (capabilities.shared_base is False).")
 
-    def forward_base(self, x_pad: Tensor) -> Tensor:
-        """The shared base conv on the whole padded map, (B, C_out, H_out, W_out)."""
+    def forward_base(self, x_pad: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
+        """The shared base conv on the whole padded map, (B, C_out, H_out, W_out); ``padding``: zeros the
+        conv adds itself (for an unpadded map, see ``ConvGeometry.conv_padding``)."""
         weight, bias = self.base_conv()
         g = self.geometry
-        return F.conv2d(x_pad, weight, bias, stride=g.stride, dilation=g.dilation,
+        return F.conv2d(x_pad, weight, bias, stride=g.stride, padding=padding, dilation=g.dilation,
                         groups=self.in_channels // weight.shape[1])
 
     def mixed_conv(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
