@@ -22,8 +22,8 @@ mean and sample standard deviation over seeds.
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --summary-only
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --markdown   # the table
 
-With ``input_size: [H, W]`` in the study, each arm's active FLOPs (``convmoe.flops``, one image, eval)
-are counted on its recipe's model and given as a ratio to the first arm's.
+With ``input_size: [H, W]`` in the study, each arm's active and executed FLOPs (``convmoe.flops``, one
+image, eval) are counted on its recipe's model and given as ratios to the first arm's.
 """
 
 from __future__ import annotations
@@ -106,27 +106,28 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return arms
 
 
-def arm_flops(arms: dict[str, Any], input_size: list[int]) -> dict[str, float]:
-    """Active FLOPs of one eval forward of every arm's model (random weights), at ``input_size``."""
+def arm_flops(arms: dict[str, Any], input_size: list[int]) -> dict[str, dict[str, float]]:
+    """Active and executed FLOPs of one eval forward of every arm's model (random weights), at ``input_size``."""
     import torch
 
     import convmoe
     from convmoe.engine import instantiate, load_config
 
-    flops = {}
+    counts: dict[str, dict[str, float]] = {"active": {}, "executed": {}}
     for name, arm in arms.items():
         config = load_config(arm["config"], list(arm.get("overrides", [])))
         model_config = {**config["model"], **({"pretrained": False} if "pretrained" in config["model"] else {})}
-        model = instantiate(model_config).eval()
-        flops[name] = float(convmoe.flops(model, torch.zeros(1, 3, *input_size)).active)
-    return flops
+        report = convmoe.flops(instantiate(model_config).eval(), torch.zeros(1, 3, *input_size))
+        counts["active"][name], counts["executed"][name] = float(report.active), float(report.executed)
+    return counts
 
 
 def markdown(payload: dict[str, Any]) -> str:
     """The study's summary as a Markdown table: metric, FLOPs ratio, imbalance and dead experts per arm."""
-    summary, flops = payload["summary"], payload.get("active_flops", {})
+    summary, flops, executed = payload["summary"], payload.get("active_flops", {}), payload.get("executed_flops", {})
     metrics = list(dict.fromkeys(key for arm in summary.values() for key in arm if "/" in key))
     first = next(iter(flops.values()), None)
+    first_executed = next(iter(executed.values()), None)
 
     def cell(stats: dict[str, Any] | None, digits: int) -> str:
         if not stats:
@@ -134,14 +135,16 @@ def markdown(payload: dict[str, Any]) -> str:
         std = f" ± {stats['std']:.{digits}f}" if stats["std"] is not None else ""
         return f"{stats['mean']:.{digits}f}{std}"
 
-    head = ["arm", "seeds", *metrics, "active FLOPs", "imbalance (mean over layers)", "dead experts"]
+    head = ["arm", "seeds", *metrics, "active FLOPs", *(["executed FLOPs"] if executed else []),
+            "imbalance (mean over layers)", "dead experts"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, stats in summary.items():
         seeds = max((s["n"] for s in stats.values() if isinstance(s, dict) and "n" in s), default=0)
         ratio = f"{flops[name] / first:.3f}x" if first and name in flops else "-"
+        ran = [f"{executed[name] / first_executed:.3f}x" if first_executed and name in executed else "-"] if executed else []
         digits = [4 if "miou" in m else 2 for m in metrics]
         rows.append("| " + " | ".join([f"`{name}`", str(seeds), *(cell(stats.get(m), d) for m, d in zip(metrics, digits, strict=True)),
-                                       ratio, cell(stats.get("imbalance_mean"), 2), cell(stats.get("dead_experts"), 1)])
+                                       ratio, *ran, cell(stats.get("imbalance_mean"), 2), cell(stats.get("dead_experts"), 1)])
                     + " |")
     return "\n".join(rows)
 
@@ -193,7 +196,11 @@ def _write(results: Path, study: dict[str, Any], path: Path, runs: list[dict[str
     old = json.loads(results.read_text()) if results.exists() else {}
     if "input_size" in study:
         payload["input_size"] = study["input_size"]
-        payload["active_flops"] = old.get("active_flops") or arm_flops(study["arms"], study["input_size"])
+        if old.get("active_flops") and old.get("executed_flops"):
+            payload["active_flops"], payload["executed_flops"] = old["active_flops"], old["executed_flops"]
+        else:
+            counts = arm_flops(study["arms"], study["input_size"])
+            payload["active_flops"], payload["executed_flops"] = counts["active"], counts["executed"]
     results.write_text(json.dumps(payload, indent=1) + "\n")
 
 

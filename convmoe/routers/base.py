@@ -80,7 +80,8 @@ class Router(nn.Module):
 
     def forward(self, tokens: Tokens, expert_mask: Tensor | None = None) -> Routing:
         device_type = tokens.source.device.type
-        autocast = torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type)
+        autocast = torch.amp.is_autocast_available(device_type) and (
+            torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type))  # none on "meta"
         with torch.autocast(device_type=device_type, enabled=False) if autocast else contextlib.nullcontext():
             logits = self.gate(tokens).float()
             # Eager CPU reads one sum for free and skips the masks when it is finite, so every logit is
