@@ -32,20 +32,14 @@ from convmoe.dispatch.deltas import is_factored, mixed_deltas
 from convmoe.dispatch.dense import position_weights
 from convmoe.dispatch.merged import merged_conv
 from convmoe.dispatch.tiles import sizes
-from convmoe.tokens.base import Tokenizer
-
-
-def _fvcore() -> Any:
-    """fvcore.nn, imported on first use: at import it scripts functions with ``torch.jit.script``, which
-    recent torch deprecates with a FutureWarning that ``import convmoe`` should not print."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script")
-        import fvcore.nn
-
-    return fvcore.nn
-
+from convmoe.fvcore_tracing import (
+    GateCall,
+    KernelCall,
+    MethodCall,
+    RecordedOutputs,
+    count_flops,
+    fvcore_nn,
+)
 
 CONVENTION = "fvcore: one fused multiply-add = one flop (MACs); softmax, top-k, activations, gathers not counted"
 
@@ -153,79 +147,6 @@ def _si(value: float) -> str:
     return str(int(value))
 
 
-class _Call(nn.Module):
-    """A module whose forward is ``module.<method>(x, *extra)``, so fvcore can trace one method."""
-
-    def __init__(self, module: nn.Module, method: str, *extra: Any) -> None:
-        super().__init__()
-        self.module, self.method, self.extra = module, method, extra
-
-    def forward(self, x: Tensor) -> Tensor:
-        return getattr(self.module, self.method)(x, *self.extra)
-
-
-class _Gate(nn.Module):
-    """The gate on the tokens of a source map, as the block runs it."""
-
-    def __init__(self, router: nn.Module, tokenizer: Tokenizer) -> None:
-        super().__init__()
-        self.router, self.tokenizer = router, tokenizer
-
-    def forward(self, source: Tensor) -> Tensor:
-        return self.router.gate(self.tokenizer.split(source))
-
-
-class _Replay(torch.autograd.Function):
-    """Returns a recorded output as one opaque operator of ``x``: traced (so the graph stays
-    connected), never counted (fvcore has no handle for it)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, output: Tensor) -> Tensor:
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:
-        return None, None
-
-
-class _Recorded(nn.Module):
-    """Stands in for an MoE block during fvcore's trace: returns the outputs recorded earlier."""
-
-    def __init__(self, outputs: list[Tensor]) -> None:
-        super().__init__()
-        self.outputs, self.calls = outputs, 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.outputs[self.calls % len(self.outputs)]
-        self.calls += 1
-        return _Replay.apply(x, out)
-
-
-def _baddbmm_flop(inputs: list[Any], outputs: list[Any]) -> int:
-    """fvcore handle for ``baddbmm(input, batch1, batch2)``: the product's B * n * m * p (the add is free)."""
-    from fvcore.nn.jit_handles import get_shape
-
-    batch, n, m = get_shape(inputs[1])
-    return batch * n * m * get_shape(inputs[2])[-1]
-
-
-def _count(module: nn.Module, x: Tensor) -> int:
-    analysis = _fvcore().FlopCountAnalysis(module, (x,)).set_op_handle("aten::baddbmm", _baddbmm_flop)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    return int(analysis.total())
-
-
-class _Kernel(nn.Module):
-    """A dispatch kernel ``function(experts, x_pad, *extra, **options)`` as a module fvcore can trace."""
-
-    def __init__(self, function: Any, experts: nn.Module, *extra: Any, **options: Any) -> None:
-        super().__init__()
-        self.function, self.experts, self.extra, self.options = function, experts, extra, options
-
-    def forward(self, x_pad: Tensor) -> Tensor:
-        return self.function(self.experts, x_pad, *self.extra, **self.options)
-
-
 def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: Any,
                      out_size: tuple[int, int]) -> int | None:
     """fvcore's count of the kernel the block's dispatcher ran, for the paths whose cost is not the
@@ -238,10 +159,10 @@ def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: A
     else:
         return None
     if path == "merged":
-        return _count(_Kernel(merged_conv, experts, routing.dense_weights()[:, 0]), x_pad)
+        return count_flops(KernelCall(merged_conv, experts, routing.dense_weights()[:, 0]), x_pad)
     if path == "deltas":
         weight_map = position_weights(block.tokens.split(source), routing, out_size)
-        return _count(_Kernel(mixed_deltas, experts, weight_map, with_base=True), x_pad)
+        return count_flops(KernelCall(mixed_deltas, experts, weight_map, with_base=True), x_pad)
     return None
 
 
@@ -262,7 +183,7 @@ def _expert_flops_per_token(block: MoEConv2d, x: Tensor, out_size: tuple[int, in
             if (h, w) not in cache:
                 window = ((h - 1) * g.stride[0] + g.span[0], (w - 1) * g.stride[1] + g.span[1])
                 probe = x.new_zeros(1, x.shape[1], *window)
-                cache[h, w] = _count(_Call(experts, "forward_segments", counts), probe)
+                cache[h, w] = count_flops(MethodCall(experts, "forward_segments", counts), probe)
             per_token.append(cache[h, w])
     return torch.tensor(per_token, dtype=torch.int64)
 
@@ -275,7 +196,7 @@ def _dense_conv(block: MoEConv2d) -> nn.Conv2d:
 
 def _dense_flops(block: MoEConv2d, x_pad: Tensor) -> int:
     conv = _dense_conv(block).to_empty(device=x_pad.device).to(x_pad.dtype)
-    return _count(conv, x_pad)
+    return count_flops(conv, x_pad)
 
 
 def block_flops(block: MoEConv2d, x: Tensor, routing) -> BlockFlops:
@@ -298,12 +219,12 @@ def block_flops(block: MoEConv2d, x: Tensor, routing) -> BlockFlops:
         B = x.shape[0]
         all_experts = int(per_token.sum()) * B * block.experts.num_experts
         source = block.geometry.centre_sample(x_pad, out_size)
-        gate = _count(_Gate(block.router, block.tokens), source)
+        gate = count_flops(GateCall(block.router, block.tokens), source)
         shared = base = 0
         if block.shared_expert is not None:
-            shared = _count(_Call(block.shared_expert, "forward_segments", [B]), x_pad)
+            shared = count_flops(MethodCall(block.shared_expert, "forward_segments", [B]), x_pad)
         if block.experts.capabilities.shared_base:
-            base = _count(_Call(block.experts, "forward_base"), x_pad)
+            base = count_flops(MethodCall(block.experts, "forward_base"), x_pad)
         dense = _dense_flops(block, x_pad)
         kernel = _executed_kernel(block, x_pad, source, routing, out_size)
     if kernel is None:  # the routed tokens' experts, or every expert for the dense reference
@@ -382,7 +303,7 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> FlopReport:
 
     # modules only (parameter_count also lists parameters), and inside a block only its main parts
     inside_block = tuple(f"{name}." if name else "" for name in blocks)
-    params = {name: count for name, count in _fvcore().parameter_count(model).items()
+    params = {name: count for name, count in fvcore_nn().parameter_count(model).items()
               if name in by_module or (name in dict(model.named_modules()) and not name.startswith(inside_block))}
     outermost = [name for name in blocks if not any(name.startswith(f"{other}.") for other in blocks if other != name)]
     block_params = sum(params.get(name, 0) for name in outermost)
@@ -406,7 +327,7 @@ def _count_without_blocks(model: nn.Module, inputs: tuple[Tensor, ...], blocks: 
     """fvcore's per-module FLOPs of ``model`` with every recorded MoE block replaced by a stand-in."""
     if isinstance(model, MoEConv2d):  # the model is a block: nothing else to count
         return {"": 0}
-    stand_ins = {id(blocks[name]): _Recorded(outs) for name, outs in outputs.items()}
+    stand_ins = {id(blocks[name]): RecordedOutputs(outs) for name, outs in outputs.items()}
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for _, parent in model.named_modules(remove_duplicate=False):
         for child_name, child in list(parent._modules.items()):
@@ -414,7 +335,7 @@ def _count_without_blocks(model: nn.Module, inputs: tuple[Tensor, ...], blocks: 
                 swapped.append((parent, child_name, child))
                 setattr(parent, child_name, stand_ins[id(child)])
     try:
-        analysis = _fvcore().FlopCountAnalysis(model, inputs)
+        analysis = fvcore_nn().FlopCountAnalysis(model, inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         with torch.no_grad():
             return dict(analysis.by_module())
