@@ -8,6 +8,7 @@ from convmoe.diagnostics import ModelRoutingStats, aux_loss, compute_stats, moe_
 from convmoe.dispatch import DISPATCHERS, create_dispatcher
 from convmoe.dropout import DROPOUTS, create_dropout
 from convmoe.experts import EXPERTS, create_experts
+from convmoe.experts.derived import cached_weights
 from convmoe.factory import BaseRecipe, create_model
 from convmoe.flops import flops
 from convmoe.gates import GATES, create_gate
@@ -46,6 +47,7 @@ __all__ = [
     "UntrustedCodeError",
     "__version__",
     "aux_loss",
+    "cached_weights",
     "compute_stats",
     "create_dispatcher",
     "create_dropout",

@@ -1,4 +1,5 @@
-"""Weights and layouts built once and reused at inference: never stale, never in a graph or a pickle."""
+"""Weights and layouts built once and reused at inference: only when asked, never stale, never in a graph or
+a pickle."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from convmoe import MoEConv2d
 from convmoe.dispatch import DenseDispatcher
-from convmoe.experts.derived import derived_weight
+from convmoe.experts.derived import cached_weights, derived_weight
 from convmoe.routers import TokenChoiceRouter
 from convmoe.tokens import create_tokens
 
@@ -59,14 +60,14 @@ def _changes() -> dict[str, object]:
 
 @pytest.mark.parametrize("change", list(_changes()))
 @pytest.mark.parametrize("dispatcher", ["sparse", "dense"])
-def test_no_grad_outputs_follow_every_parameter_change(change: str, dispatcher: str) -> None:
+def test_cached_outputs_follow_every_tracked_parameter_change(change: str, dispatcher: str) -> None:
     block, x = _block(dispatcher=dispatcher), torch.randn(2, 6, 7, 7)
-    with torch.no_grad():
+    with cached_weights(block), torch.no_grad():
         before = block(x)
-    torch.testing.assert_close(before, _reference(block, x), rtol=1e-5, atol=1e-5)
-    _changes()[change](block)
-    x = x.to(block.experts.down.dtype)
-    with torch.no_grad():
+        torch.testing.assert_close(before, _reference(block, x), rtol=1e-5, atol=1e-5)
+        with torch.enable_grad():
+            _changes()[change](block)
+        x = x.to(block.experts.down.dtype)
         after = block(x)
     if change == "cast":  # same values, now computed in float64
         assert after.dtype == torch.float64
@@ -75,32 +76,37 @@ def test_no_grad_outputs_follow_every_parameter_change(change: str, dispatcher: 
     torch.testing.assert_close(after, _reference(block, x), rtol=1e-5, atol=1e-5)
 
 
-def test_inference_reuses_the_concatenated_weights_and_training_rebuilds_them() -> None:
+def test_weights_are_kept_only_inside_cached_weights_and_dropped_on_exit() -> None:
     block, x = _block(), torch.randn(1, 6, 5, 5)
     with torch.no_grad():
-        block(x)
+        expected = block(x)
+    assert "_derived_weights" not in block.experts.__dict__  # not asked: nothing kept
+    with cached_weights(block), torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
         cached = dict(block.experts.__dict__["_derived_weights"])
         block(x)
-    assert cached.keys() == {"scaled_up", "deltas_with_base"}
-    assert all(block.experts.__dict__["_derived_weights"][name][2] is cached[name][2] for name in cached)
-    # With autograd the weights are rebuilt in the graph: every factor and W0 gets a gradient.
+        assert cached.keys() == {"scaled_up", "deltas_with_base"}
+        assert all(block.experts.__dict__["_derived_weights"][name][2] is cached[name][2] for name in cached)
+    assert "_derived_weights" not in block.experts.__dict__
+    # With autograd the weights are built in the graph: every factor and W0 gets a gradient.
     block.train()
-    block(x).sum().backward()
+    with cached_weights(block):
+        block(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (block.experts.base_weight, block.experts.down,
                                                                          block.experts.up))
 
 
 def test_pickles_and_copies_carry_no_derived_weights_and_to_drops_them() -> None:
     block, x = _block(), torch.randn(1, 6, 5, 5)
-    with torch.no_grad():
+    with cached_weights(block), torch.no_grad():
         expected = block(x)
-    assert "_derived_weights" in block.experts.__dict__
-    for clone in (pickle.loads(pickle.dumps(block)), copy.deepcopy(block)):
-        assert "_derived_weights" not in clone.experts.__dict__
-        with torch.no_grad():
+        assert "_derived_weights" in block.experts.__dict__
+        for clone in (pickle.loads(pickle.dumps(block)), copy.deepcopy(block)):
+            assert "_derived_weights" not in clone.experts.__dict__
+            assert "_derived_weights_cached" not in clone.experts.__dict__
             torch.testing.assert_close(clone(x), expected)
-    block.to(torch.float64)
-    assert "_derived_weights" not in block.experts.__dict__
+        block.to(torch.float64)
+        assert "_derived_weights" not in block.experts.__dict__
 
 
 def test_derived_weight_is_not_cached_with_autograd_on() -> None:
@@ -110,8 +116,9 @@ def test_derived_weight_is_not_cached_with_autograd_on() -> None:
         calls.append(1)
         return layer.weight.t()
 
-    derived_weight(layer, "t", [layer.weight], build)
-    derived_weight(layer, "t", [layer.weight], build)
+    with cached_weights(layer):
+        derived_weight(layer, "t", [layer.weight], build)
+        derived_weight(layer, "t", [layer.weight], build)
     assert len(calls) == 2
     assert "_derived_weights" not in layer.__dict__
 

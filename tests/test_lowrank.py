@@ -159,7 +159,7 @@ def test_unpatch_base_needs_a_shared_base() -> None:
 
 @pytest.mark.parametrize(("size", "expected_convs"), [
     (8, [(32, 16, 3, 3)]),  # a large map: each image's W0 + sum_e w_e dW_e multiplied out, one conv
-    (2, [(32 + 4 * 4, 16, 3, 3)]),  # a tiny map: W0 and every expert's r = 4 channels in one conv
+    (2, [(4 * 4, 16, 3, 3), (32, 16, 3, 3)]),  # a tiny map: every expert's r = 4 channels, then W0
 ])
 def test_merged_path_folds_or_keeps_the_rank_by_cost(size: int, expected_convs: list[tuple[int, ...]]) -> None:
     """Image tokens: multiplying the factors out costs C_out * K * r per used expert once, running them

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convmoe.dispatch.base import add_shared_base
 from convmoe.experts.base import ExpertBank, StackedConv
-from convmoe.experts.derived import derived_weight
+from convmoe.experts.derived import caches_derived_weights, derived_weight
 
 
 def is_factored(experts: ExpertBank) -> bool:
@@ -36,10 +35,9 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_ba
                  padding: tuple[int, int] = (0, 0)) -> Tensor:
     """Every factored expert on every position, weighted by ``weight_map`` and summed, (B, C_out, H_out, W_out).
 
-    With ``with_base`` the bank's shared base conv (``capabilities.shared_base``) is added, computed in
-    the same conv as the ``down`` factors (W0's C_out channels first) and added inside the ``up``
-    product: one conv and one batched matrix product per call. Without autograd the concatenated
-    weights are built once per parameter change (:func:`~convmoe.experts.derived.derived_weight`).
+    With ``with_base`` the bank's shared base conv (``capabilities.shared_base``) is added inside the
+    ``up`` product (one ``baddbmm``). Inside :func:`~convmoe.experts.derived.cached_weights` W0 and the
+    ``down`` factors also run as one conv, their concatenated weight kept across calls.
 
     Args:
         experts: A bank whose stacked conv is factored (see :func:`is_factored`).
@@ -64,21 +62,23 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_ba
     """
     conv, g = experts.stacked_conv(), experts.geometry
     E, C_out, rank = conv.up.shape
-    fused = with_base and experts.capabilities.shared_base and experts.base_conv()[0].shape[1] == conv.weight.shape[2]
+    with_base = with_base and experts.capabilities.shared_base
+    # One conv for W0 and the factors only where their concatenated weight is kept: copied per call,
+    # it costs more than the second conv it saves.
+    fused = with_base and caches_derived_weights(experts) and experts.base_conv()[0].shape[1] == conv.weight.shape[2]
     weight, bias, up = _factored_weights(experts, conv, fused)
     out = F.conv2d(x_pad, weight, bias, stride=g.stride, padding=padding, dilation=g.dilation)  # (B, [C_out +] E*r, H, W)
     B, _, H, W = out.shape
     h = out[:, out.shape[1] - E * rank:].reshape(B, E, rank, H * W) * weight_map.reshape(B, E, 1, H * W).to(out.dtype)
     h = h.reshape(B, E * rank, H * W)
     up = up.to(h.dtype)
-    if fused:  # W0 * x + b0 + UP @ (h * w), the sum inside the product
-        y = torch.baddbmm(out[:, :C_out].reshape(B, C_out, H * W), up.expand(B, -1, -1), h).reshape(B, C_out, H, W)
+    if with_base:  # W0 * x + b0 + UP @ (h * w), the sum inside the product
+        base = out[:, :C_out] if fused else experts.forward_base(x_pad, padding)
+        y = torch.baddbmm(base.reshape(B, C_out, H * W), up.expand(B, -1, -1), h).reshape(B, C_out, H, W)
     else:
         y = torch.matmul(up, h).reshape(B, C_out, H, W)
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
-    if with_base and not fused:
-        y = add_shared_base(experts, x_pad, y, padding)
     return y
 
 

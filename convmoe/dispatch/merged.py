@@ -4,8 +4,8 @@ Exact for linear experts only: sum_e w_e (W_e * x + b_e) = (sum_e w_e W_e) * x +
 (Yang et al., 2019, CondConv, arXiv:1904.04971). Applies when every image is one token. A shared
 base conv (low-rank experts' W0) is folded in: each image's conv is ``W0 + sum_e w_e dW_e``.
 Factored (low-rank) experts are multiplied out when that is cheaper than running them factored
-(large maps); otherwise (small maps) they keep their rank: W0 and every expert's ``down`` in one
-conv, then each image's weighted ``up`` (:func:`~convmoe.dispatch.deltas.mixed_deltas`).
+(large maps); otherwise (small maps) they keep their rank: W0 and every expert's ``down`` on the
+map, then each image's weighted ``up`` (:func:`~convmoe.dispatch.deltas.mixed_deltas`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
     B = x_pad.shape[0]
     out_h, out_w = g.padded_output_size(x_pad.shape[-2] + 2 * padding[0], x_pad.shape[-1] + 2 * padding[1])
     if conv.up is not None and not _fold_factors(conv.up, conv.weight, B, out_h * out_w):
-        # A small map: keep the rank. W0 and every expert's r channels in one conv, then each image's
-        # weights on its r-channel groups inside the product with ``up`` (the deltas path, one weight per image).
+        # A small map: keep the rank. Every expert's r channels and W0 on the map, then each image's weights
+        # on its r-channel groups inside the product with ``up`` (the deltas path, one weight per image).
         weight_map = weights.to(conv.up.dtype)[:, :, None, None].expand(-1, -1, out_h, out_w)
         return mixed_deltas(experts, x_pad, weight_map, with_base=True, padding=padding)
     weights = weights.to(conv.weight.dtype)

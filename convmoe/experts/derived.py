@@ -1,16 +1,18 @@
-"""Weights derived from a bank's parameters (concatenated, permuted), built once per change at inference.
+"""Weights derived from a bank's parameters (concatenated, scaled), kept across calls only when asked.
 
-A derived weight (W0 and every ``down`` in one conv weight, ``up`` as one matrix) costs a copy of
-the parameters on every call; at batch 1 that copy is a large part of a block's time. Without
-autograd, nothing reads the graph of that copy, so it is kept and reused until a source parameter
-changes: a different storage, device or dtype, or an in-place update (an optimizer step or
-``load_state_dict`` bumps the tensor's version counter). With autograd on, while compiling and while
-exporting it is rebuilt on every call, so gradients and traced graphs are as before.
+A derived weight (low-rank experts' W0 and every ``down`` in one conv weight, ``up`` as one matrix)
+costs a copy of the parameters on every call; at batch 1 that copy is a large part of a block's
+time. Inside :func:`cached_weights` (as inside ``torch.nn.utils.parametrize.cached()``) each is built
+once and reused. Opt-in, because PyTorch cannot tell every change of a parameter: an in-place write
+through ``.data`` does not bump the version counter. As a safety net the cache is still rebuilt when
+a source tensor's storage, device, dtype or version changes (an optimizer step or ``load_state_dict``);
+with autograd on, while compiling and while tracing nothing is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 T = TypeVar("T")
 _CACHE = "_derived_weights"
+_ENABLED = "_derived_weights_cached"
 
 
 def _key(sources: Sequence[Tensor | None]) -> tuple[Any, ...]:
@@ -25,13 +28,25 @@ def _key(sources: Sequence[Tensor | None]) -> tuple[Any, ...]:
                  for t in sources)
 
 
+def caches_derived_weights(owner: nn.Module) -> bool:
+    """Whether ``owner`` keeps its derived weights now: inside :func:`cached_weights`, without autograd,
+    not compiling or tracing.
+
+    Example:
+        >>> caches_derived_weights(nn.Linear(2, 2))
+        False
+    """
+    return (bool(owner.__dict__.get(_ENABLED)) and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
 def derived_weight(owner: nn.Module, name: str, sources: Sequence[Tensor | None], build: Callable[[], T],
                    extra: Hashable = None) -> T:
-    """``build()``, reused while no tensor of ``sources`` and not ``extra`` changed, and autograd is off.
+    """``build()``; inside :func:`cached_weights`, the value kept from the last call while no tensor of
+    ``sources`` and not ``extra`` changed.
 
     The cache keeps the sources' storages alive, so a freed storage's address cannot come back as a
-    different parameter with the same version. :func:`clear_derived_weights` drops it (the bank does on
-    ``.to()``, and a pickled bank carries none).
+    different parameter with the same version.
 
     Args:
         owner: The module the derived weight belongs to.
@@ -42,15 +57,16 @@ def derived_weight(owner: nn.Module, name: str, sources: Sequence[Tensor | None]
 
     Example:
         >>> layer = nn.Linear(2, 3)
-        >>> with torch.no_grad():
-        ...     first = derived_weight(layer, "t", [layer.weight], lambda: layer.weight.t().contiguous())
-        ...     again = derived_weight(layer, "t", [layer.weight], lambda: layer.weight.t().contiguous())
+        >>> transposed = lambda: layer.weight.t().contiguous()
+        >>> with cached_weights(layer), torch.no_grad():
+        ...     first = derived_weight(layer, "t", [layer.weight], transposed)
+        ...     again = derived_weight(layer, "t", [layer.weight], transposed)
         ...     _ = layer.weight.mul_(2)  # an in-place update: rebuilt
-        ...     updated = derived_weight(layer, "t", [layer.weight], lambda: layer.weight.t().contiguous())
+        ...     updated = derived_weight(layer, "t", [layer.weight], transposed)
         >>> first is again, torch.equal(updated, 2 * first)
         (True, True)
     """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not caches_derived_weights(owner):
         return build()
     cache: dict[str, tuple[tuple[Any, ...], list[Any], Any]] = owner.__dict__.setdefault(_CACHE, {})
     key = (_key(sources), extra)
@@ -62,14 +78,44 @@ def derived_weight(owner: nn.Module, name: str, sources: Sequence[Tensor | None]
     return value
 
 
+@contextlib.contextmanager
+def cached_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inference with fixed weights: inside, ``model``'s expert banks build their derived weights once.
+
+    For serving or timing a model whose weights do not change. Low-rank experts then run W0 and all
+    ``down`` factors as one conv (their concatenated weight is kept instead of copied per call). On
+    exit the kept weights are dropped. Do not write parameters through ``.data`` inside: such a write
+    is invisible to PyTorch's version counter, so the kept weights would not follow it.
+
+    Example:
+        >>> from convmoe import MoEConv2d
+        >>> block = MoEConv2d(8, 8, 1, num_experts=4, experts="lowrank", expert_kwargs={"rank": 2}).eval()
+        >>> x = torch.randn(1, 8, 4, 4)
+        >>> with cached_weights(block), torch.no_grad():
+        ...     y = block(x)
+        >>> torch.allclose(y, block(x), atol=1e-6)
+        True
+    """
+    banks = list(model.modules())
+    for bank in banks:
+        bank.__dict__[_ENABLED] = bank.__dict__.get(_ENABLED, 0) + 1
+    try:
+        yield model
+    finally:
+        for bank in banks:
+            bank.__dict__[_ENABLED] -= 1
+            if not bank.__dict__[_ENABLED]:
+                del bank.__dict__[_ENABLED]
+                clear_derived_weights(bank)
+
+
 def clear_derived_weights(owner: nn.Module) -> None:
-    """Forget every derived weight of ``owner``.
+    """Forget every derived weight ``owner`` keeps.
 
     Example:
         >>> layer = nn.Linear(2, 3)
-        >>> with torch.no_grad():
+        >>> with cached_weights(layer), torch.no_grad():
         ...     _ = derived_weight(layer, "t", [layer.weight], lambda: layer.weight.t())
-        >>> clear_derived_weights(layer)
         >>> "_derived_weights" in layer.__dict__
         False
     """
@@ -77,5 +123,5 @@ def clear_derived_weights(owner: nn.Module) -> None:
 
 
 def without_derived_weights(state: dict[str, Any]) -> dict[str, Any]:
-    """A module's ``__getstate__`` without its derived weights (they are rebuilt on demand)."""
-    return {key: value for key, value in state.items() if key != _CACHE}
+    """A module's ``__getstate__`` without its derived weights or the cache switch (rebuilt on demand)."""
+    return {key: value for key, value in state.items() if key not in (_CACHE, _ENABLED)}
