@@ -202,6 +202,7 @@ def test_card_costs_are_measured(zoo):
     assert meta["params"] == sum(p.numel() for p in model.parameters())
     # top-2 of 4 experts at one conv: more active FLOPs than the dense equivalent, which equals the twin.
     assert meta["active_flops"] > meta["dense_flops"] == meta["dense_twin"]["active_flops"]
+    assert meta["executed_flops"] == convmoe.flops(model.eval(), torch.zeros(meta["flops"]["input"])).executed
     assert meta["dense_params"] == meta["dense_twin"]["params"]
     assert meta["flops"]["input"] == [1, 3, 32, 32]
     assert meta["latency"]["ms"] > 0
@@ -318,6 +319,17 @@ def test_validate_metadata_checks_consistency():
     nan = {**EXAMPLE_META, "metrics": {"val/top1": math.nan}}
     assert validate_metadata(nan)[0].startswith("convmoe.metrics is {'val/top1': nan}")
     assert "unknown keys ['extra']" in validate_metadata({**EXAMPLE_META, "extra": 1})[0]
+    assert validate_metadata({**EXAMPLE_META, "executed_flops": 4600}, "tiny-moe") == []  # optional
+    assert validate_metadata({**EXAMPLE_META, "executed_flops": -1})[0] == (
+        "convmoe.executed_flops is -1; it must be FLOPs per image as the MoE blocks' dispatch paths ran.")
+
+
+def test_card_gives_executed_flops_where_the_paths_ran_fewer_than_active():
+    from convmoe.zoo.card_sections import cost_section
+
+    merged = "\n".join(cost_section({**EXAMPLE_META, "executed_flops": 4600}))
+    assert "executed as the dispatch paths ran: 4.60K" in merged
+    assert "dispatch paths ran" not in "\n".join(cost_section({**EXAMPLE_META, "executed_flops": 5000}))
 
 
 # -- loading: folder, float16, Hub cache offline ----------------------------------------------------------

@@ -86,6 +86,9 @@ def cost_section(meta: Mapping[str, Any]) -> list[str]:
     if twin:
         flop_line += f"; dense twin: {format_count(twin['active_flops'])}"
     flop_line += ")"
+    executed = meta.get("executed_flops")
+    if executed is not None and executed != meta["active_flops"]:
+        flop_line += f"; executed as the dispatch paths ran: {format_count(executed)}"
     if flops.get("block_ratio") is not None:
         flop_line += f"; the MoE blocks cost {flops['block_ratio']:.2f}x the convs they replace"
     lines += [flop_line + ".", f"  Counted with {flops['method']}.", *cost_latency_and_weights(meta)]

@@ -39,6 +39,8 @@ class CostFigures:
         dense_flops: FLOPs of the dense equivalent; None without fvcore.
         block_ratio: Active over dense FLOPs of the MoE blocks alone (None without MoE blocks).
         method: How the FLOPs were counted.
+        executed_flops: FLOPs of one forward pass as the MoE blocks' dispatch paths ran (one conv per
+            image for merged experts; :attr:`convmoe.flops.FlopReport.executed`); None without fvcore.
 
     Example:
         >>> CostFigures(10, 8, 100, 80, 1.25, "x").as_dict()["active_flops"]
@@ -51,11 +53,13 @@ class CostFigures:
     dense_flops: int | None
     block_ratio: float | None
     method: str
+    executed_flops: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the figures."""
         return {"params": self.params, "dense_params": self.dense_params, "active_flops": self.active_flops,
-                "dense_flops": self.dense_flops, "block_ratio": self.block_ratio, "method": self.method}
+                "dense_flops": self.dense_flops, "block_ratio": self.block_ratio, "method": self.method,
+                "executed_flops": self.executed_flops}
 
 
 def measure_cost(model: nn.Module, inputs: Tensor) -> CostFigures:
@@ -78,7 +82,7 @@ def measure_cost(model: nn.Module, inputs: Tensor) -> CostFigures:
              if blocks else None)
     return CostFigures(params=int(report.params), dense_params=int(report.dense_params),
                        active_flops=int(report.active), dense_flops=int(report.dense), block_ratio=ratio,
-                       method=FVCORE_METHOD)
+                       method=FVCORE_METHOD, executed_flops=int(report.executed))
 
 
 def _analytic_cost(model: nn.Module, inputs: Tensor) -> CostFigures:

@@ -345,7 +345,7 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         "monitor": main.monitor, "metrics": summary["metrics"], "metrics_std": summary["metrics_std"],
         "seeds": summary["seeds"], "runs": summary["runs"], "published_seed": main.seed,
         "params": cost.params, "dense_params": cost.dense_params, "active_flops": cost.active_flops,
-        "dense_flops": cost.dense_flops,
+        "dense_flops": cost.dense_flops, "executed_flops": cost.executed_flops,
         "flops": {"input": list(inputs.shape), "method": cost.method, "block_ratio": cost.block_ratio},
         "latency": latency,
         "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size,

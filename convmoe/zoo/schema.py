@@ -131,7 +131,11 @@ METADATA_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense_twin": (_is_twin, "the dense twin's seeds, metrics, cost and commands (null without one)"),
     "convmoe_version": (_is_text, "the convmoe version that published it"),
 }
-OPTIONAL_METADATA = ("preprocessing", "per_class_iou", "references", "notes")
+OPTIONAL_METADATA = ("preprocessing", "per_class_iou", "references", "notes", "executed_flops")
+# Optional keys with a checked value (cards published before they existed lack them).
+OPTIONAL_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "executed_flops": (_is_optional_count, "FLOPs per image as the MoE blocks' dispatch paths ran"),
+}
 
 
 def _is_model_id(value: Any) -> bool:
@@ -200,6 +204,9 @@ def validate_metadata(meta: Any, folder_name: str | None = None) -> list[str]:
         if key not in meta:
             problems.append(f"convmoe.{key} is missing; it must be {what}.")
         elif not check(meta[key]):
+            problems.append(f"convmoe.{key} is {meta[key]!r}; it must be {what}.")
+    for key, (check, what) in OPTIONAL_SCHEMA.items():
+        if key in meta and not check(meta[key]):
             problems.append(f"convmoe.{key} is {meta[key]!r}; it must be {what}.")
     known = [*METADATA_SCHEMA, *VARIANT_KIND_SCHEMA, *OPTIONAL_METADATA]
     unknown = sorted(set(meta) - set(known))
