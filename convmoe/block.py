@@ -251,16 +251,17 @@ class MoEConv2d(nn.Module, ScopedModule):
         dispatcher = export_dispatcher(self.dispatcher) if is_exporting() else self.dispatcher
         if x.shape[0] == 0 and isinstance(dispatcher, SparseDispatcher):
             dispatcher = _DENSE
-        if getattr(dispatcher, "pads_itself", False):
+        pads_itself = getattr(dispatcher, "pads_itself", False)
+        adds_base = getattr(dispatcher, "adds_shared_base", False)
+        if x_pad is None and not (pads_itself and adds_base and self.shared_expert is None):
+            x_pad = geometry.pad(x)
+        if pads_itself:
             y = dispatcher(x, tokens, routing, self.experts, out_size, padded=False)
         else:
-            x_pad = geometry.pad(x) if x_pad is None else x_pad
             y = dispatcher(x_pad, tokens, routing, self.experts, out_size)
-        if not getattr(dispatcher, "adds_shared_base", False):  # low-rank experts' W0, for a user's dispatcher
-            x_pad = geometry.pad(x) if x_pad is None else x_pad
+        if not adds_base:  # low-rank experts' W0, for a user's dispatcher
             y = add_shared_base(self.experts, x_pad, y)
         if self.shared_expert is not None:
-            x_pad = geometry.pad(x) if x_pad is None else x_pad
             y = y + self.shared_expert.forward_segments(x_pad, [x.shape[0]])
 
         # Losses on the side, where convmoe.aux_loss finds them, and the routing, from which

@@ -151,9 +151,9 @@ def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: A
                      out_size: tuple[int, int]) -> int | None:
     """fvcore's count of the kernel the block's dispatcher ran, for the paths whose cost is not the
     routed tokens' (shared base included); None for the gathered and regions paths and other dispatchers."""
-    experts, dispatcher = block.experts, block.dispatcher
+    experts, dispatcher, tokens = block.experts, block.dispatcher, block.tokens.split(source)
     if isinstance(dispatcher, SparseDispatcher):
-        path = dispatcher.choose_path(block.tokens.split(source), experts)
+        path = dispatcher.choose_path(tokens, experts)
     elif isinstance(dispatcher, DenseDispatcher) and is_factored(experts):
         path = "deltas"
     else:
@@ -161,7 +161,7 @@ def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: A
     if path == "merged":
         return count_flops(KernelCall(merged_conv, experts, routing.dense_weights()[:, 0]), x_pad)
     if path == "deltas":
-        weight_map = position_weights(block.tokens.split(source), routing, out_size)
+        weight_map = position_weights(tokens, routing, out_size)
         return count_flops(KernelCall(mixed_deltas, experts, weight_map, with_base=True), x_pad)
     return None
 

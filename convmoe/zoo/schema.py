@@ -131,11 +131,11 @@ METADATA_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense_twin": (_is_twin, "the dense twin's seeds, metrics, cost and commands (null without one)"),
     "convmoe_version": (_is_text, "the convmoe version that published it"),
 }
-OPTIONAL_METADATA = ("preprocessing", "per_class_iou", "references", "notes", "executed_flops")
 # Optional keys with a checked value (cards published before they existed lack them).
 OPTIONAL_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "executed_flops": (_is_optional_count, "FLOPs per image as the MoE blocks' dispatch paths ran"),
 }
+OPTIONAL_METADATA = ("preprocessing", "per_class_iou", "references", "notes", *OPTIONAL_SCHEMA)
 
 
 def _is_model_id(value: Any) -> bool:
