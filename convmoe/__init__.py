@@ -15,7 +15,7 @@ from convmoe.gates import GATES, create_gate
 from convmoe.geometry import ConvGeometry
 from convmoe.hub import from_pretrained, save_pretrained
 from convmoe.losses import LOSSES
-from convmoe.patch import freeze_base, patch_spec, print_trainable_parameters, unpatch
+from convmoe.patch import freeze_base, freeze_modules, patch_spec, print_trainable_parameters, unpatch
 from convmoe.presets import PRESETS, get_preset, list_presets
 from convmoe.registry import Registry
 from convmoe.routers import ROUTERS, create_router
@@ -59,6 +59,7 @@ __all__ = [
     "describe",
     "flops",
     "freeze_base",
+    "freeze_modules",
     "from_pretrained",
     "get_preset",
     "list_presets",

@@ -144,8 +144,10 @@ def _did_you_mean(key: Any, allowed: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-# The ``freeze_base`` section: convmoe.freeze_base's keywords, their types and an example value for the fix.
+# The ``freeze_base`` and ``freeze`` sections: the functions' keywords, their types and an example value for the fix.
 FREEZE_BASE_SETTINGS: dict[str, tuple[Any, Any]] = {"train": (str | list, ["fc"]), "freeze_norm_stats": (bool, True)}
+FREEZE_SETTINGS: dict[str, tuple[Any, Any]] = {"modules": (str | list, ["conv_stem", "blocks.0"]),
+                                               "freeze_norm_stats": (bool, True)}
 
 
 def check_freeze_base(section: Any, where: str = "freeze_base") -> dict[str, Any] | None:
@@ -173,23 +175,60 @@ def check_freeze_base(section: Any, where: str = "freeze_base") -> dict[str, Any
         ...
         ValueError: freeze_base has no setting 'freeze_norm_stat' (did you mean 'freeze_norm_stats'?); it takes freeze_norm_stats, train. Remove it or fix its name.
     """
+    return _check_module_list_section(section, where, FREEZE_BASE_SETTINGS, "train", required=False)
+
+
+def check_freeze(section: Any, where: str = "freeze") -> dict[str, Any] | None:
+    """Check a config's ``freeze`` section and return the keywords for :func:`convmoe.freeze_modules`.
+
+    ``freeze: {modules: [conv_stem, bn1, blocks.0], freeze_norm_stats: true}`` freezes the named modules
+    (names, globs or ``"re:"`` regexes) of any model, dense or MoE, so that a model and its dense twin
+    get the same treatment; null or absent freezes nothing.
+
+    Args:
+        section: The section's value.
+        where: Its name, for messages.
+
+    Returns:
+        The keywords (``modules`` as a list), or None when the section is null.
+
+    Raises:
+        ValueError: Not a mapping, no ``modules``, an unknown key, or a value of the wrong type.
+
+    Example:
+        >>> check_freeze({"modules": "conv_stem", "freeze_norm_stats": True})
+        {'modules': ['conv_stem'], 'freeze_norm_stats': True}
+        >>> check_freeze({"freeze_norm_stats": True})
+        Traceback (most recent call last):
+        ...
+        ValueError: freeze has no modules; name the modules to freeze, e.g. freeze.modules=[conv_stem, blocks.0].
+    """
+    return _check_module_list_section(section, where, FREEZE_SETTINGS, "modules", required=True)
+
+
+def _check_module_list_section(section: Any, where: str, settings: dict[str, tuple[Any, Any]], list_key: str,
+                               required: bool) -> dict[str, Any] | None:
+    """A ``{<list_key>: module specs, freeze_norm_stats: bool}`` section checked, with the specs as a list."""
     if section is None:
         return None
+    example = f"[{', '.join(settings[list_key][1])}]"
     if not isinstance(section, Mapping):
         raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004 (as above)
-                         f"as '{where}: {{train: [fc], freeze_norm_stats: false}}'.")
-    allowed = sorted(FREEZE_BASE_SETTINGS)
+                         f"as '{where}: {{{list_key}: {example}, freeze_norm_stats: false}}'.")
+    allowed = sorted(settings)
     for key in section:
-        if key not in FREEZE_BASE_SETTINGS:
+        if key not in settings:
             hint = _did_you_mean(key, allowed)
             raise ValueError(f"{where} has no setting {key!r}{hint}; it takes {', '.join(allowed)}. Remove it or fix "
                              "its name.")
-    train = section.get("train", [])
-    if not (isinstance(train, str) or (isinstance(train, list) and all(isinstance(n, str) for n in train))):
-        raise ValueError(f"{where}.train={train!r} must be a string or a list of strings (module names, globs or "
-                         f"'re:' regexes), got {type(train).__name__}; e.g. {where}.train=[fc].")
-    check_types(section, FREEZE_BASE_SETTINGS, where)
-    return {**section, "train": [train] if isinstance(train, str) else list(train)}
+    if required and not section.get(list_key):
+        raise ValueError(f"{where} has no {list_key}; name the modules to freeze, e.g. {where}.{list_key}={example}.")
+    names = section.get(list_key, [])
+    if not (isinstance(names, str) or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
+        raise ValueError(f"{where}.{list_key}={names!r} must be a string or a list of strings (module names, globs "
+                         f"or 're:' regexes), got {type(names).__name__}; e.g. {where}.{list_key}={example}.")
+    check_types(section, settings, where)
+    return {**section, list_key: [names] if isinstance(names, str) else list(names)}
 
 
 def _check_target_node(node: Any, where: str, example: str, also: str = "") -> None:
@@ -268,6 +307,7 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
         if str(key).endswith("_dataset") and config[key] is not None:
             _check_dataset(config[key], key)
     check_freeze_base(config.get("freeze_base"))
+    check_freeze(config.get("freeze"))
     if config.get("scheduler") is not None:
         _check_scheduler(config["scheduler"], "scheduler")
     schedulers = config.get("scheduler_list")

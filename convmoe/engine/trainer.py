@@ -28,7 +28,7 @@ import convmoe
 from convmoe.engine.callbacks import Callback
 from convmoe.engine.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, unwrap_model
 from convmoe.engine.config import instantiate, load_config, locate
-from convmoe.engine.config_check import check_freeze_base
+from convmoe.engine.config_check import check_freeze, check_freeze_base
 from convmoe.engine.epoch import train_epoch
 from convmoe.engine.evaluate import (
     limit_batches,
@@ -63,7 +63,8 @@ class Trainer:
     ``val_dataset``, ``test_dataset`` (each a ``_target_`` or a list, with ``data_loader``
     settings; a top-level ``data_loader`` gives defaults); ``scheduler`` or ``scheduler_list``;
     ``trainer`` (or ``pl_trainer``, see :class:`TrainerSettings`); ``freeze_base`` (train only the
-    MoE experts and routers and the named modules, see :func:`convmoe.freeze_base`); ``task``
+    MoE experts and routers and the named modules, see :func:`convmoe.freeze_base`); ``freeze`` (freeze
+    the named modules of a dense or MoE model, see :func:`convmoe.freeze_modules`); ``task``
     (``classification``/``segmentation``/``auto``); ``ignore_index`` (default: the loss's);
     ``init_encoder_from`` (a ``_target_`` giving a backbone whose weights go to an smp encoder).
 
@@ -87,6 +88,7 @@ class Trainer:
                                  "and train_dataset.")
         self.settings = TrainerSettings.from_config(self.config)
         freeze = check_freeze_base(self.config.get("freeze_base"))
+        frozen_modules = check_freeze(self.config.get("freeze"))
         self.ctx = setup_distributed(self.settings.accelerator)
         self.precision = resolve_precision(self.settings.precision, self.ctx.device)
         self.output_dir = Path(self.settings.default_root_dir)
@@ -106,6 +108,10 @@ class Trainer:
             summary = convmoe.freeze_base(model, **freeze)
             if self.ctx.is_main:
                 print(f"freeze_base: {summary}")
+        if frozen_modules is not None:
+            summary = convmoe.freeze_modules(model, **frozen_modules)
+            if self.ctx.is_main:
+                print(f"freeze: {summary}")
         self.model = model.to(self.ctx.device)
         if self.ctx.distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None

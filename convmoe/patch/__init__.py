@@ -10,6 +10,7 @@ patch(model, targets, config, exclude, upcycle)
  └─ swap in place             block.name, block.config, block.converter, a weightless copy of the conv
 patch_spec(model) -> dict      apply_spec(base_model, spec)      unpatch(model, how, inputs) -> UnpatchReport
 freeze_base(model, train)      fine-tune the experts and routers (and `train`), freeze the rest
+freeze_modules(model, names)   freeze the named modules of any model (a dense twin alike)
 ```
 
 Example:
@@ -37,7 +38,7 @@ from convmoe.patch.converters import (
     refusal_reason,
     register_converter,
 )
-from convmoe.patch.freeze import FreezeSummary, freeze_base, print_trainable_parameters
+from convmoe.patch.freeze import FreezeSummary, freeze_base, freeze_modules, print_trainable_parameters
 from convmoe.patch.inject import apply_spec, config_for, patch, patch_spec, patched_blocks
 from convmoe.patch.placements import PLACEMENTS, list_placements
 from convmoe.patch.targets import Selection, TargetSpec, select_targets
@@ -66,6 +67,7 @@ __all__ = [
     "convert_conv2d",
     "convert_timm_conv2d_same",
     "freeze_base",
+    "freeze_modules",
     "get_converter",
     "list_placements",
     "patch",

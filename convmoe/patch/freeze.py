@@ -7,13 +7,17 @@ freeze_base(model, train=("fc",), freeze_norm_stats=False) -> FreezeSummary
  ├─ modules named by `train` (names, globs, "re:" regexes)  requires_grad=True
  ├─ everything else                                         requires_grad=False
  └─ freeze_norm_stats: frozen norm layers held in eval mode (a forward pre-hook, so model.train() cannot undo it)
+freeze_modules(model, ["conv_stem", "blocks.0"], freeze_norm_stats=False) -> FreezeSummary
+ ├─ the named modules                                       requires_grad=False
+ └─ everything else                                         unchanged (a dense model and its MoE twin alike)
 print_trainable_parameters(model)   trainable params: 1,234 || all params: 5,678 || trainable%: 21.7324
 ```
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -29,7 +33,7 @@ _TRAINED_PARTS = ("experts", "shared_expert", "router")
 
 @dataclass(frozen=True)
 class FreezeSummary:
-    """What :func:`freeze_base` left trainable. ``str(summary)`` is the line ``print_trainable_parameters`` prints.
+    """What :func:`freeze_base` or :func:`freeze_modules` left trainable. ``str(summary)`` is the line ``print_trainable_parameters`` prints.
 
     Attributes:
         moe_blocks: The MoE blocks whose experts, shared expert and router train.
@@ -37,6 +41,7 @@ class FreezeSummary:
         trainable: Names of the parameters that train.
         frozen: Names of the parameters that do not.
         frozen_norms: Norm layers held in eval mode (``freeze_norm_stats=True``; else empty).
+        frozen_modules: The modules :func:`freeze_modules` froze (empty for :func:`freeze_base`).
         trainable_params: Elements of the trainable parameters.
         all_params: Elements of all parameters.
 
@@ -53,6 +58,7 @@ class FreezeSummary:
     frozen_norms: list[str]
     trainable_params: int
     all_params: int
+    frozen_modules: list[str] = field(default_factory=list)
 
     @property
     def trainable_percent(self) -> float:
@@ -93,6 +99,19 @@ def _keep_norm_stats_frozen(module: nn.Module, args: Any) -> None:
         module.eval()
 
 
+def _hold_norm_stats(model: nn.Module, chosen: Callable[[nn.Module], bool]) -> list[str]:
+    """Hold the ``chosen`` norm layers with running statistics in eval mode (a pre-hook keeps them there); their names."""
+    held: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _NormBase) and module.track_running_stats and chosen(module):
+            module.eval()
+            hooks = module._forward_pre_hooks.values()
+            if not any(hook is _keep_norm_stats_frozen for hook in hooks):
+                module.register_forward_pre_hook(_keep_norm_stats_frozen)
+            held.append(name)
+    return held
+
+
 def _remove_norm_hooks(model: nn.Module) -> None:
     for module in model.modules():
         hooks = module._forward_pre_hooks
@@ -100,17 +119,18 @@ def _remove_norm_hooks(model: nn.Module) -> None:
             del hooks[key]
 
 
-def _train_modules(model: nn.Module, train: TargetSpec | None) -> list[str]:
+def _named_modules(model: nn.Module, train: TargetSpec | None, what: str = "train",
+                   caller: str = "freeze_base") -> list[str]:
     """Names of the modules ``train`` matches, each spec by patch's rules; a spec that matches none raises."""
     if train is None or (isinstance(train, (list, tuple)) and not train):
         return []
     modules = model_modules(model)
     names = [name for name in modules if name]
     try:
-        matches = [(spec, _match(spec, model, modules, "train")) for spec in _flatten(train, "train")]
+        matches = [(spec, _match(spec, model, modules, what)) for spec in _flatten(train, what)]
     except (TypeError, ValueError) as error:
-        # patch's matcher words its errors for patch(); here they are freeze_base's.
-        raise type(error)(str(error).replace("patch():", "freeze_base():", 1)) from None
+        # patch's matcher words its errors for patch(); here they are the caller's.
+        raise type(error)(str(error).replace("patch():", f"{caller}():", 1)) from None
     selected: dict[str, None] = {}
     for spec, matched in matches:
         if not matched:
@@ -118,7 +138,7 @@ def _train_modules(model: nn.Module, train: TargetSpec | None) -> list[str]:
             query = spec[3:] if is_regex else str(spec)
             closest = _closest(query, names, is_glob=not is_regex) if isinstance(spec, str) else names[:5]
             hint = f"; closest names: {listed_names(closest)}" if closest else ""
-            raise ValueError(f"freeze_base(): train {describe_spec(spec)} matched no module{hint}.")
+            raise ValueError(f"{caller}(): {what} {describe_spec(spec)} matched no module{hint}.")
         selected.update(dict.fromkeys(matched))
     return list(selected)
 
@@ -183,7 +203,7 @@ def freeze_base(model: nn.Module, train: TargetSpec | None = (), freeze_norm_sta
     if not blocks:
         raise ValueError("freeze_base(): the model has no MoE block, so nothing would train; patch it first, e.g. "
                          "convmoe.patch(model, targets='last_stage'), then call freeze_base.")
-    train_names = _train_modules(model, train)
+    train_names = _named_modules(model, train)
 
     modules = dict(model.named_modules())
     trained_modules: list[nn.Module] = []
@@ -210,11 +230,59 @@ def freeze_base(model: nn.Module, train: TargetSpec | None = (), freeze_norm_sta
     frozen_norms: list[str] = []
     if freeze_norm_stats:
         inside_trained = {id(m) for module in trained_modules for m in module.modules()}
-        for name, module in model.named_modules():
-            if (isinstance(module, _NormBase) and module.track_running_stats
-                    and id(module) not in inside_trained):
-                module.eval()
-                module.register_forward_pre_hook(_keep_norm_stats_frozen)
-                frozen_norms.append(name)
+        frozen_norms = _hold_norm_stats(model, lambda module: id(module) not in inside_trained)
     return FreezeSummary([name for name, _ in blocks], train_names, trainable, frozen, frozen_norms,
                          trainable_params, all_params)
+
+
+def freeze_modules(model: nn.Module, modules: TargetSpec, freeze_norm_stats: bool = False) -> FreezeSummary:
+    """Freeze the named modules of any model, dense or patched; every other parameter is left as it is.
+
+    The counterpart of timm's ``freeze``: the way to give a model and its dense twin the same frozen
+    stages (``freeze_base`` needs MoE blocks; this does not). Parameters inside the matched modules get
+    ``requires_grad=False``; with ``freeze_norm_stats=True`` their norm layers with running statistics
+    are held in eval mode as in :func:`freeze_base`. A frozen prefix of a network costs no backward pass:
+    autograd stops at the first trainable layer. It composes with :func:`freeze_base` called first
+    (which starts over when called again).
+
+    Args:
+        model: Any module.
+        modules: What to freeze, by the rules of ``patch``'s targets: exact names, globs, ``"re:"``
+            regular expressions, a module class, a predicate, or a list of these.
+        freeze_norm_stats: Hold the frozen modules' norm layers in eval mode (their statistics fixed).
+
+    Returns:
+        A :class:`FreezeSummary` of the whole model after the call (``frozen_modules`` the matched names).
+
+    Raises:
+        ValueError: ``modules`` is empty, or a spec matches no module (the message names the closest names).
+        TypeError: A spec of an unsupported type.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+        >>> summary = freeze_modules(model, ["0", "1"], freeze_norm_stats=True)
+        >>> summary.frozen_modules, summary.trainable, summary.frozen_norms
+        (['0', '1'], ['2.weight', '2.bias'], ['1'])
+        >>> _ = model.train()(torch.randn(1, 3, 8, 8))
+        >>> model[1].training  # put back in eval mode before its forward
+        False
+    """
+    names = _named_modules(model, modules, what="modules", caller="freeze_modules")
+    if not names:
+        raise ValueError("freeze_modules(): no module named; pass the modules to freeze, e.g. ['conv_stem', 'blocks.0'].")
+    by_name = dict(model.named_modules())
+    frozen_ids = {id(p) for name in names for p in by_name[name].parameters()}
+    for parameter in model.parameters():
+        if id(parameter) in frozen_ids:
+            parameter.requires_grad_(False)
+    inside = {id(m) for name in names for m in by_name[name].modules()}
+    if freeze_norm_stats:
+        _hold_norm_stats(model, lambda module: id(module) in inside)
+    held = [name for name, module in model.named_modules()
+            if any(hook is _keep_norm_stats_frozen for hook in module._forward_pre_hooks.values())]
+    named = list(model.named_parameters())
+    trainable = [name for name, p in named if p.requires_grad]
+    total = sum(p.numel() for _, p in named)
+    return FreezeSummary([], [], trainable, [name for name, p in named if not p.requires_grad], held,
+                         sum(p.numel() for _, p in named if p.requires_grad), total, names)
