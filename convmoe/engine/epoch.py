@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 import convmoe
 from convmoe.distributed import global_batch
-from convmoe.engine.evaluate import autocast, model_output, split_batch
+from convmoe.engine.evaluate import autocast, batch_to, model_output, split_batch
 from convmoe.engine.logging import TensorBoardLogger
 from convmoe.engine.processes import all_reduce_sum
 from convmoe.engine.schedules import step_schedulers
@@ -40,8 +40,7 @@ def train_epoch(trainer: Trainer, epoch: int, tensorboard: TensorBoardLogger | N
             break
         if i % accumulate == 0:
             window.enter_context(global_batch(model))
-        inputs, target = split_batch(batch)
-        inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        inputs, target = batch_to(*split_batch(batch), device, trainer.memory_format)
         boundary = (i + 1) % accumulate == 0 or i + 1 == trainer.train_batches
         sync = contextlib.nullcontext() if boundary or not trainer.ctx.distributed else model.no_sync()
         with sync:

@@ -79,6 +79,20 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
                     "{'image', 'mask' | 'label'} or (image, target) pairs.")
 
 
+def batch_to(inputs: Tensor, target: Tensor, device: torch.device,
+             memory_format: torch.memory_format = torch.preserve_format) -> tuple[Tensor, Tensor]:
+    """A batch moved to ``device``; image batches (4-D) also to ``memory_format`` (e.g. ``torch.channels_last``).
+
+    Example:
+        >>> x, _ = batch_to(torch.zeros(2, 3, 4, 4), torch.zeros(2), torch.device("cpu"), torch.channels_last)
+        >>> x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()
+        (True, False)
+    """
+    image_format = memory_format if inputs.dim() == 4 else torch.preserve_format
+    return (inputs.to(device, non_blocking=True, memory_format=image_format),
+            target.to(device, non_blocking=True))
+
+
 def model_output(output: Any) -> Tensor:
     """The logits of a model's output (the first item when a model also returns auxiliary outputs).
 
@@ -142,7 +156,8 @@ def run_evaluation(model: nn.Module, loader: Iterable, device: torch.device, *, 
                    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, precision: str = "32",
                    ignore_index: int | None = None, class_names: Sequence[str] | None = None,
                    max_batches: int | None = None, progress: bool = False, sync: Callable[[Metric], None] | None = None,
-                   description: str = "eval") -> dict[str, float]:
+                   description: str = "eval",
+                   memory_format: torch.memory_format = torch.preserve_format) -> dict[str, float]:
     """Metrics (and the mean loss with ``loss_fn``) of ``model`` in eval mode over ``loader``.
 
     Args:
@@ -158,6 +173,7 @@ def run_evaluation(model: nn.Module, loader: Iterable, device: torch.device, *, 
         progress: Show a progress bar.
         sync: Called with the metric (and the loss totals are summed) before computing, to combine processes.
         description: The progress bar's label.
+        memory_format: The image batches' memory format (``torch.channels_last`` for a channels-last model).
 
     Returns:
         ``{"top1", "top5"}`` or ``{"miou", "pixel_accuracy", "iou/<class>"...}``, plus ``loss``.
@@ -174,8 +190,7 @@ def run_evaluation(model: nn.Module, loader: Iterable, device: torch.device, *, 
     for i, batch in enumerate(tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)):
         if max_batches is not None and i >= max_batches:
             break
-        inputs, target = split_batch(batch)
-        inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        inputs, target = batch_to(*split_batch(batch), device, memory_format)
         with autocast(device, precision):
             logits = model_output(model(inputs))
             if loss_fn is not None:

@@ -47,6 +47,8 @@ class TrainerSettings:
         resume: A checkpoint to resume from, or ``"auto"`` for ``checkpoints/last.pt`` if it exists.
         find_unused_parameters: Passed to DistributedDataParallel (MoE blocks do not need it).
         sync_batchnorm: Convert BatchNorm layers to SyncBatchNorm under torchrun.
+        channels_last: Keep the model's weights and the image batches in channels-last memory format
+            (timm's ``--channels-last``): the same numbers, faster convs on GPUs and on CPUs with oneDNN.
         seed: Seed for the model's initialisation, the data order (a function of seed and epoch) and
             the random streams.
 
@@ -75,6 +77,7 @@ class TrainerSettings:
     resume: str | None = None
     find_unused_parameters: bool = False
     sync_batchnorm: bool = False
+    channels_last: bool = False
     seed: int | None = 0
 
     @classmethod

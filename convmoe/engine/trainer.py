@@ -112,7 +112,8 @@ class Trainer:
             summary = convmoe.freeze_modules(model, **frozen_modules)
             if self.ctx.is_main:
                 print(f"freeze: {summary}")
-        self.model = model.to(self.ctx.device)
+        self.memory_format = torch.channels_last if self.settings.channels_last else torch.preserve_format
+        self.model = model.to(self.ctx.device, memory_format=self.memory_format)
         if self.ctx.distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=device_ids,
@@ -333,7 +334,7 @@ class Trainer:
         return run_evaluation(unwrap_model(self.model), loader, self.ctx.device, task=self.task, loss_fn=self.loss_fn,
                               precision=self.precision, ignore_index=self.ignore_index, class_names=self.class_names,
                               max_batches=max_batches, progress=self.ctx.is_main and self.settings.enable_progress_bar,
-                              sync=sync, description=description)
+                              sync=sync, description=description, memory_format=self.memory_format)
 
     def _update_best(self, row: Mapping[str, Any]) -> bool:
         value = row.get(self.monitor)
