@@ -191,8 +191,8 @@ def _target_allowed(target: Any, fields: Mapping[str, Any]) -> bool:
     if target in ("convmoe.create_model", "convmoe.factory.create_model"):
         return _recipe_allowed(fields)
     if target in ("convmoe.pretrained.load_efficientnet_lite0", "timm.create_model",
-                  "segmentation_models_pytorch.create_model"):
-        return True
+                  "segmentation_models_pytorch.create_model", "torch.tensor"):
+        return True  # torch.tensor: data (a loss's class weights), it runs nothing
     # Each prefix admits only what its own package defines, so that a name such as
     # "convmoe.models.classification.importlib.import_module" cannot reach another module through an import.
     owner = getattr(obj, "__module__", None) or ""

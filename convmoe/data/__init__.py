@@ -1,6 +1,7 @@
 """Datasets from standard layouts and joint image/mask augmentations."""
 
 from convmoe.data import transforms
+from convmoe.data.class_weights import dataset_masks, median_frequency_weights
 from convmoe.data.classification import CIFAR10_CLASSES, CIFAR10Dataset, ImageFolderDataset, read_cifar_batch
 from convmoe.data.io import read_image, read_mask
 from convmoe.data.prepare import (
@@ -30,7 +31,9 @@ __all__ = [
     "PreparedData",
     "RandomCropSegmentationDataset",
     "check_camvid",
+    "dataset_masks",
     "load_cifar_pickle",
+    "median_frequency_weights",
     "prepare_camvid",
     "prepare_cifar10",
     "read_cifar10_split",
