@@ -22,6 +22,9 @@ mean and sample standard deviation over seeds.
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --summary-only
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --markdown   # the table
 
+Two invocations with different ``--arms`` may run side by side (e.g. one thread each on a 2-core
+machine): each merges its runs into the results file as it is when it writes.
+
 With ``input_size: [H, W]`` in the study, each arm's active and executed FLOPs (``convmoe.flops``, one
 image, eval) are counted on its recipe's model and given as ratios to the first arm's.
 """
@@ -189,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(results: Path, study: dict[str, Any], path: Path, runs: list[dict[str, Any]]) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(results.read_text()) if results.exists() else {}
+    # Another invocation (``--arms`` of the same study, in parallel) may have added runs since this one started.
+    merged = {(r["arm"], r["seed"]): r for r in old.get("runs", [])} | {(r["arm"], r["seed"]): r for r in runs}
     order = {name: i for i, name in enumerate(study["arms"])}
-    runs = sorted(runs, key=lambda r: (order.get(r["arm"], len(order)), r["seed"]))
+    runs = sorted(merged.values(), key=lambda r: (order.get(r["arm"], len(order)), r["seed"]))
     payload = {"study": str(path), "command": f"python benchmarks/training_study.py {path}",
                "arms": {name: arm for name, arm in study["arms"].items()}, "runs": runs, "summary": summarize(runs)}
-    old = json.loads(results.read_text()) if results.exists() else {}
     if "input_size" in study:
         payload["input_size"] = study["input_size"]
         if old.get("active_flops") and old.get("executed_flops"):
