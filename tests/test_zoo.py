@@ -435,7 +435,7 @@ def test_push_uploads_the_folder_and_records_the_revision(zoo, tmp_path, hub_api
     assert meta["revision"] == FakeCommit.oid
     assert f'from_pretrained("convmoe/tiny-moe", revision="{FakeCommit.oid}")' in (copy / "tiny-moe" / "README.md"
                                                                                   ).read_text()
-    assert f"`convmoe/tiny-moe` @ `{FakeCommit.oid[:10]}`" in (copy / "README.md").read_text()
+    assert f'from_pretrained("convmoe/tiny-moe", revision="{FakeCommit.oid}")' in (copy / "README.md").read_text()
     assert check_zoo(copy) == []
 
 
@@ -648,8 +648,8 @@ def test_dense_twin_is_published_as_a_variant_and_linked(runs, tmp_path, capsys)
     assert "Its dense twin is published as `tiny-dense`." in (zoo_dir / "tiny-moe" / "README.md").read_text()
     assert check_zoo(zoo_dir) == []
     index = (zoo_dir / "README.md").read_text()
-    assert "| [`tiny-dense`](tiny-dense/README.md) | classification, cifar10-python |" in index
-    assert "([`tiny-dense`](tiny-dense/README.md))" in index  # the MoE row links its twin
+    assert "| [`tiny-dense`](tiny-dense/README.md) | cifar10-python |" in index
+    assert "| [10.00](tiny-dense/README.md) |" in index  # the MoE row's twin number links the twin
     assert 'convmoe.from_pretrained("zoo/tiny-moe")' in index
     loaded = convmoe.from_pretrained(zoo_dir / "tiny-dense")
     assert not list(convmoe.moe_blocks(loaded))

@@ -64,16 +64,11 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "n/a"
 
 
-def _hub_cell(meta: dict[str, Any]) -> str:
-    return f"`{meta.get('hub_id')}`" + (f" @ `{str(meta['revision'])[:10]}`" if meta.get("revision") else
-                                        " (not pushed)")
-
-
 def _published_rows(fronts: Sequence[dict[str, Any]]) -> list[str]:
     """One short row per MoE variant: its headline metric against its dense twin's, and cost ratios; the
     details (MoE settings, seeds, params, weights) live in the card."""
-    header = ["variant", "task", "metric", "MoE (mean ± std)", "dense twin", "active FLOPs vs twin",
-              "latency vs twin", "Hub"]
+    header = ["variant", "dataset", "metric", "MoE (mean ± std)", "dense twin", "active FLOPs vs twin",
+              "latency vs twin"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for front in fronts:
         meta = front["convmoe"]
@@ -84,13 +79,13 @@ def _published_rows(fronts: Sequence[dict[str, Any]]) -> list[str]:
         twin_text = (format_metric(metric, twin["metrics"].get(metric), (twin.get("metrics_std") or {}).get(metric))
                      if twin else "none")
         if meta.get("dense_model_id"):
-            twin_text += f" ([`{meta['dense_model_id']}`]({meta['dense_model_id']}/README.md))"
+            twin_text = f"[{twin_text}]({meta['dense_model_id']}/README.md)"
         latency = meta.get("latency") or {}
-        row = [f"[`{meta['model_id']}`]({meta['model_id']}/README.md)", f"{meta['task']}, {meta['dataset']}",
+        row = [f"[`{meta['model_id']}`]({meta['model_id']}/README.md)", meta["dataset"],
                metric_label(metric, meta.get("eval_split", "val")),
                format_metric(metric, meta["metrics"].get(metric), (meta.get("metrics_std") or {}).get(metric)),
                twin_text, _ratio(meta.get("active_flops"), twin.get("active_flops")),
-               _ratio(latency.get("ms"), latency.get("dense_twin_ms")), _hub_cell(meta)]
+               _ratio(latency.get("ms"), latency.get("dense_twin_ms"))]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return lines
 
@@ -100,15 +95,15 @@ def _dense_rows(fronts: Sequence[dict[str, Any]]) -> list[str]:
     dense = [front["convmoe"] for front in fronts if is_dense_variant(front["convmoe"])]
     if not dense:
         return []
-    header = ["dense variant", "task", "metric", "result (mean ± std)", "twin of", "Hub"]
+    header = ["dense variant", "dataset", "metric", "result (mean ± std)", "twin of"]
     lines = ["", ("Dense twins published as variants (the same recipe without MoE; load them to compare with the MoE "
                   "variants):"), "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for meta in dense:
         metric = _headline(meta)
-        row = [f"[`{meta['model_id']}`]({meta['model_id']}/README.md)", f"{meta['task']}, {meta['dataset']}",
+        row = [f"[`{meta['model_id']}`]({meta['model_id']}/README.md)", meta["dataset"],
                metric_label(metric, meta.get("eval_split", "val")),
                format_metric(metric, meta["metrics"].get(metric), (meta.get("metrics_std") or {}).get(metric)),
-               ", ".join(f"`{model_id}`" for model_id in meta["moe_model_ids"]), _hub_cell(meta)]
+               ", ".join(f"`{model_id}`" for model_id in meta["moe_model_ids"])]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return lines
 
@@ -210,7 +205,7 @@ def render_index(zoo_dir: str | Path, plan: ZooPlan | None = None) -> str:
         lines += [("Results on each card's evaluation split (test when the runs measured it), mean ± sample std over "
                    "seeds; the dense twin is the same recipe without MoE. FLOPs and latency are the variant's over its "
                    "dense twin's, per image at the card's input size. Each card has the details: MoE settings, every "
-                   "seed, parameters, weights, the commands that reproduce it."), "",
+                   "seed, parameters, weights, the Hub id, the commands that reproduce it."), "",
                   *_published_rows(fronts), *_dense_rows(fronts), "",
                   (f"The variants take {sum(folder_bytes(f) for f in variant_folders(zoo_dir)) / 1e6:.1f} MB"
                    + (f" of the {plan.budget_bytes / 1e6:.0f} MB budget." if plan and plan.budget_bytes else "."))]

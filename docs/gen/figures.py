@@ -14,7 +14,7 @@ runs on a CPU in about a minute and reads nothing from the network:
 - ``routing_camvid.png`` and ``routing_camvid_heatmap.png`` (concepts/statistics.md): expert
   utilisation and the class x expert heatmap of the zoo's ``upernet-lite0-moe8-camvid`` on the
   CamVid images of the test fixtures (``tests/fixtures/camvid``, 6 images).
-- ``zoo.png`` (zoo.md): each zoo variant's monitored metric against its active FLOPs, next to its
+- ``zoo.png`` (zoo.md): each zoo variant's headline metric (test when measured) against its active FLOPs, next to its
   dense twin, mean ± std over seeds, from the model cards' front matter (``zoo/*/README.md``).
 - ``benchmarks.png`` (benchmarks.md): MoE block / dense conv time ratios from
   ``benchmarks/results/layer_cpu*.jsonl`` (see ``docs/gen/benchmark_chart.py``).
@@ -178,8 +178,14 @@ def routing_figures(bars: Path, heatmap: Path) -> list[Path]:
     return written
 
 
+def _zoo_headline(card: dict) -> str:
+    """The metric the zoo table shows: the test split's when the runs measured it, else the monitored one."""
+    test = "test/" + card["monitor"].partition("/")[2]
+    return test if test in card["metrics"] else card["monitor"]
+
+
 def zoo_figure(path: Path) -> Path:
-    """Monitored metric against active FLOPs, per zoo variant and its dense twin (mean ± std over seeds)."""
+    """Headline metric against active FLOPs, per zoo variant and its dense twin (mean ± std over seeds)."""
     import yaml
 
     from convmoe.analysis.plotting import require_matplotlib, save_figure
@@ -193,30 +199,36 @@ def zoo_figure(path: Path) -> Path:
             cards.append((readme.parent.name, meta))
     datasets = sorted({card["dataset"] for _, card in cards})
     figure, axes_row = plt.subplots(
-        1, len(datasets), figsize=(4.3 * len(datasets), 3.4), squeeze=False, layout="constrained"
+        1, len(datasets), figsize=(4.6 * len(datasets), 3.6), squeeze=False, layout="constrained"
     )
     markers = iter("osD^v<>")
     for axes, dataset in zip(axes_row[0], datasets, strict=True):
+        twin_markers = iter("sPX*")
         group = [(name, card) for name, card in cards if card["dataset"] == dataset]
         flops = [c["active_flops"] for _, c in group] + [c["dense_twin"]["active_flops"] for _, c in group]
         unit, divisor = ("GFLOPs", 1e9) if max(flops) >= 1e9 else ("MFLOPs", 1e6)
-        twin_drawn = False
+        twins_drawn: set[str] = set()
+        metrics = set()
         for name, card in group:
-            metric = card["monitor"]
+            metric = _zoo_headline(card)
+            metrics.add(metric)
             scale = 100.0 if card["metrics"][metric] <= 1.0 else 1.0  # mIoU 0..1 -> percent
             twin = card["dense_twin"]
-            if not twin_drawn:
+            twin_recipe = Path(twin["commands"]["train"][0].split()[2]).stem  # "convmoe train RECIPE ..."
+            twin_name = card.get("dense_model_id") or f"dense twin: {twin_recipe}"
+            if twin_name not in twins_drawn:  # MoE variants of one dense recipe share their twin's point
+                twin_std = (twin.get("metrics_std") or {}).get(metric)
                 axes.errorbar(
                     twin["active_flops"] / divisor,
                     twin["metrics"][metric] * scale,
-                    yerr=twin["metrics_std"][metric] * scale,
-                    fmt="s",
+                    yerr=None if twin_std is None else twin_std * scale,
+                    fmt=next(twin_markers),
                     color="black",
                     capsize=4,
-                    label=f"dense twin ({len(twin['seeds'])} seeds)",
+                    label=f"{twin_name} ({len(twin['seeds'])} seeds)",
                 )
-                twin_drawn = True
-            std = card["metrics_std"][metric]  # None for a single seed: no error bar
+                twins_drawn.add(twin_name)
+            std = (card.get("metrics_std") or {}).get(metric)  # None for a single seed: no error bar
             seeds = len(card["seeds"])
             axes.errorbar(
                 card["active_flops"] / divisor,
@@ -228,9 +240,9 @@ def zoo_figure(path: Path) -> Path:
             )
         shape = "x".join(str(s) for s in group[0][1]["flops"]["input"][1:])
         axes.set_xlabel(f"active {unit} per image ({shape})")
-        axes.set_ylabel(f"{metric} (%)")
+        axes.set_ylabel(f"{' / '.join(sorted(metrics))} (%)")
         axes.set_title(dataset, fontsize=10)
-        axes.legend(fontsize=7, frameon=False, loc="lower right")
+        axes.legend(fontsize=6.5, frameon=False, loc="best")
         axes.margins(x=0.3, y=0.35)
     figure.suptitle(
         "Model zoo: metric vs active FLOPs (1 multiply-add = 1 FLOP), MoE variants and dense twins, "
