@@ -646,6 +646,7 @@ def test_dense_twin_is_published_as_a_variant_and_linked(runs, tmp_path, capsys)
     body = (zoo_dir / "tiny-dense" / "README.md").read_text()
     assert "dense (no Mixture-of-Experts block): the dense twin of `tiny-moe`" in body
     assert "Its dense twin is published as `tiny-dense`." in (zoo_dir / "tiny-moe" / "README.md").read_text()
+    assert "**Against the dense twin:**" in (zoo_dir / "tiny-moe" / "README.md").read_text()
     assert check_zoo(zoo_dir) == []
     index = (zoo_dir / "README.md").read_text()
     assert "| [`tiny-dense`](tiny-dense/README.md) | cifar10-python |" in index

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # Hub metric types (evaluate ids) and display names of the engine's metrics.
 METRIC_TYPES = {"miou": ("mean_iou", "mIoU"), "pixel_accuracy": ("accuracy", "pixel accuracy"),
@@ -22,6 +23,60 @@ def format_metric(name: str, value: float | None, spread: float | None = None) -
     digits = 2 if name.rsplit("/", 1)[-1] in ("top1", "top5") else 4
     text = f"{value:.{digits}f}"
     return text if spread is None else f"{text} ± {spread:.{digits}f}"
+
+
+def headline_metric(meta: Mapping[str, Any]) -> str:
+    """The metric a card leads with: the held-out test split's when the runs measured it, else the monitor.
+
+    Example:
+        >>> headline_metric({"monitor": "val/top1", "metrics": {"val/top1": 90.1, "test/top1": 89.8}})
+        'test/top1'
+    """
+    monitor = meta.get("monitor", "")
+    test = "test/" + monitor.partition("/")[2]
+    return test if test in (meta.get("metrics") or {}) else monitor
+
+
+def comparison_sentence(meta: Mapping[str, Any]) -> str | None:
+    """Whether the MoE variant beats its dense twin, and at what cost: the headline metric's difference of
+    means against the larger of the two seed standard deviations (a win needs more than one seed on each
+    side); None without a twin or without the metric in both.
+
+    Example:
+        >>> meta = {"monitor": "val/top1", "metrics": {"val/top1": 90.6}, "metrics_std": {"val/top1": 0.2},
+        ...         "eval_split": "test", "seeds": [0, 1, 2], "active_flops": 101, "latency": {"ms": 11, "dense_twin_ms": 10},
+        ...         "dense_twin": {"metrics": {"val/top1": 90.1}, "metrics_std": {"val/top1": 0.3}, "seeds": [0, 1, 2],
+        ...                        "active_flops": 100}}
+        >>> print(comparison_sentence(meta))
+        **Against the dense twin:** +0.50 top-1 accuracy (%), test (3 and 3 seeds), more than the larger seed standard deviation (0.30): this variant wins, at 1.01x the twin's active FLOPs and 1.10x its batch-1 latency.
+    """
+    twin = meta.get("dense_twin") or {}
+    name = headline_metric(meta)
+    mine, theirs = (meta.get("metrics") or {}).get(name), (twin.get("metrics") or {}).get(name)
+    if mine is None or theirs is None:
+        return None
+    difference = mine - theirs
+    seeds = f"{len(meta.get('seeds') or [])} and {len(twin.get('seeds') or [])} seeds"
+    text = (f"**Against the dense twin:** {'+' if difference >= 0 else '-'}{format_metric(name, abs(difference))} "
+            f"{metric_label(name, meta.get('eval_split', 'val'))} ({seeds})")
+    spreads = [(meta.get("metrics_std") or {}).get(name), (twin.get("metrics_std") or {}).get(name)]
+    latency = meta.get("latency") or {}
+    costs = [f"{meta['active_flops'] / twin['active_flops']:.2f}x the twin's active FLOPs"
+             if meta.get("active_flops") and twin.get("active_flops") else "",
+             f"{latency['ms'] / latency['dense_twin_ms']:.2f}x its batch-1 latency"
+             if latency.get("ms") and latency.get("dense_twin_ms") else ""]
+    cost = " and ".join(c for c in costs if c)
+    at_cost = f", at {cost}" if cost else ""
+    if any(spread is None for spread in spreads):
+        return text + f": one seed on a side has no spread to compare with, so no win is claimed{at_cost}."
+    spread = max(spreads)
+    if difference > spread:
+        verdict = "more than the larger seed standard deviation ({}): this variant wins"
+    elif difference < -spread:
+        verdict = "more than the larger seed standard deviation ({}) behind: the dense twin is better"
+    else:
+        verdict = "within the larger seed standard deviation ({}): no win over the dense twin"
+    return f"{text}, {verdict.format(format_metric(name, spread))}{at_cost}."
 
 
 def format_ms(value: float | None) -> str:

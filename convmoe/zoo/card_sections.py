@@ -8,6 +8,7 @@ from typing import Any
 
 from convmoe.formatting import format_count
 from convmoe.zoo.card_format import (
+    comparison_sentence,
     format_metric,
     format_ms,
     markdown_table,
@@ -42,6 +43,7 @@ def results_section(meta: Mapping[str, Any]) -> list[str]:
         "",
         *markdown_table(header, rows),
         "",
+        *([verdict, ""] if (verdict := comparison_sentence(meta)) else []),
         "Per seed (best epoch of each run):",
         "",
     ]

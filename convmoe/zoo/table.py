@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from convmoe.zoo.card import rerender, split_front_matter
-from convmoe.zoo.card_format import format_metric, metric_label
+from convmoe.zoo.card_format import format_metric, headline_metric, metric_label
 from convmoe.zoo.datasets import get_dataset_info
 from convmoe.zoo.plan import ZooPlan, check_plan, estimated_weight_bytes, load_plan
 from convmoe.zoo.schema import (
@@ -53,13 +53,6 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _headline(meta: dict[str, Any]) -> str:
-    """The metric a row shows: the held-out test split's when the card has one, else the monitor."""
-    monitor = meta.get("monitor", "")
-    test = "test/" + monitor.partition("/")[2]
-    return test if test in (meta.get("metrics") or {}) else monitor
-
-
 def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "n/a"
 
@@ -74,7 +67,7 @@ def _published_rows(fronts: Sequence[dict[str, Any]]) -> list[str]:
         meta = front["convmoe"]
         if is_dense_variant(meta):
             continue
-        metric = _headline(meta)
+        metric = headline_metric(meta)
         twin = meta.get("dense_twin") or {}
         twin_text = (format_metric(metric, twin["metrics"].get(metric), (twin.get("metrics_std") or {}).get(metric))
                      if twin else "none")
@@ -99,7 +92,7 @@ def _dense_rows(fronts: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["", ("Dense twins published as variants (the same recipe without MoE; load them to compare with the MoE "
                   "variants):"), "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for meta in dense:
-        metric = _headline(meta)
+        metric = headline_metric(meta)
         row = [f"[`{meta['model_id']}`]({meta['model_id']}/README.md)", meta["dataset"],
                metric_label(metric, meta.get("eval_split", "val")),
                format_metric(metric, meta["metrics"].get(metric), (meta.get("metrics_std") or {}).get(metric)),

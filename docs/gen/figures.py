@@ -178,17 +178,12 @@ def routing_figures(bars: Path, heatmap: Path) -> list[Path]:
     return written
 
 
-def _zoo_headline(card: dict) -> str:
-    """The metric the zoo table shows: the test split's when the runs measured it, else the monitored one."""
-    test = "test/" + card["monitor"].partition("/")[2]
-    return test if test in card["metrics"] else card["monitor"]
-
-
 def zoo_figure(path: Path) -> Path:
     """Headline metric against active FLOPs, per zoo variant and its dense twin (mean ± std over seeds)."""
     import yaml
 
     from convmoe.analysis.plotting import require_matplotlib, save_figure
+    from convmoe.zoo.card_format import headline_metric
 
     plt = require_matplotlib()
     cards = []
@@ -210,7 +205,7 @@ def zoo_figure(path: Path) -> Path:
         twins_drawn: set[str] = set()
         metrics = set()
         for name, card in group:
-            metric = _zoo_headline(card)
+            metric = headline_metric(card)
             metrics.add(metric)
             scale = 100.0 if card["metrics"][metric] <= 1.0 else 1.0  # mIoU 0..1 -> percent
             twin = card["dense_twin"]
