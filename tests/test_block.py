@@ -345,3 +345,19 @@ def test_eval_aux_loss_is_zero_in_a_scoped_model_called_twice(x_small: Tensor) -
     assert block.forward_calls == 2
     assert float(convmoe.aux_loss(model)) == 0.0
     assert convmoe.routing_stats(model)["0"].tokens == 2 * block.last_routing.dropped.numel()
+
+
+@pytest.mark.parametrize(("tokens", "dispatcher", "experts"), [
+    ("pixel", "sparse:gathered", "conv"),
+    ("grid:3x3", "sparse:regions", "conv"),
+    ("image", "sparse:merged", "conv"),
+    ("pixel", "sparse:deltas", "lowrank"),
+    ("pixel", "dense", "conv"),
+])
+def test_forward_on_meta_gives_the_output_shape(tokens: str, dispatcher: str, experts: str) -> None:
+    """Shape inference (``device="meta"``) runs every dispatch path without allocating."""
+    block = MoEConv2d(8, 12, 3, padding=1, num_experts=4, top_k=2, tokens=tokens, dispatcher=dispatcher,
+                      experts=experts, device="meta").eval()
+    y = block(torch.empty(2, 8, 9, 9, device="meta"))
+    assert y.is_meta
+    assert y.shape == (2, 12, 9, 9)

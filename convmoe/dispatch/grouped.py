@@ -87,6 +87,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
         torch.float32
     """
     device = x.device.type
+    if hasattr(torch.amp, "is_autocast_available") and not torch.amp.is_autocast_available(device):
+        return x.dtype  # no autocast on this device type ("meta"): asking would raise
     try:
         enabled = torch.is_autocast_enabled(device)
     except TypeError:  # torch < 2.4 asks per device type

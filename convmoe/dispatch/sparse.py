@@ -141,6 +141,8 @@ class SparseDispatcher(nn.Module):
         """``padded=False``: ``x_pad`` is the unpadded input; the whole-map paths (merged, deltas) hand
         zero padding to their convs, the others pad it first."""
         path = self.choose_path(tokens, experts)
+        if x_pad.is_meta and path in ("gathered", "regions"):  # their grouping reads the routing's values
+            return x_pad.new_empty((x_pad.shape[0], experts.out_channels, *out_size))  # shape inference only
         padding = (0, 0)
         if not padded:
             whole_map = experts.geometry.conv_padding(*x_pad.shape[-2:]) if path in ("merged", "deltas") else None
