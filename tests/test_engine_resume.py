@@ -251,3 +251,25 @@ def test_save_checkpoint_removes_stale_temporaries_of_that_name(tmp_path):
     save_checkpoint(tmp_path / "last.pt", {"epoch": 4})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt.a1b2.tmp", "last.pt"]
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+
+
+def test_unwrap_model_takes_off_wrappers_only() -> None:
+    """A model whose own submodule is called ``module`` is not a wrapper: its checkpoint keeps every key."""
+    from torch import nn
+
+    from convmoe.analysis.layers import unwrap_model as analysis_unwrap
+    from convmoe.engine.checkpoint import unwrap_model
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+            self.head = nn.Linear(2, 1)
+
+    holder = Holder()
+    assert unwrap_model(holder) is holder
+    assert unwrap_model(nn.DataParallel(holder)) is holder
+    compiled = type("Compiled", (nn.Module,), {})()
+    compiled._orig_mod = holder
+    assert unwrap_model(compiled) is holder
+    assert analysis_unwrap is unwrap_model  # one definition

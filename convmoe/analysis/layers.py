@@ -10,29 +10,13 @@ import torch
 from torch import nn
 
 from convmoe.diagnostics import moe_blocks
+from convmoe.engine.checkpoint import unwrap_model
 from convmoe.types import Tokens
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``).
-
-    Layer names are then the same whether or not the model is wrapped.
-
-    Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 1, 1))
-        >>> unwrap_model(nn.DataParallel(model)) is model
-        True
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+__all__ = ["OutputSizeRecorder", "layer_tokens", "moe_layers", "unwrap_model"]  # unwrap_model: from the engine
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

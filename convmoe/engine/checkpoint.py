@@ -22,15 +22,23 @@ CHECKPOINT_VERSION = 2
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or ``torch.compile``) wrapper.
+    """The model inside DistributedDataParallel / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``).
+
+    Only those wrappers come off: a model's own submodule named ``module`` stays. Layer names and
+    checkpoint keys are then the same whether or not the model is wrapped.
 
     Example:
-        >>> unwrap_model(nn.Linear(1, 1)).__class__.__name__
-        'Linear'
+        >>> model = nn.Sequential(nn.Conv2d(1, 1, 1))
+        >>> unwrap_model(nn.DataParallel(model)) is model
+        True
     """
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
