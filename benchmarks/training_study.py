@@ -201,7 +201,8 @@ def _write(results: Path, study: dict[str, Any], path: Path, runs: list[dict[str
                "arms": {name: arm for name, arm in study["arms"].items()}, "runs": runs, "summary": summarize(runs)}
     if "input_size" in study:
         payload["input_size"] = study["input_size"]
-        if old.get("active_flops") and old.get("executed_flops"):
+        counted = set(old.get("active_flops") or {}) & set(old.get("executed_flops") or {})
+        if counted >= set(study["arms"]):  # every arm counted already (an arm added or renamed: count again)
             payload["active_flops"], payload["executed_flops"] = old["active_flops"], old["executed_flops"]
         else:
             counts = arm_flops(study["arms"], study["input_size"])
