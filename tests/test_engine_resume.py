@@ -257,7 +257,7 @@ def test_unwrap_model_takes_off_wrappers_only() -> None:
     """A model whose own submodule is called ``module`` is not a wrapper: its checkpoint keeps every key."""
     from torch import nn
 
-    from convmoe.analysis.layers import unwrap_model as analysis_unwrap
+    from convmoe.analysis import redundancy
     from convmoe.engine.checkpoint import unwrap_model
 
     class Holder(nn.Module):
@@ -272,4 +272,4 @@ def test_unwrap_model_takes_off_wrappers_only() -> None:
     compiled = type("Compiled", (nn.Module,), {})()
     compiled._orig_mod = holder
     assert unwrap_model(compiled) is holder
-    assert analysis_unwrap is unwrap_model  # one definition
+    assert redundancy.unwrap_model is unwrap_model  # one definition

@@ -16,9 +16,6 @@ from convmoe.types import Tokens
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["OutputSizeRecorder", "layer_tokens", "moe_layers", "unwrap_model"]  # unwrap_model: from the engine
-
-
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, block) for every MoE block of the (unwrapped) model, in module order.
 

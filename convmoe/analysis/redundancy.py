@@ -20,8 +20,9 @@ from torch import nn
 from convmoe.analysis.collect import RoutingCollection
 from convmoe.analysis.cost import layer_cost
 from convmoe.analysis.folding import folded_layer
-from convmoe.analysis.layers import moe_layers, unwrap_model
+from convmoe.analysis.layers import moe_layers
 from convmoe.analysis.specialization import specialization_score
+from convmoe.engine.checkpoint import unwrap_model
 from convmoe.engine.evaluate import run_evaluation
 from convmoe.formatting import format_count
 
