@@ -175,12 +175,15 @@ def test_model_without_moe_block_says_to_patch_first():
 # ---- the engine ---------------------------------------------------------------------------------------
 
 
-def engine_config(out: Path, freeze: object) -> dict:
+def engine_config(out: Path, freeze: object, section: str = "freeze_base", moe: bool = True) -> dict:
+    """test_resnet on the CIFAR-10 fixture, one step; ``freeze`` as the config's ``section``."""
     fixtures = Path(__file__).parent / "fixtures" / "cifar-10-batches-py"
+    model = {"_target_": "convmoe.models.create_classifier", "model_name": "test_resnet", "num_classes": 10}
+    if moe:
+        model |= {"moe_targets": "last_stage", "moe_config": {"num_experts": 4, "top_k": 1}}
     return {
-        "model": {"_target_": "convmoe.models.create_classifier", "model_name": "test_resnet", "num_classes": 10,
-                  "moe_targets": "last_stage", "moe_config": {"num_experts": 4, "top_k": 1}},
-        "freeze_base": freeze,
+        "model": model,
+        section: freeze,
         "loss": {"_target_": "torch.nn.CrossEntropyLoss"},
         "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.05},
         "trainer": {"max_epochs": 1, "default_root_dir": str(out), "enable_progress_bar": False,

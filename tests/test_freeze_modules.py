@@ -12,6 +12,7 @@ from torch import nn
 import convmoe
 from convmoe.engine import Trainer, TrainerSettings
 from convmoe.engine.config_check import check_training_config
+from tests.test_freeze import engine_config as freeze_base_engine_config
 
 FROZEN = ["conv1", "bn1", "layer1", "layer2.*"]
 FROZEN_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
@@ -113,20 +114,7 @@ def test_bad_names_get_one_line_errors(modules, error, message):
 
 
 def engine_config(out: Path, freeze: object, moe: bool) -> dict:
-    fixtures = Path(__file__).parent / "fixtures" / "cifar-10-batches-py"
-    model = {"_target_": "convmoe.models.create_classifier", "model_name": "test_resnet", "num_classes": 10}
-    if moe:
-        model |= {"moe_targets": "last_stage", "moe_config": {"num_experts": 4, "top_k": 1}}
-    return {
-        "model": model,
-        "freeze": freeze,
-        "loss": {"_target_": "torch.nn.CrossEntropyLoss"},
-        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.05},
-        "trainer": {"max_epochs": 1, "default_root_dir": str(out), "enable_progress_bar": False,
-                    "track_routing": False, "limit_train_batches": 1},
-        "data_loader": {"batch_size": 10, "num_workers": 0},
-        "train_dataset": {"_target_": "convmoe.data.CIFAR10Dataset", "root": str(fixtures), "split": "train"},
-    }
+    return freeze_base_engine_config(out, freeze, section="freeze", moe=moe)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
