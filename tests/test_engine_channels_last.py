@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import classification_config, segmentation_config
 
 from convmoe.engine import Trainer, evaluate
-from tests.test_engine import classification_config, segmentation_config
 
 MOE = {"moe_targets": "last_stage", "moe_config": {"num_experts": 4, "top_k": 2, "tokens": "pixel"}}
 

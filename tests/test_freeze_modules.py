@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from test_freeze import engine_config as freeze_base_engine_config
 from torch import nn
 
 import convmoe
 from convmoe.engine import Trainer, TrainerSettings
 from convmoe.engine.config_check import check_training_config
-from tests.test_freeze import engine_config as freeze_base_engine_config
 
 FROZEN = ["conv1", "bn1", "layer1", "layer2.*"]
 FROZEN_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
