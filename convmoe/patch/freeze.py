@@ -119,15 +119,16 @@ def _remove_norm_hooks(model: nn.Module) -> None:
             del hooks[key]
 
 
-def _named_modules(model: nn.Module, train: TargetSpec | None, what: str = "train",
+def _named_modules(model: nn.Module, specs: TargetSpec | None, what: str = "train",
                    caller: str = "freeze_base") -> list[str]:
-    """Names of the modules ``train`` matches, each spec by patch's rules; a spec that matches none raises."""
-    if train is None or (isinstance(train, (list, tuple)) and not train):
+    """Names of the modules ``specs`` match, each by patch's rules; a spec that matches none raises (``what``
+    and ``caller`` name the argument and the function in the message)."""
+    if specs is None or (isinstance(specs, (list, tuple)) and not specs):
         return []
     modules = model_modules(model)
     names = [name for name in modules if name]
     try:
-        matches = [(spec, _match(spec, model, modules, what)) for spec in _flatten(train, what)]
+        matches = [(spec, _match(spec, model, modules, what)) for spec in _flatten(specs, what)]
     except (TypeError, ValueError) as error:
         # patch's matcher words its errors for patch(); here they are the caller's.
         raise type(error)(str(error).replace("patch():", f"{caller}():", 1)) from None
