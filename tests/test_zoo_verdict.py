@@ -39,3 +39,11 @@ def test_no_sentence_without_a_twin():
     meta = card(0.52, 0.5, 0.005, 0.008)
     meta["dense_twin"] = None
     assert comparison_sentence(meta) is None
+
+
+def test_a_win_above_the_equal_cost_limits_says_so():
+    meta = card(0.52, 0.5, 0.005, 0.008)
+    meta["active_flops"], meta["latency"]["ms"] = 164, 20.7
+    sentence = comparison_sentence(meta)
+    assert sentence.endswith("this variant wins, at 1.64x the twin's active FLOPs and 2.07x its batch-1 latency "
+                             "(above the equal-cost limits of 1.10x FLOPs and 1.25x latency).")

@@ -37,6 +37,11 @@ def headline_metric(meta: Mapping[str, Any]) -> str:
     return test if test in (meta.get("metrics") or {}) else monitor
 
 
+# The zoo's "about the same cost": active FLOPs and batch-1 latency against the dense twin at most these.
+EQUAL_COST_FLOPS = 1.10
+EQUAL_COST_LATENCY = 1.25
+
+
 def comparison_sentence(meta: Mapping[str, Any]) -> str | None:
     """Whether the MoE variant beats its dense twin, and at what cost: the headline metric's difference of
     means against the larger of the two seed standard deviations (a win needs more than one seed on each
@@ -61,12 +66,15 @@ def comparison_sentence(meta: Mapping[str, Any]) -> str | None:
             f"{metric_label(name, meta.get('eval_split', 'val'))} ({seeds})")
     spreads = [(meta.get("metrics_std") or {}).get(name), (twin.get("metrics_std") or {}).get(name)]
     latency = meta.get("latency") or {}
-    costs = [f"{meta['active_flops'] / twin['active_flops']:.2f}x the twin's active FLOPs"
-             if meta.get("active_flops") and twin.get("active_flops") else "",
-             f"{latency['ms'] / latency['dense_twin_ms']:.2f}x its batch-1 latency"
-             if latency.get("ms") and latency.get("dense_twin_ms") else ""]
+    flop_ratio = meta["active_flops"] / twin["active_flops"] if meta.get("active_flops") and twin.get("active_flops") else None
+    latency_ratio = latency["ms"] / latency["dense_twin_ms"] if latency.get("ms") and latency.get("dense_twin_ms") else None
+    costs = [f"{flop_ratio:.2f}x the twin's active FLOPs" if flop_ratio else "",
+             f"{latency_ratio:.2f}x its batch-1 latency" if latency_ratio else ""]
     cost = " and ".join(c for c in costs if c)
     at_cost = f", at {cost}" if cost else ""
+    if (flop_ratio or 0) > EQUAL_COST_FLOPS or (latency_ratio or 0) > EQUAL_COST_LATENCY:
+        at_cost += (f" (above the equal-cost limits of {EQUAL_COST_FLOPS:.2f}x FLOPs and {EQUAL_COST_LATENCY:.2f}x "
+                    "latency)")
     if any(spread is None for spread in spreads):
         return text + f": one seed on a side has no spread to compare with, so no win is claimed{at_cost}."
     spread = max(spreads)
