@@ -273,12 +273,10 @@ def freeze_modules(model: nn.Module, modules: TargetSpec, freeze_norm_stats: boo
     if not names:
         raise ValueError("freeze_modules(): no module named; pass the modules to freeze, e.g. ['conv_stem', 'blocks.0'].")
     by_name = dict(model.named_modules())
-    frozen_ids = {id(p) for name in names for p in by_name[name].parameters()}
-    for parameter in model.parameters():
-        if id(parameter) in frozen_ids:
-            parameter.requires_grad_(False)
-    inside = {id(m) for name in names for m in by_name[name].modules()}
+    for name in names:
+        by_name[name].requires_grad_(False)
     if freeze_norm_stats:
+        inside = {id(m) for name in names for m in by_name[name].modules()}
         _hold_norm_stats(model, lambda module: id(module) in inside)
     held = [name for name, module in model.named_modules()
             if any(hook is _keep_norm_stats_frozen for hook in module._forward_pre_hooks.values())]
