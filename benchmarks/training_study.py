@@ -15,8 +15,8 @@ arms; a run already in the results file is not run again (commit the file: it su
 the run folders do not); each run is ``convmoe train CONFIG trainer.seed=S trainer.default_root_dir=ROOT/ARM/seedS
 trainer.resume=auto OVERRIDES`` and a finished run is skipped. The summary (written after every run)
 holds, per run, the best epoch's headline metrics and, from the same row of ``metrics.csv``, each MoE
-layer's training-epoch imbalance (busiest expert's load over the mean) and dead experts; per arm, the
-mean and sample standard deviation over seeds.
+layer's training-epoch imbalance (busiest expert's load over the mean) and dead experts, and the summed
+training-epoch times (``epoch_seconds``, validation excluded); per arm, the mean and sample standard deviation over seeds.
 
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --summary-only
@@ -37,7 +37,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +49,22 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "DONE").exists()  # written after the run's process ended without error
 
 
-def _train(config: str, overrides: list[str], run_dir: Path, seed: int, log: Path) -> float:
+def _train(config: str, overrides: list[str], run_dir: Path, seed: int, log: Path) -> None:
     command = ["convmoe", "train", config, f"trainer.seed={seed}", f"trainer.default_root_dir={run_dir}",
                "trainer.resume=auto", "trainer.enable_progress_bar=false", *overrides]
-    start = time.perf_counter()
     with open(log, "a") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
     (run_dir / "DONE").write_text("finished\n")
-    return time.perf_counter() - start
+
+
+def _epoch_seconds(run_dir: Path) -> float | None:
+    """Sum of the training epochs' times (``time/epoch_s`` of ``metrics.csv``): whole even when the run was resumed."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        times = {int(float(row["epoch"])): float(row["time/epoch_s"]) for row in csv.DictReader(f)
+                 if row.get("epoch") not in (None, "") and row.get("time/epoch_s") not in (None, "")}
+    return sum(times.values()) if times else None
 
 
 def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
@@ -82,11 +87,11 @@ def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
             "dead_experts": int(sum(v.get("dead_experts", 0) for v in layers.values())), "layers": len(layers)}
 
 
-def _run_summary(arm: str, seed: int, run_dir: Path, seconds: float | None) -> dict[str, Any]:
-    record = read_run(run_dir)
+def _run_summary(arm: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    record, seconds = read_run(run_dir), _epoch_seconds(run_dir)
     return {"arm": arm, "seed": seed, "run_dir": str(run_dir), "best_epoch": record.best_epoch,
             "metrics": record.headline(), **_routing(run_dir, record.best_epoch),
-            **({"train_seconds": round(seconds, 1)} if seconds is not None else {})}
+            **({"epoch_seconds": round(seconds, 1)} if seconds is not None else {})}
 
 
 def _mean_std(values: list[float]) -> dict[str, float | None]:
@@ -172,18 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = root / name / f"seed{seed}"
             if (name, seed) in old:  # summarised already (its run folder may be on another machine)
                 continue
-            seconds = None
             if not _finished(run_dir):
                 if args.summary_only:
                     continue
                 run_dir.mkdir(parents=True, exist_ok=True)
                 print(f"training {name} seed {seed} -> {run_dir}", flush=True)
                 try:
-                    seconds = _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
+                    _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
                 except subprocess.CalledProcessError as error:  # the next invocation resumes it
                     print(f"FAILED {name} seed {seed} (exit {error.returncode}); see {root / 'train.log'}", flush=True)
                     continue
-            runs[name, seed] = _run_summary(name, seed, run_dir, seconds)
+            runs[name, seed] = _run_summary(name, seed, run_dir)
             _write(results, study, args.study, list(runs.values()))
     _write(results, study, args.study, list(runs.values()))
     print(json.dumps(summarize(list(runs.values())), indent=1))

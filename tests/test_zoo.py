@@ -42,7 +42,7 @@ from convmoe.zoo.card import EXAMPLE_META, render_card
 from convmoe.zoo.card_format import format_metric, metric_label
 from convmoe.zoo.plan import PLAN_NAME, PlannedVariant, ZooPlan, check_plan, estimated_weight_bytes, load_plan
 from convmoe.zoo.publish import _check_round_trip
-from convmoe.zoo.recipe_commands import find_recipe, format_value, recipe_overrides
+from convmoe.zoo.recipe_commands import eval_command, find_recipe, format_value, recipe_overrides
 from convmoe.zoo.weights import OutputCheck, base_recipe_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -501,6 +501,15 @@ def test_recipe_overrides_prefer_the_referenced_key(tmp_path):
     assert overrides == ["data.root=/d/x y", "train.size.0=64", "trainer.seed=3", "+trainer.resume=auto", "~old"]
     assert load_config(recipe, overrides) == run
     assert recipe_overrides(recipe, load_config(recipe)) == []
+
+
+def test_eval_commands_leave_out_the_runs_bookkeeping():
+    """A run trained into its own folder, resumable and quiet, is evaluated without those settings: they do not
+    change the metrics, and the run folder is not the reader's."""
+    overrides = ["data.root=.data/x", "trainer.default_root_dir=runs/study/moe/seed2", "trainer.seed=2",
+                 "+trainer.resume=auto", "+trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed"]
+    assert eval_command("convmoe/net", "configs/a.yaml", overrides, split="test") == (
+        "convmoe eval convmoe/net data.root=.data/x trainer.precision=bf16-mixed --config configs/a.yaml --split test")
 
 
 @pytest.mark.parametrize("value", [0.0001, 1e-12, "runs/a", "1", "null", "yes", True, None, [1, 2.5], {"a": [1]}, "",

@@ -36,9 +36,13 @@ def flip_a_tensor_byte(weights: Path) -> None:
 
 @pytest.fixture
 def zoo_copy(tmp_path: Path) -> Path:
-    """A zoo of one real variant (the smallest), with its own index written by `convmoe zoo table`."""
+    """A zoo of the smallest real variant and the variants it names (its dense twin, or the MoE variants it is
+    the twin of), with its own index written by `convmoe zoo table`."""
     zoo_dir = tmp_path / "zoo"
-    shutil.copytree(SMALLEST, zoo_dir / SMALLEST.name)
+    meta = card_meta(SMALLEST)
+    for model_id in [SMALLEST.name, *([meta["dense_model_id"]] if meta.get("dense_model_id") else []),
+                     *meta.get("moe_model_ids", [])]:
+        shutil.copytree(ZOO / model_id, zoo_dir / model_id)
     assert main(["zoo", "table", "--zoo-dir", str(zoo_dir)]) == 0
     return zoo_dir
 
@@ -66,7 +70,7 @@ def test_untouched_copy_passes_and_a_flipped_byte_is_reported(zoo_copy, capsys):
     assert main(["zoo", "check", "--zoo-dir", str(zoo_copy), "--no-load"]) == 1
     out = capsys.readouterr().out
     assert f"{weights} has sha256" in out
-    assert "1 variant(s), 1 problem(s)" in out
+    assert f"{len(variant_folders(zoo_copy))} variant(s), 1 problem(s)" in out
 
 
 @needs_a_variant

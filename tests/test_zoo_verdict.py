@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convmoe.zoo.card_format import comparison_sentence, headline_metric
+from convmoe.zoo.card_format import comparison_sentence, headline_metric, selection_split
 
 
 def card(mine: float, theirs: float, std: float | None, twin_std: float | None, seeds: int = 3) -> dict:
@@ -47,3 +47,13 @@ def test_a_win_above_the_equal_cost_limits_says_so():
     sentence = comparison_sentence(meta)
     assert sentence.endswith("this variant wins, at 1.64x the twin's active FLOPs and 2.07x its batch-1 latency "
                              "(above the equal-cost limits of 1.10x FLOPs and 1.25x latency).")
+
+
+@pytest.mark.parametrize(("val_dataset", "name"), [
+    ({"split": "train", "hold_out": 5000, "part": "held_out"}, "held-out"),  # images set aside from train: not "train"
+    ({"split": "val"}, "val"),
+    ({"split": "test"}, "test"),
+    (None, "val"),
+])
+def test_the_selection_split_is_named_for_what_it_is(val_dataset, name):
+    assert selection_split(val_dataset) == name

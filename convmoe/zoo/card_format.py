@@ -97,6 +97,18 @@ def format_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g} ms"
 
 
+def selection_split(val_dataset: Mapping[str, Any] | None) -> str:
+    """The name of the split a recipe's best epoch is chosen on: its ``val_dataset``'s ``split``, or ``held-out``
+    when that dataset is a part set aside from another split (``part: held_out``), which it is not.
+
+    Example:
+        >>> selection_split({"split": "train", "hold_out": 5000, "part": "held_out"}), selection_split(None)
+        ('held-out', 'val')
+    """
+    val_dataset = val_dataset or {}
+    return "held-out" if val_dataset.get("part") == "held_out" else str(val_dataset.get("split", "val"))
+
+
 def metric_label(name: str, eval_split: str) -> str:
     """A metric's column title: what it is and on which split (``val/*`` are on the config's val_dataset split).
 

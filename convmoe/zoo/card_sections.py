@@ -18,6 +18,8 @@ from convmoe.zoo.card_format import (
 )
 from convmoe.zoo.datasets import get_dataset_info
 
+HELD_OUT_NOTE = " (training images set aside before training: the model never learned from them)"
+
 
 def results_section(meta: Mapping[str, Any]) -> list[str]:
     """``## Results``: the variant against its dense twin, per seed, re-evaluated, per class."""
@@ -37,7 +39,8 @@ def results_section(meta: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Results",
         "",
-        (f"Measured on the **{meta['eval_split']}** split of {get_dataset_info(meta['dataset']).name}; each run's best "
+        (f"Measured on the **{meta['eval_split']}** split of {get_dataset_info(meta['dataset']).name}"
+         f"{HELD_OUT_NOTE if meta['eval_split'] == 'held-out' else ''}; each run's best "
          f"epoch was chosen on {metric_label(meta['monitor'], meta['eval_split'])}. Cells show the mean ± sample standard deviation "
          "(n - 1) over seeds; one seed has no spread. FLOPs and latency are per image (see Cost)."),
         "",

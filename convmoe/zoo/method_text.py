@@ -17,6 +17,7 @@ _REFERENCES = {
     "noisy_top_k": "Noisy top-k gating: Shazeer et al., 2017, arXiv:1701.06538.",
     "switch": "Switch load-balancing loss: Fedus et al., 2021, arXiv:2101.03961.",
     "expert_choice": "Expert-choice routing: Zhou et al., 2022, arXiv:2202.09368.",
+    "bias_balancing": "Auxiliary-loss-free load balancing: Wang et al., 2024, arXiv:2408.15664.",
     "upernet": "UPerNet: Xiao et al., 2018, arXiv:1807.10221.",
     "efficientnet": "EfficientNet (Lite0 is its mobile variant): Tan and Le, 2019, arXiv:1905.11946.",
 }
@@ -26,11 +27,16 @@ def _block_summary(block: nn.Module) -> str:
     config = block.config
     router = config.router if isinstance(config.router, str) else type(block.router).__name__
     tokens = config.tokens if isinstance(config.tokens, str) else str(block.tokens)
-    text = f"{config.num_experts} experts, top-{config.top_k}, {tokens} tokens, {router} routing"
+    kind = config.experts if isinstance(config.experts, str) else type(block.experts).__name__
+    rank = getattr(block.experts, "rank", None)
+    kind_text = {"conv": "", "lowrank": "low-rank "}.get(kind, f"{kind} ") + (f"(rank {rank}) " if rank else "")
+    text = f"{config.num_experts} {kind_text}experts, top-{config.top_k}, {tokens} tokens, {router} routing"
     if router == "expert_choice":
         text += f" (capacity factor {config.capacity_factor if config.capacity_factor is not None else DEFAULT_CAPACITY_FACTOR})"
     if config.noise_std:
         text += f", router noise {config.noise_std:g}"
+    if config.bias_balancing:
+        text += f", loss-free bias balancing (rate {config.bias_balancing:g})"
     if config.shared_expert:
         text += ", a shared expert"
     if config.dropout:
@@ -65,7 +71,8 @@ def describe_moe(model: nn.Module) -> tuple[str, list[str]]:
 
 
 def describe_initialization(config: Mapping[str, Any]) -> str:
-    """Where training started, from a training config: an encoder loader, pretrained weights, or random.
+    """Where training started, from a training config (an encoder loader, pretrained weights, or random), and
+    what it kept frozen.
 
     Example:
         >>> describe_initialization({"model": {"_target_": "x.Net"}, "init_encoder_from": {"_target_": "a.load"}})
@@ -74,7 +81,30 @@ def describe_initialization(config: Mapping[str, Any]) -> str:
         ...                                    "model_name": "efficientnet_lite0", "pretrained": True,
         ...                                    "moe_targets": "last_stage"}})
         'ImageNet weights from `convmoe.pretrained.load_efficientnet_lite0`; every expert starts as a copy of the conv it replaces (upcycling)'
+        >>> describe_initialization({"model": {}, "freeze": {"modules": ["conv_stem", "bn1"], "freeze_norm_stats": True}})
+        'random (trained from scratch); `conv_stem`, `bn1` frozen (weights and norm statistics)'
     """
+    return _starting_weights(config) + _frozen(config)
+
+
+def _frozen(config: Mapping[str, Any]) -> str:
+    """The recipe's ``freeze`` and ``freeze_base`` sections in words (empty when it trains everything)."""
+    parts = []
+    freeze = config.get("freeze")
+    if isinstance(freeze, Mapping) and freeze.get("modules"):
+        modules = freeze["modules"]
+        names = ", ".join(f"`{m}`" for m in ([modules] if isinstance(modules, str) else modules))
+        stats = " (weights and norm statistics)" if freeze.get("freeze_norm_stats", False) else ""
+        parts.append(f"{names} frozen{stats}")
+    base = config.get("freeze_base")
+    if isinstance(base, Mapping):
+        train = base.get("train") or []
+        kept = "".join(f", `{name}`" for name in ([train] if isinstance(train, str) else train))
+        parts.append(f"all but the MoE experts, routers{kept} frozen")
+    return "".join(f"; {part}" for part in parts)
+
+
+def _starting_weights(config: Mapping[str, Any]) -> str:
     from convmoe.models.classification import (
         PACKAGED_WEIGHTS,  # convmoe.models imports smp, an optional extra
     )
@@ -130,6 +160,8 @@ def method_references(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
             keys.append("expert_choice")
         if "switch" in (block_config.losses or {}):
             keys.append("switch")
+        if block_config.bias_balancing:
+            keys.append("bias_balancing")
     names = " ".join(str(v) for v in (config.get("model") or {}).values()).lower()
     names += " " + type(model).__name__.lower()
     if "upernet" in names:

@@ -35,6 +35,7 @@ from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.processes import DistributedContext
 from convmoe.hub import WEIGHTS_NAME, from_pretrained
 from convmoe.zoo.card import build_front_matter, render_card
+from convmoe.zoo.card_format import selection_split
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency
 from convmoe.zoo.datasets import detect_dataset, get_dataset_info
 from convmoe.zoo.method_text import (
@@ -326,7 +327,7 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
                    "warmup": latency_warmup, "reps": latency_reps, "torch": str(torch.__version__)}
 
     patch_text, block_names = describe_moe(loaded)
-    split = str((main.config.get("val_dataset") or {}).get("split", "val"))
+    split = selection_split(main.config.get("val_dataset"))
     section = (_routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
                                  f"{info.name.split(' (')[0]}, {split} split")
                if analysis and block_names else None)

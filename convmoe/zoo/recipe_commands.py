@@ -21,6 +21,9 @@ import yaml
 from convmoe.engine.config import load_config, parse_value
 
 _UNREADABLE = object()
+# Trainer settings that do not change what ``convmoe eval`` measures: where the run wrote, how it resumed, its
+# progress bar and its training seed (evaluation is not random).
+RUN_BOOKKEEPING = ("trainer.default_root_dir", "trainer.resume", "trainer.enable_progress_bar", "trainer.seed")
 
 
 def _reads_back(text: str) -> Any:
@@ -196,7 +199,7 @@ def train_command(recipe: str | Path, overrides: Sequence[str]) -> str:
 
 def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], split: str = "val") -> str:
     """``convmoe eval SOURCE OVERRIDES... --config RECIPE``: the published weights on the run's val_dataset
-    (or its ``<split>_dataset``).
+    (or its ``<split>_dataset``). The run's overrides of :data:`RUN_BOOKKEEPING` are left out.
 
     Example:
         >>> eval_command("convmoe/net", "configs/a.yaml", ["data.root=.data/x"])
@@ -204,5 +207,6 @@ def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], spli
         >>> eval_command("convmoe/net", "configs/a.yaml", [], split="test")
         'convmoe eval convmoe/net --config configs/a.yaml --split test'
     """
-    return shlex.join(["convmoe", "eval", source, *overrides, "--config", display_path(recipe),
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RUN_BOOKKEEPING]
+    return shlex.join(["convmoe", "eval", source, *kept, "--config", display_path(recipe),
                        *(["--split", split] if split != "val" else [])])
