@@ -120,7 +120,10 @@ def _plan_section(plan: ZooPlan, published: set[str]) -> list[str]:
     lines += ["", f"Planned weights: {total / 1e6:.1f} MB{budget} (cards and heatmaps add well under 1 MB)."]
     if plan.not_published:
         lines += ["", "Recipes in `configs/` that are not published as variants:", ""]
-        lines += [f"- `{config}`: {reason}." for config, reason in plan.not_published]
+        by_reason: dict[str, list[str]] = {}
+        for config, reason in plan.not_published:  # recipes left out for one reason are listed together
+            by_reason.setdefault(reason, []).append(f"`{config}`")
+        lines += [f"- {', '.join(configs)}: {reason}." for reason, configs in by_reason.items()]
     lines += ["", "## Training and publishing the plan", "",
               ("Run from the repository root. A run continues where it stopped with the same command plus "
                "`trainer.resume=auto` (useful when a machine limits the length of one command); the card then "
