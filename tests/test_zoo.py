@@ -394,6 +394,32 @@ def test_the_cards_eval_command_reproduces_its_numbers(zoo, hub_cache, tmp_path)
     assert {f"val/{k}": v for k, v in measured.items() if f"val/{k}" in published["metrics"]} == published["metrics"]
 
 
+def test_zoo_reproduce_runs_the_cards_eval_commands_and_names_a_different_number(zoo, tmp_path, capsys):
+    assert main(["zoo", "reproduce", "tiny-moe", "tiny-upernet", "--zoo-dir", str(zoo)]) == 0
+    out = capsys.readouterr().out
+    seg = front(zoo, "tiny-upernet")["convmoe"]
+    assert set(seg["reevaluated"]) >= {"val/miou", "test/miou"}  # both of the card's commands ran
+    assert out.splitlines()[-1].startswith("2 variant(s), ")
+    assert out.splitlines()[-1].endswith(", 0 different")
+    for name, value in seg["reevaluated"].items():
+        assert f"| `tiny-upernet` | {name} | {value:.6g} | {value:.6g} | same |" in out
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo / "tiny-moe", copy / "tiny-moe")
+    card = copy / "tiny-moe" / "README.md"
+    data, body = split_front_matter(card.read_text(), "tiny-moe")
+    data["convmoe"]["reevaluated"]["val/top1"] += 0.5  # a card whose number the files do not give
+    card.write_text(f"---\n{yaml.safe_dump(data, sort_keys=False)}---\n{body}")
+    assert main(["zoo", "reproduce", "--zoo-dir", str(copy)]) == 1
+    assert "| `tiny-moe` | val/top1 |" in capsys.readouterr().out.split("DIFFERENT")[0].splitlines()[-1]
+
+
+def test_zoo_reproduce_of_a_folder_without_a_card_is_named(zoo, capsys):
+    assert main(["zoo", "reproduce", "no-such-variant", "--zoo-dir", str(zoo)]) != 0
+    assert capsys.readouterr().err.strip() == (f"convmoe zoo reproduce: error: {zoo / 'no-such-variant' / 'README.md'} "
+                                               "does not exist; pass a variant folder of the zoo (zoo/<model id>).")
+
+
 # -- push -------------------------------------------------------------------------------------------------
 
 

@@ -97,6 +97,16 @@ def format_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g} ms"
 
 
+def metric_scale(name: str) -> float:
+    """100 for the metrics given in percent (top-1, top-5), 1 for fractions (mIoU, pixel accuracy).
+
+    Example:
+        >>> metric_scale("test/top1"), metric_scale("val/miou")
+        (100.0, 1.0)
+    """
+    return 100.0 if name.rsplit("/", 1)[-1] in ("top1", "top5") else 1.0
+
+
 def selection_split(val_dataset: Mapping[str, Any] | None) -> str:
     """The name of the split a recipe's best epoch is chosen on: its ``val_dataset``'s ``split``, or ``held-out``
     when that dataset is a part set aside from another split (``part: held_out``), which it is not.

@@ -5,6 +5,7 @@
                                  [--twin-of ID ...]      (a dense run, published as the twin of MoE variants)
     convmoe zoo table            regenerate zoo/README.md and re-render the cards from their metadata
     convmoe zoo check            schema, weights and their sha256, from_pretrained, plan.yaml and its budget, index up to date
+    convmoe zoo reproduce [ID ...]  run each card's eval commands on its folder and compare with the card's numbers
     convmoe zoo push ID          upload zoo/ID to the Hub (after the checks)
 """
 
@@ -16,6 +17,7 @@ from convmoe.engine.cli import parse_device
 from convmoe.zoo.check import check_zoo
 from convmoe.zoo.publish import publish
 from convmoe.zoo.push import push_variant
+from convmoe.zoo.reproduce import reproduce_variant
 from convmoe.zoo.schema import require_zoo_dir, variant_folders
 from convmoe.zoo.table import write_index
 
@@ -91,6 +93,23 @@ def _run_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_ids", nargs="*", metavar="MODEL_ID", help="the variants (default: all of --zoo-dir)")
+    parser.add_argument("--zoo-dir", default="zoo", help="the zoo folder (default: zoo)")
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    zoo_dir = require_zoo_dir(args.zoo_dir)
+    folders = [zoo_dir / model_id for model_id in args.model_ids] or variant_folders(zoo_dir)
+    results = [result for folder in folders for result in reproduce_variant(folder)]
+    print("| variant | metric | card | measured | |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| `{r.model_id}` | {r.metric} | {r.card:.6g} | {r.measured:.6g} | {'same' if r.matches else 'DIFFERENT'} |")
+    different = sum(not r.matches for r in results)
+    print(f"{len(folders)} variant(s), {len(results)} number(s), {different} different")
+    return 1 if different else 0
+
+
 def _push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_id", help="the variant in --zoo-dir, or its folder")
     parser.add_argument("--repo-id", default=None, help="Hub repo id (must be the card's hub_id, the default)")
@@ -112,6 +131,8 @@ _SUBCOMMANDS = {
     "table": ("regenerate zoo/README.md and re-render the cards from their metadata", _table_arguments, _run_table),
     "check": ("check every variant against the zoo schema, the size budget and the index", _check_arguments,
               _run_check),
+    "reproduce": ("run each card's eval commands on its folder and compare with the card's numbers",
+                  _reproduce_arguments, _run_reproduce),
     "push": ("upload a checked variant to the Hugging Face Hub", _push_arguments, _run_push),
 }
 

@@ -35,7 +35,7 @@ from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.processes import DistributedContext
 from convmoe.hub import WEIGHTS_NAME, from_pretrained
 from convmoe.zoo.card import build_front_matter, render_card
-from convmoe.zoo.card_format import selection_split
+from convmoe.zoo.card_format import metric_scale, selection_split
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency
 from convmoe.zoo.datasets import detect_dataset, get_dataset_info
 from convmoe.zoo.method_text import (
@@ -85,10 +85,6 @@ class PublishResult:
     folder: Path
     card: Path
     front_matter: dict[str, Any]
-
-
-def _scale(name: str) -> float:
-    return 100.0 if name.rsplit("/", 1)[-1] in ("top1", "top5") else 1.0
 
 
 def _commands(runs: Sequence[RunRecord], recipe: str | Path | None, recipes_dir: str | Path,
@@ -146,7 +142,7 @@ def _reevaluate(folder: Path, run: RunRecord, dtype: str, tolerance: float | Non
         reevaluated.update(headline_metrics({f"{split}/{name}": value for name, value in measured.items()}))
     for name, expected in run.headline().items():
         value = reevaluated.get(name, math.nan)
-        allowed = (tolerance if tolerance is not None else METRIC_TOLERANCE[dtype] * _scale(name))
+        allowed = (tolerance if tolerance is not None else METRIC_TOLERANCE[dtype] * metric_scale(name))
         if not abs(value - expected) <= allowed:
             raise ValueError(f"the published {dtype} files evaluate to {name}={value:.6g}, the run logged {expected:.6g} "
                              f"(allowed change {allowed:g}); " + ("publish without --float16." if dtype == "float16"
