@@ -451,3 +451,24 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file left either
     monkeypatch.undo()
     assert_same_model(from_pretrained(folder), old_model, torch.randn(1, 3, 64, 64))
+
+
+def test_library_builders_given_as_functions_are_library_recipes(tmp_path):
+    """A recipe made from smp's, timm's or torchvision's own builder names the library, so the folder loads without
+    trust_remote_code (the zoo publishes recipes whose `_target_` is `segmentation_models_pytorch.UPerNet`)."""
+    import segmentation_models_pytorch as smp
+    import timm
+    import torchvision
+
+    assert BaseRecipe.parse(smp.Unet, encoder_name="resnet18", classes=2) == BaseRecipe(
+        "smp", "Unet", {"encoder_name": "resnet18", "classes": 2})
+    assert BaseRecipe.parse(timm.create_model, model_name="test_resnet", num_classes=3) == BaseRecipe(
+        "timm", "test_resnet", {"num_classes": 3})
+    assert BaseRecipe.parse(torchvision.models.resnet18, num_classes=3) == BaseRecipe(
+        "torchvision", "resnet18", {"num_classes": 3})
+    model = smp.Unet(encoder_name="resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4),
+                     classes=2)
+    save_pretrained(model, tmp_path / "unet", base=BaseRecipe.parse(
+        smp.Unet, encoder_name="resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=[16, 8, 4], classes=2))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(from_pretrained(tmp_path / "unet")(x), model.eval()(x))

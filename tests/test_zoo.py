@@ -9,6 +9,7 @@ and the upload is a monkeypatched HfApi whose arguments are checked.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import shlex
@@ -493,6 +494,26 @@ def test_publish_refuses_wrong_seeds_existing_folders_and_unknown_recipes(zoo, r
     with pytest.raises(FileNotFoundError, match=r"metrics.csv does not exist; publish reads a folder written by"):
         publish(runs["work"] / "nowhere", "x", zoo_dir=zoo)
     assert not (zoo / "x").exists()
+
+
+def test_a_publish_that_fails_midway_leaves_the_published_variant_as_it_was(zoo, runs, tmp_path, monkeypatch):
+    """Files are written to a staging folder and moved in at the end: an --overwrite that fails (here in the
+    re-evaluation, after the weights were written) neither removes nor half-replaces the variant."""
+    publishing = importlib.import_module("convmoe.zoo.publish")  # the module (convmoe.zoo.publish is the function)
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo / "tiny-moe", copy / "tiny-moe")
+    before = {path.name: path.read_bytes() for path in (copy / "tiny-moe").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise ValueError("the published float32 files evaluate to something else")
+
+    monkeypatch.setattr(publishing, "_reevaluate", fail)
+    with pytest.raises(ValueError, match="evaluate to something else"):
+        publish(runs["moe"], "tiny-moe", config=runs["moe_recipe"], zoo_dir=copy, overwrite=True, latency_reps=0)
+    assert {path.name: path.read_bytes() for path in (copy / "tiny-moe").iterdir()} == before
+    with pytest.raises(ValueError, match="evaluate to something else"):
+        publish(runs["moe"], "new-moe", config=runs["moe_recipe"], zoo_dir=copy, latency_reps=0)
+    assert sorted(path.name for path in copy.iterdir()) == ["tiny-moe"]  # no half-written variant, no staging left
 
 
 def test_float16_round_trip_that_changes_predictions_is_refused():

@@ -14,8 +14,11 @@ derived from them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -65,6 +68,7 @@ FLOAT32_MIN_AGREEMENT = 0.999
 # own units per point of scale (percentages: x100): float32 only moves by kernel nondeterminism.
 METRIC_TOLERANCE = {"float32": 0.001, "float16": 0.005}
 CURVES_NAME = "routing_curves.png"
+STAGING = ".publishing"  # inside the zoo folder: where a variant is written before it is moved in
 _PUBLISHED_FILES = (CARD_NAME, "config.json", "model.safetensors", "routing_heatmaps.png", CURVES_NAME)
 
 
@@ -99,15 +103,34 @@ def _commands(runs: Sequence[RunRecord], recipe: str | Path | None, recipes_dir:
     return recipe, [recipe_overrides(recipe, run.config) for run in runs]
 
 
-def _prepare_folder(folder: Path, overwrite: bool) -> None:
+def _staging_folder(folder: Path, overwrite: bool) -> Path:
+    """An empty ``<zoo>/.publishing/<id>`` to write the variant into (a hidden folder is not a variant), after
+    refusing to replace a published variant without ``overwrite``."""
     existing = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     if existing and not overwrite:
         raise ValueError(f"{folder} already holds {sorted(p.name for p in existing)}; pass --overwrite to replace "
                          "the variant (its old files are removed).")
-    for path in existing:
-        if path.name in _PUBLISHED_FILES or path.name.startswith("."):
-            path.unlink()
+    staging = folder.parent / STAGING / folder.name
+    shutil.rmtree(staging, ignore_errors=True)  # left by a publish that was killed
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _move_in(staging: Path, folder: Path) -> None:
+    """Replace the published files of ``folder`` with the staged ones (other files in it are kept)."""
     folder.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.is_file() and (path.name in _PUBLISHED_FILES or path.name.startswith(".")):
+            path.unlink()
+    for path in staging.iterdir():
+        os.replace(path, folder / path.name)
+    _remove_staging(staging)
+
+
+def _remove_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):  # other publishes may be staging beside it
+        staging.parent.rmdir()
 
 
 def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
@@ -295,77 +318,82 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
 
     model, _ = load_model(main.checkpoint)
     _check_variant_kind(model, model_id, twins, twin_of, dense_model_id)
-    folder = Path(zoo_dir) / model_id
-    _prepare_folder(folder, overwrite)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "float16" if float16 else "float32"
+    published = Path(zoo_dir) / model_id
+    folder = _staging_folder(published, overwrite)  # written there, moved in once whole and checked
+    try:
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "float16" if float16 else "float32"
 
-    # The weights: best checkpoint -> folder, then the folder must compute what the checkpoint does.
-    export_weights(model, folder, base_recipe_for(main.config["model"]), float16=float16)
-    loaded = from_pretrained(folder)
-    loader = _val_loader(main.config, device)
-    batch: Tensor = split_batch(next(iter(loader)))[0][:16]
-    check = compare_outputs(model.to(device), loaded.to(device), batch.to(device))
-    _check_round_trip(check, dtype)
-    reevaluated = _reevaluate(folder, main, dtype, metric_tolerance)
+        # The weights: best checkpoint -> folder, then the folder must compute what the checkpoint does.
+        export_weights(model, folder, base_recipe_for(main.config["model"]), float16=float16)
+        loaded = from_pretrained(folder)
+        loader = _val_loader(main.config, device)
+        batch: Tensor = split_batch(next(iter(loader)))[0][:16]
+        check = compare_outputs(model.to(device), loaded.to(device), batch.to(device))
+        _check_round_trip(check, dtype)
+        reevaluated = _reevaluate(folder, main, dtype, metric_tolerance)
 
-    # The cost, on one val input; the dense twin on the same input.
-    inputs = batch[:1].cpu()
-    cost = measure_cost(loaded.cpu(), inputs)
-    twin_model = load_model(twins[0].checkpoint)[0] if twins else None
-    twin_cost = measure_cost(twin_model, inputs) if twin_model is not None else None
-    latency = None
-    if latency_reps > 0:
-        timed = {"model": loaded, **({"dense_twin": twin_model} if twin_model is not None else {})}
-        medians = measure_latency(timed, inputs, device, warmup=latency_warmup, reps=latency_reps)
-        latency = {"ms": medians["model"], "dense_twin_ms": medians.get("dense_twin"),
-                   "device": device_description(device), "batch": 1, "input": list(inputs.shape), "dtype": "float32",
-                   "warmup": latency_warmup, "reps": latency_reps, "torch": str(torch.__version__)}
+        # The cost, on one val input; the dense twin on the same input.
+        inputs = batch[:1].cpu()
+        cost = measure_cost(loaded.cpu(), inputs)
+        twin_model = load_model(twins[0].checkpoint)[0] if twins else None
+        twin_cost = measure_cost(twin_model, inputs) if twin_model is not None else None
+        latency = None
+        if latency_reps > 0:
+            timed = {"model": loaded, **({"dense_twin": twin_model} if twin_model is not None else {})}
+            medians = measure_latency(timed, inputs, device, warmup=latency_warmup, reps=latency_reps)
+            latency = {"ms": medians["model"], "dense_twin_ms": medians.get("dense_twin"),
+                       "device": device_description(device), "batch": 1, "input": list(inputs.shape), "dtype": "float32",
+                       "warmup": latency_warmup, "reps": latency_reps, "torch": str(torch.__version__)}
 
-    patch_text, block_names = describe_moe(loaded)
-    split = selection_split(main.config.get("val_dataset"))
-    section = (_routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
-                                 f"{info.name.split(' (')[0]}, {split} split")
-               if analysis and block_names else None)
-    curves = _training_curves(main, folder) if analysis and block_names else None
-    if curves:
-        section = f"{section}\n\n{curves}" if section else f"## Routing analysis\n\n{curves}"
+        patch_text, block_names = describe_moe(loaded)
+        split = selection_split(main.config.get("val_dataset"))
+        section = (_routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
+                                     f"{info.name.split(' (')[0]}, {split} split")
+                   if analysis and block_names else None)
+        curves = _training_curves(main, folder) if analysis and block_names else None
+        if curves:
+            section = f"{section}\n\n{curves}" if section else f"## Routing analysis\n\n{curves}"
 
-    summary = summarize_runs(runs)
-    meta: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "model_id": model_id, "hub_id": hub_id, "revision": None,
-        "task": main.task, "dataset": dataset_key, "eval_split": split,
-        "architecture": base_recipe_for(main.config["model"]).name,
-        "initialization": describe_initialization(main.config), "patch": patch_text,
-        **({"moe_blocks": block_names} if block_names else {"moe_model_ids": list(twin_of)}),
-        **({"dense_model_id": dense_model_id} if dense_model_id else {}),
-        "monitor": main.monitor, "metrics": summary["metrics"], "metrics_std": summary["metrics_std"],
-        "seeds": summary["seeds"], "runs": summary["runs"], "published_seed": main.seed,
-        "params": cost.params, "dense_params": cost.dense_params, "active_flops": cost.active_flops,
-        "dense_flops": cost.dense_flops, "executed_flops": cost.executed_flops,
-        "flops": {"input": list(inputs.shape), "method": cost.method, "block_ratio": cost.block_ratio},
-        "latency": latency,
-        "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size,
-                    "sha256": file_sha256(folder / WEIGHTS_NAME), "check": asdict(check)},
-        "reevaluated": reevaluated,
-        "command": train_command(recipe, overrides[0]),
-        "commands": {"train": [train_command(recipe, o) for o in overrides],
-                     "eval": eval_command(hub_id, recipe, overrides[0]),
-                     **({"eval_test": eval_command(hub_id, recipe, overrides[0], split="test")}
-                        if main.test_metrics else {})},
-        "preprocessing": describe_preprocessing(main.config),
-        "dense_twin": _twin_summary(twins, twin_cost, twin_recipe, twin_overrides) if twins else None,
-        "references": method_references(loaded, main.config), "notes": list(notes), "convmoe_version": __version__,
-    }
-    if "per_class_iou" in summary:
-        meta["per_class_iou"] = summary["per_class_iou"]
-    meta = json.loads(json.dumps(meta))  # plain types only in the card (and an early error for anything else)
-    front = build_front_matter(meta, license=license, base_model=base_model)
-    card = folder / CARD_NAME
-    card.write_text(render_card(front, section), encoding="utf-8")
-    problems = check_variant(folder, load=False)
-    if problems:
-        raise ValueError(f"the published card of {model_id} fails the zoo schema: " + " ".join(problems))
+        summary = summarize_runs(runs)
+        meta: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "model_id": model_id, "hub_id": hub_id, "revision": None,
+            "task": main.task, "dataset": dataset_key, "eval_split": split,
+            "architecture": base_recipe_for(main.config["model"]).name,
+            "initialization": describe_initialization(main.config), "patch": patch_text,
+            **({"moe_blocks": block_names} if block_names else {"moe_model_ids": list(twin_of)}),
+            **({"dense_model_id": dense_model_id} if dense_model_id else {}),
+            "monitor": main.monitor, "metrics": summary["metrics"], "metrics_std": summary["metrics_std"],
+            "seeds": summary["seeds"], "runs": summary["runs"], "published_seed": main.seed,
+            "params": cost.params, "dense_params": cost.dense_params, "active_flops": cost.active_flops,
+            "dense_flops": cost.dense_flops, "executed_flops": cost.executed_flops,
+            "flops": {"input": list(inputs.shape), "method": cost.method, "block_ratio": cost.block_ratio},
+            "latency": latency,
+            "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size,
+                        "sha256": file_sha256(folder / WEIGHTS_NAME), "check": asdict(check)},
+            "reevaluated": reevaluated,
+            "command": train_command(recipe, overrides[0]),
+            "commands": {"train": [train_command(recipe, o) for o in overrides],
+                         "eval": eval_command(hub_id, recipe, overrides[0]),
+                         **({"eval_test": eval_command(hub_id, recipe, overrides[0], split="test")}
+                            if main.test_metrics else {})},
+            "preprocessing": describe_preprocessing(main.config),
+            "dense_twin": _twin_summary(twins, twin_cost, twin_recipe, twin_overrides) if twins else None,
+            "references": method_references(loaded, main.config), "notes": list(notes), "convmoe_version": __version__,
+        }
+        if "per_class_iou" in summary:
+            meta["per_class_iou"] = summary["per_class_iou"]
+        meta = json.loads(json.dumps(meta))  # plain types only in the card (and an early error for anything else)
+        front = build_front_matter(meta, license=license, base_model=base_model)
+        card = folder / CARD_NAME
+        card.write_text(render_card(front, section), encoding="utf-8")
+        problems = check_variant(folder, load=False)
+        if problems:
+            raise ValueError(f"the published card of {model_id} fails the zoo schema: " + " ".join(problems))
+        _move_in(folder, published)
+    except BaseException:
+        _remove_staging(folder)
+        raise
     if update_index:
         write_index(zoo_dir)
-    return PublishResult(folder=folder, card=card, front_matter=front)
+    return PublishResult(folder=published, card=published / CARD_NAME, front_matter=front)
