@@ -33,7 +33,9 @@ def test_channels_last_trains_to_the_same_numbers(tmp_path, build, trainer_key, 
     assert not any(plain["seen"])
     conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert last["row"]["train/loss"] == pytest.approx(plain["row"]["train/loss"], rel=1e-4)
+    # The layouts sum in different orders, and the kernels do so differently with 1 or 2 threads: after an epoch of
+    # training the mean loss agrees to about 1e-4 (2 threads) or 1.3e-4 (OMP_NUM_THREADS=1), a layout bug by far more.
+    assert last["row"]["train/loss"] == pytest.approx(plain["row"]["train/loss"], rel=1e-3)
     assert last["row"][monitor] == pytest.approx(plain["row"][monitor], abs=1e-3)
     metric = evaluate(last["best"], progress=False)  # eval runs the plain layout and reproduces the run
     assert metric[monitor.split("/")[1]] == pytest.approx(last["row"][monitor], abs=1e-3)
