@@ -109,7 +109,7 @@ def metric_scale(name: str) -> float:
 
 def selection_split(val_dataset: Mapping[str, Any] | None) -> str:
     """The name of the split a recipe's best epoch is chosen on: its ``val_dataset``'s ``split``, or ``held-out``
-    when that dataset is a part set aside from another split (``part: held_out``), which it is not.
+    when that dataset is a part set aside from another split (``part: held_out``), never trained on.
 
     Example:
         >>> selection_split({"split": "train", "hold_out": 5000, "part": "held_out"}), selection_split(None)
