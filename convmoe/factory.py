@@ -33,23 +33,27 @@ RECIPE_ERROR_ATTRIBUTE = "convmoe_base_recipe_error"
 LIBRARIES = (*LIBRARY_PREFIXES, "factory")
 
 
-def _library_recipe(builder: Callable[..., nn.Module], kwargs: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
-    """``(library, name, kwargs)`` when ``builder`` is a library's own: an smp architecture class,
-    ``timm.create_model`` (its ``model_name`` becomes the name) or a torchvision model builder."""
+def library_recipe(builder: Callable[..., nn.Module], kwargs: Mapping[str, Any]) -> BaseRecipe | None:
+    """The library recipe of ``builder`` called with ``kwargs`` when it is a library's own: an smp architecture
+    class, ``timm.create_model`` (its ``model_name`` becomes the name) or a torchvision model builder.
+
+    Raises:
+        ValueError: ``kwargs`` that no recipe can hold (not JSON-ready).
+    """
     module, name = getattr(builder, "__module__", "") or "", getattr(builder, "__name__", "")
     if module.startswith("segmentation_models_pytorch."):
         import segmentation_models_pytorch as smp
 
         if smp.MODEL_ARCHITECTURES_MAPPING.get(name.lower()) is builder:
-            return "smp", name, dict(kwargs)
+            return BaseRecipe("smp", name, dict(kwargs))
     if module.startswith("timm.") and name == "create_model" and isinstance(kwargs.get("model_name"), str):
         rest = {key: value for key, value in kwargs.items() if key != "model_name"}
-        return "timm", kwargs["model_name"], rest
+        return BaseRecipe("timm", kwargs["model_name"], rest)
     if module.startswith("torchvision.models."):
         from torchvision import models
 
         if name in models.list_models() and models.get_model_builder(name) is builder:
-            return "torchvision", name, dict(kwargs)
+            return BaseRecipe("torchvision", name, dict(kwargs))
     return None
 
 
@@ -146,8 +150,7 @@ class BaseRecipe:
                 return cls(prefix, rest, kwargs)
             return cls("factory", spec, kwargs)
         if callable(spec):
-            library = _library_recipe(spec, kwargs)
-            return cls(*library) if library else cls("factory", factory_name(spec), kwargs)
+            return library_recipe(spec, kwargs) or cls("factory", factory_name(spec), kwargs)
         raise TypeError(f"cannot make a base recipe from {type(spec).__name__}; pass 'timm:NAME', 'smp:ARCH', "
                         "'torchvision:NAME', 'module:function', a dict or a function.")
 

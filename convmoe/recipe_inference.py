@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, get_recipe
+from convmoe.factory import RECIPE_ERROR_ATTRIBUTE, BaseRecipe, get_recipe, library_recipe
 
 
 def infer_recipe(model: nn.Module) -> BaseRecipe | None:
@@ -86,13 +86,8 @@ def _smp_recipe(model: nn.Module) -> BaseRecipe | None:
     config = getattr(model, "_hub_mixin_config", None)
     if not isinstance(config, Mapping):
         return None
-    import segmentation_models_pytorch as smp
-
-    arch = type(model).__name__
-    if smp.MODEL_ARCHITECTURES_MAPPING.get(arch.lower()) is not type(model):
-        return None
     try:
-        return BaseRecipe("smp", arch, dict(config))
+        return library_recipe(type(model), config)  # None for an smp class that is not an architecture of its own
     except ValueError:
         return None
 

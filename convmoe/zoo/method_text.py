@@ -11,6 +11,7 @@ from torch import nn
 
 from convmoe.diagnostics import moe_blocks
 from convmoe.dropout import create_dropout
+from convmoe.engine.config_check import check_freeze, check_freeze_base
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 
 _REFERENCES = {
@@ -90,16 +91,11 @@ def describe_initialization(config: Mapping[str, Any]) -> str:
 def _frozen(config: Mapping[str, Any]) -> str:
     """The recipe's ``freeze`` and ``freeze_base`` sections in words (empty when it trains everything)."""
     parts = []
-    freeze = config.get("freeze")
-    if isinstance(freeze, Mapping) and freeze.get("modules"):
-        modules = freeze["modules"]
-        names = ", ".join(f"`{m}`" for m in ([modules] if isinstance(modules, str) else modules))
-        stats = " (weights and norm statistics)" if freeze.get("freeze_norm_stats", False) else ""
-        parts.append(f"{names} frozen{stats}")
-    base = config.get("freeze_base")
-    if isinstance(base, Mapping):
-        train = base.get("train") or []
-        kept = "".join(f", `{name}`" for name in ([train] if isinstance(train, str) else train))
+    if freeze := check_freeze(config.get("freeze")):
+        stats = " (weights and norm statistics)" if freeze.get("freeze_norm_stats") else ""
+        parts.append(", ".join(f"`{name}`" for name in freeze["modules"]) + f" frozen{stats}")
+    if (base := check_freeze_base(config.get("freeze_base"))) is not None:
+        kept = "".join(f", `{name}`" for name in base.get("train", []))
         parts.append(f"all but the MoE experts, routers{kept} frozen")
     return "".join(f"; {part}" for part in parts)
 
