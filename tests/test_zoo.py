@@ -43,7 +43,13 @@ from convmoe.zoo.card import EXAMPLE_META, render_card
 from convmoe.zoo.card_format import format_metric, metric_label
 from convmoe.zoo.plan import PLAN_NAME, PlannedVariant, ZooPlan, check_plan, estimated_weight_bytes, load_plan
 from convmoe.zoo.publish import _check_round_trip
-from convmoe.zoo.recipe_commands import eval_command, find_recipe, format_value, recipe_overrides
+from convmoe.zoo.recipe_commands import (
+    eval_command,
+    find_recipe,
+    format_value,
+    recipe_overrides,
+    train_command,
+)
 from convmoe.zoo.weights import OutputCheck, base_recipe_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -557,6 +563,19 @@ def test_eval_commands_leave_out_the_runs_bookkeeping():
                  "+trainer.resume=auto", "+trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed"]
     assert eval_command("convmoe/net", "configs/a.yaml", overrides, split="test") == (
         "convmoe eval convmoe/net data.root=.data/x trainer.precision=bf16-mixed --config configs/a.yaml --split test")
+
+
+def test_train_commands_leave_out_how_the_run_was_driven(tmp_path):
+    """Resuming and the progress bar do not change what a run trains (resume is exact), so a card's train command
+    leaves them out; the seed and the run folder, which tell seeds apart, stay."""
+    recipe = write_recipe(tmp_path / "r.yaml", {"trainer": {"seed": 0, "default_root_dir": "runs/r"}})
+    run = {"trainer": {"seed": 2, "default_root_dir": "runs/study/seed2", "resume": "auto",
+                       "enable_progress_bar": False}}
+    overrides = recipe_overrides(recipe, run)
+    assert len(overrides) == 4
+    args = shlex.split(train_command(recipe, overrides))
+    assert args[3:] == ["trainer.seed=2", "trainer.default_root_dir=runs/study/seed2"]
+    assert load_config(recipe, args[3:]) == {"trainer": {"seed": 2, "default_root_dir": "runs/study/seed2"}}
 
 
 @pytest.mark.parametrize("value", [0.0001, 1e-12, "runs/a", "1", "null", "yes", True, None, [1, 2.5], {"a": [1]}, "",

@@ -21,9 +21,15 @@ import yaml
 from convmoe.engine.config import load_config, parse_value
 
 _UNREADABLE = object()
-# Trainer settings that do not change what ``convmoe eval`` measures: where the run wrote, how it resumed, its
-# progress bar and its training seed (evaluation is not random).
-RUN_BOOKKEEPING = ("trainer.default_root_dir", "trainer.resume", "trainer.enable_progress_bar", "trainer.seed")
+# Trainer settings that change how a run was driven, not what it trains: resuming (exact) and its progress bar.
+RUN_CONTROL = ("trainer.resume", "trainer.enable_progress_bar")
+# Trainer settings that do not change what ``convmoe eval`` measures: those, where the run wrote and its training
+# seed (evaluation is not random).
+RUN_BOOKKEEPING = ("trainer.default_root_dir", *RUN_CONTROL, "trainer.seed")
+
+
+def _without(overrides: Sequence[str], keys: Sequence[str]) -> list[str]:
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys]
 
 
 def _reads_back(text: str) -> Any:
@@ -188,13 +194,14 @@ def find_recipe(config: Mapping[str, Any], candidates: Sequence[str | Path]) -> 
 
 
 def train_command(recipe: str | Path, overrides: Sequence[str]) -> str:
-    """``convmoe train RECIPE OVERRIDES...``, quoted for a POSIX shell.
+    """``convmoe train RECIPE OVERRIDES...``, quoted for a POSIX shell, without the overrides of
+    :data:`RUN_CONTROL` (how the run was driven).
 
     Example:
-        >>> train_command("configs/a.yaml", ["trainer.seed=1", "data.root=my data"])
+        >>> train_command("configs/a.yaml", ["trainer.seed=1", "data.root=my data", "+trainer.resume=auto"])
         "convmoe train configs/a.yaml trainer.seed=1 'data.root=my data'"
     """
-    return shlex.join(["convmoe", "train", display_path(recipe), *overrides])
+    return shlex.join(["convmoe", "train", display_path(recipe), *_without(overrides, RUN_CONTROL)])
 
 
 def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], split: str = "val") -> str:
@@ -207,6 +214,5 @@ def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], spli
         >>> eval_command("convmoe/net", "configs/a.yaml", [], split="test")
         'convmoe eval convmoe/net --config configs/a.yaml --split test'
     """
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RUN_BOOKKEEPING]
-    return shlex.join(["convmoe", "eval", source, *kept, "--config", display_path(recipe),
+    return shlex.join(["convmoe", "eval", source, *_without(overrides, RUN_BOOKKEEPING), "--config", display_path(recipe),
                        *(["--split", split] if split != "val" else [])])

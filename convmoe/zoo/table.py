@@ -126,8 +126,8 @@ def _plan_section(plan: ZooPlan, published: set[str]) -> list[str]:
         lines += [f"- {', '.join(configs)}: {reason}." for reason, configs in by_reason.items()]
     lines += ["", "## Training and publishing the plan", "",
               ("Run from the repository root. A run continues where it stopped with the same command plus "
-               "`trainer.resume=auto` (useful when a machine limits the length of one command); the card then "
-               "records that override in its train command. `--seeds` and `--dense-twin` read the runs the train "
+               "`trainer.resume=auto` (useful when a machine limits the length of one command); resuming is exact, so "
+               "the card's train command leaves that override out. `--seeds` and `--dense-twin` read the runs the train "
                "commands write; every number in a card is read from those runs and measured again on the published "
                "files."), ""]
     datasets = list(dict.fromkeys(v.dataset for v in plan.variants))
