@@ -42,7 +42,7 @@ from convmoe.zoo import (
 from convmoe.zoo.card import EXAMPLE_META, render_card
 from convmoe.zoo.card_format import format_metric, metric_label
 from convmoe.zoo.plan import PLAN_NAME, PlannedVariant, ZooPlan, check_plan, estimated_weight_bytes, load_plan
-from convmoe.zoo.publish import _check_round_trip
+from convmoe.zoo.published_checks import check_round_trip
 from convmoe.zoo.recipe_commands import (
     eval_command,
     find_recipe,
@@ -513,7 +513,7 @@ def test_a_publish_that_fails_midway_leaves_the_published_variant_as_it_was(zoo,
     def fail(*args, **kwargs):
         raise ValueError("the published float32 files evaluate to something else")
 
-    monkeypatch.setattr(publishing, "_reevaluate", fail)
+    monkeypatch.setattr(publishing, "reevaluate", fail)
     with pytest.raises(ValueError, match="evaluate to something else"):
         publish(runs["moe"], "tiny-moe", config=runs["moe_recipe"], zoo_dir=copy, overwrite=True, latency_reps=0)
     assert {path.name: path.read_bytes() for path in (copy / "tiny-moe").iterdir()} == before
@@ -524,10 +524,10 @@ def test_a_publish_that_fails_midway_leaves_the_published_variant_as_it_was(zoo,
 
 def test_float16_round_trip_that_changes_predictions_is_refused():
     with pytest.raises(ValueError, match=r"change 2.00% of the predictions.*publish without --float16"):
-        _check_round_trip(OutputCheck(0.5, 3.0, 0.98), "float16")
-    _check_round_trip(OutputCheck(0.01, 3.0, 0.995), "float16")
+        check_round_trip(OutputCheck(0.5, 3.0, 0.98), "float16")
+    check_round_trip(OutputCheck(0.01, 3.0, 0.995), "float16")
     with pytest.raises(ValueError, match="does not compute what the checkpoint does"):
-        _check_round_trip(OutputCheck(0.5, 3.0, 0.99), "float32")
+        check_round_trip(OutputCheck(0.5, 3.0, 0.99), "float32")
 
 
 def test_read_run_refuses_metrics_from_another_run(runs, tmp_path):

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,16 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from convmoe import __version__
-from convmoe.analysis import analyze, model_card_section
-from convmoe.analysis.tracking import load_history, plot_tracking
 from convmoe.atomic_files import file_sha256
-from convmoe.engine.config import instantiate
-from convmoe.engine.evaluate import evaluate, load_model, loss_ignore_index, split_batch
+from convmoe.engine.evaluate import load_model, split_batch
 from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.processes import DistributedContext
 from convmoe.hub import WEIGHTS_NAME, from_pretrained
 from convmoe.zoo.card import build_front_matter, render_card
-from convmoe.zoo.card_format import metric_scale, selection_split
+from convmoe.zoo.card_format import selection_split
 from convmoe.zoo.cost import device_description, measure_cost, measure_latency
 from convmoe.zoo.datasets import detect_dataset, get_dataset_info
 from convmoe.zoo.method_text import (
@@ -47,27 +42,21 @@ from convmoe.zoo.method_text import (
     describe_preprocessing,
     method_references,
 )
+from convmoe.zoo.published_checks import check_round_trip, reevaluate
 from convmoe.zoo.recipe_commands import eval_command, find_recipe, recipe_overrides, train_command
+from convmoe.zoo.routing_sections import CURVES_NAME, routing_analysis, training_curves
 from convmoe.zoo.runs import (
     RunRecord,
     check_comparable,
     check_same_recipe,
-    headline_metrics,
     read_run,
     summarize_runs,
 )
 from convmoe.zoo.schema import CARD_NAME, HUB_ID, MODEL_ID, SCHEMA_VERSION, check_variant
 from convmoe.zoo.table import write_index
-from convmoe.zoo.weights import OutputCheck, base_recipe_for, compare_outputs, export_weights
+from convmoe.zoo.weights import base_recipe_for, compare_outputs, export_weights
 
 DEFAULT_ORG = "convmoe"
-# Float16 storage may flip a few near-tie predictions (and so routing decisions); more is a bug.
-FLOAT16_MIN_AGREEMENT = 0.99
-FLOAT32_MIN_AGREEMENT = 0.999
-# Largest change of a headline metric when the published files are evaluated again, in the metric's
-# own units per point of scale (percentages: x100): float32 only moves by kernel nondeterminism.
-METRIC_TOLERANCE = {"float32": 0.001, "float16": 0.005}
-CURVES_NAME = "routing_curves.png"
 STAGING = ".publishing"  # inside the zoo folder: where a variant is written before it is moved in
 _PUBLISHED_FILES = (CARD_NAME, "config.json", "model.safetensors", "routing_heatmaps.png", CURVES_NAME)
 
@@ -138,79 +127,6 @@ def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
         raise ValueError("the run's config has no val_dataset; a zoo variant is measured on it.")
     ctx = DistributedContext(0, 0, 1, device)
     return build_dataloader(config["val_dataset"], config.get("data_loader") or {}, ctx, train=False)
-
-
-def _ignore_index(config: dict[str, Any]) -> int | None:
-    if "ignore_index" in config:
-        return config["ignore_index"]
-    return loss_ignore_index(instantiate(config["loss"])) if config.get("loss") else None
-
-
-def _check_round_trip(check: OutputCheck, dtype: str) -> None:
-    minimum = FLOAT16_MIN_AGREEMENT if dtype == "float16" else FLOAT32_MIN_AGREEMENT
-    if check.agreement < minimum:
-        raise ValueError(f"the published {dtype} weights change {100 * (1 - check.agreement):.2f}% of the predictions "
-                         f"on one val batch (max |logit change| {check.max_abs_diff:.3g}, allowed "
-                         f"{100 * (1 - minimum):.2f}%); publish without --float16." if dtype == "float16" else
-                         f"the saved folder does not compute what the checkpoint does (agreement "
-                         f"{check.agreement:.4f}); the base recipe does not rebuild the model.")
-
-
-def _reevaluate(folder: Path, run: RunRecord, dtype: str, tolerance: float | None) -> dict[str, float]:
-    """The published files evaluated again on the val split (and the test split when the run logged
-    one), checked against the run's logged metrics."""
-    reevaluated: dict[str, float] = {}
-    for split in ("val", "test") if run.test_metrics else ("val",):
-        measured = evaluate(str(folder), config=run.config, split=split, progress=False)
-        reevaluated.update(headline_metrics({f"{split}/{name}": value for name, value in measured.items()}))
-    for name, expected in run.headline().items():
-        value = reevaluated.get(name, math.nan)
-        allowed = (tolerance if tolerance is not None else METRIC_TOLERANCE[dtype] * metric_scale(name))
-        if not abs(value - expected) <= allowed:
-            raise ValueError(f"the published {dtype} files evaluate to {name}={value:.6g}, the run logged {expected:.6g} "
-                             f"(allowed change {allowed:g}); " + ("publish without --float16." if dtype == "float16"
-                                                                   else "the folder does not rebuild the checkpoint."))
-    return reevaluated
-
-
-def _routing_analysis(model: nn.Module, loader: Any, config: dict[str, Any], folder: Path, device: torch.device,
-                      max_batches: int | None, model_name: str, data_name: str) -> str | None:
-    try:
-        report = analyze(model.to(device), loader, None, class_names=getattr(loader.dataset, "classes", None),
-                         ignore_index=_ignore_index(config), redundancy=False, device=device, max_batches=max_batches,
-                         model_name=model_name, data_name=data_name)
-        return model_card_section(report, folder)
-    except ImportError as error:  # the heatmap needs matplotlib
-        warnings.warn(f"routing analysis left out of the card: {error}", UserWarning, stacklevel=3)
-        return None
-
-
-def _training_curves(run: RunRecord, folder: Path) -> str | None:
-    """The card's "over training" paragraph and its image, from the run's routing history (the engine's
-    ``routing_history.json``); None when the run has none or matplotlib is missing."""
-    path = run.run_dir / "routing_history.json"
-    if not path.is_file():
-        return None
-    history = [row for row in load_history(path) if row["epoch"] <= run.best_epoch]
-    if not history or not any(row["layers"] for row in history):
-        return None
-    try:
-        plot_tracking(history, folder / CURVES_NAME)
-    except ImportError:
-        return None
-    last = history[-1]
-    rows = [f"| `{name}` | {stats['specialization']:.3f} | {stats['utilization_entropy']:.3f} | "
-            f"{stats['imbalance']:.2f} | {int(stats['dead_experts'])} | {100 * stats['dropped_rate']:.1f}% |"
-            for name, stats in last["layers"].items()]
-    return "\n".join([
-        "### Over training", "",
-        (f"The same statistics on the training batches of seed {run.seed}, epoch by epoch up to the published epoch "
-         f"{run.best_epoch} (the engine's `routing_history.json`; sampled batches, with router noise and expert "
-         "dropout as the model trained):"), "",
-        f"![Routing statistics over training]({CURVES_NAME})", "",
-        f"At epoch {last['epoch']}:", "",
-        "| layer | specialisation | util. entropy | imbalance | dead experts | dropped |",
-        "|---|---|---|---|---|---|", *rows])
 
 
 def _twin_summary(twins: Sequence[RunRecord], twin_cost: Any, recipe: Path, overrides: list[list[str]],
@@ -330,8 +246,8 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
         loader = _val_loader(main.config, device)
         batch: Tensor = split_batch(next(iter(loader)))[0][:16]
         check = compare_outputs(model.to(device), loaded.to(device), batch.to(device))
-        _check_round_trip(check, dtype)
-        reevaluated = _reevaluate(folder, main, dtype, metric_tolerance)
+        check_round_trip(check, dtype)
+        reevaluated = reevaluate(folder, main, dtype, metric_tolerance)
 
         # The cost, on one val input; the dense twin on the same input.
         inputs = batch[:1].cpu()
@@ -348,10 +264,10 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
 
         patch_text, block_names = describe_moe(loaded)
         split = selection_split(main.config.get("val_dataset"))
-        section = (_routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
+        section = (routing_analysis(loaded, loader, main.config, folder, device, analysis_batches, hub_id,
                                      f"{info.name.split(' (')[0]}, {split} split")
                    if analysis and block_names else None)
-        curves = _training_curves(main, folder) if analysis and block_names else None
+        curves = training_curves(main, folder) if analysis and block_names else None
         if curves:
             section = f"{section}\n\n{curves}" if section else f"## Routing analysis\n\n{curves}"
 
