@@ -119,13 +119,14 @@ def arm_flops(arms: dict[str, Any], input_size: list[int]) -> dict[str, dict[str
     import torch
 
     import convmoe
-    from convmoe.engine import instantiate, load_config
+    from convmoe.engine import load_config
+    from convmoe.engine.model_build import build_model
 
     counts: dict[str, dict[str, float]] = {"active": {}, "executed": {}}
     for name, arm in arms.items():
         config = load_config(arm["config"], list(arm.get("overrides", [])))
-        model_config = {**config["model"], **({"pretrained": False} if "pretrained" in config["model"] else {})}
-        report = convmoe.flops(instantiate(model_config).eval(), torch.zeros(1, 3, *input_size))
+        model = build_model(config, pretrained=False).eval()  # the recipe's model and patch, random weights
+        report = convmoe.flops(model, torch.zeros(1, 3, *input_size))
         counts["active"][name], counts["executed"][name] = float(report.active), float(report.executed)
     return counts
 

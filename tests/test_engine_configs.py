@@ -11,7 +11,7 @@ import torch
 
 from convmoe import moe_blocks
 from convmoe.engine import instantiate, load_config, locate
-from convmoe.models import load_encoder_weights
+from convmoe.engine.model_build import build_model
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = [path for path in sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "cpu").glob("*.yaml"))
@@ -35,7 +35,7 @@ def test_the_zoo_recipes_are_there():
                "camvid_upernet_moe", "camvid_upernet_moe_expert_choice", "camvid_upernet_medoe",
                "cifar10_efficientnet_lite0_lowrank", "cifar10_efficientnet_lite0_pointwise_moe", "camvid_upernet_lowrank",
                "cifar10_efficientnet_lite0_equal_cost_dense", "cifar10_efficientnet_lite0_equal_cost_moe",
-               "camvid_upernet_equal_cost_dense", "camvid_upernet_equal_cost_moe"}
+               "camvid_upernet_equal_cost_dense", "camvid_upernet_equal_cost_moe", "camvid_upernet_equal_cost_encoder_moe"}
     assert recipes <= names
     assert {path.stem for path in CONFIGS if path.parent.name == "cpu"} == recipes  # a CPU budget of each
 
@@ -50,7 +50,7 @@ def test_cpu_recipes_change_only_the_budget():
             assert model["decoder_channels"] < full["model"]["decoder_channels"]
             model["decoder_channels"] = full["model"]["decoder_channels"]
         assert model == full["model"], cpu.name
-        for key in ("loss", "optimizer", "scheduler_list", "init_encoder_from", "freeze"):
+        for key in ("loss", "optimizer", "scheduler_list", "init_encoder_from", "freeze", "patch"):
             assert small.get(key) == full.get(key), (cpu.name, key)
         assert small["trainer"]["seed"] == full["trainer"]["seed"]
         assert small["trainer"]["default_root_dir"] == f"runs/cpu_{cpu.stem}"
@@ -73,9 +73,7 @@ def test_recipe_builds_on_tiny_data(path):
     if dataset_name == "camvid" and not cpu:  # the fixture is 90x120: crop what it has
         train_node["augmentation_list"][1].update(height=64, width=96)
     sample = instantiate(train_node)[0]
-    model = instantiate(config["model"]).eval()
-    if "init_encoder_from" in config:
-        load_encoder_weights(model, instantiate(config["init_encoder_from"]))
+    model = build_model(config).eval()  # the model section, init_encoder_from, the patch section
     with torch.no_grad():
         logits = model(sample["image"][None])
     size = ((64, 96) if not cpu else (160, 224)) if dataset_name == "camvid" else (config["data"]["image_size"],) * 2

@@ -29,3 +29,12 @@ def test_frozen_modules_and_freeze_base_are_stated():
               "freeze_base": {"train": ["fc"]}}
     assert describe_initialization(config) == (
         "random (trained from scratch); `conv_stem`, `blocks.0` frozen; all but the MoE experts, routers, `fc` frozen")
+
+
+def test_a_patch_section_that_upcycles_is_stated_after_the_encoder_weights():
+    config = {"model": {"_target_": "segmentation_models_pytorch.UPerNet"}, "init_encoder_from": {"_target_": "a.load"},
+              "patch": {"targets": "last_stage_pointwise", "config": {"num_experts": 4}}}
+    assert describe_initialization(config) == ("encoder weights from `a.load`; the patched convs' experts start as "
+                                               "copies of those convs (upcycling)")
+    fresh = {**config, "patch": {**config["patch"], "upcycle": False}}
+    assert describe_initialization(fresh) == "encoder weights from `a.load`; the patched convs' experts start random"

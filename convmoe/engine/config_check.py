@@ -19,6 +19,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from convmoe.config import MoEConfig
 from convmoe.engine.config import TARGET_KEY
 
 # Sections built from a ``_target_``, with a target to show in the fix.
@@ -269,7 +270,8 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
     ``init_encoder_from`` are ``_target_`` mappings; ``scheduler`` / ``scheduler_list`` entries too;
     every ``<split>_dataset`` is a ``_target_`` mapping or a list of them; ``trainer`` / ``pl_trainer`` /
     ``data_loader`` (top-level and per dataset) are mappings; ``data_loader`` names DataLoader
-    settings of the right types; ``freeze_base`` (:func:`check_freeze_base`); with ``settings``, the ``trainer`` values have its fields' types.
+    settings of the right types; ``freeze_base``, ``freeze`` and ``patch`` (:func:`check_freeze_base`,
+    :func:`check_freeze`, :func:`check_patch`); with ``settings``, the ``trainer`` values have its fields' types.
 
     Args:
         config: A loaded config (:func:`load_config`).
@@ -308,6 +310,7 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
             _check_dataset(config[key], key)
     check_freeze_base(config.get("freeze_base"))
     check_freeze(config.get("freeze"))
+    check_patch(config.get("patch"))
     if config.get("scheduler") is not None:
         _check_scheduler(config["scheduler"], "scheduler")
     schedulers = config.get("scheduler_list")
@@ -317,3 +320,56 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
                              f"{type(schedulers).__name__}; write '- scheduler: {{_target_: ...}}' items.")
         for index, entry in enumerate(schedulers):
             _check_scheduler(entry, f"scheduler_list.{index}")
+
+
+# The ``patch`` section: the keywords of :func:`convmoe.patch` a recipe may give, their types and an example.
+PATCH_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "targets": (str | list, "last_stage"), "exclude": (str | list | None, ["layer4.0.downsample"]),
+    "config": (Mapping | str | None, {"num_experts": 8, "top_k": 2}), "upcycle": (bool, True)}
+
+
+def check_patch(section: Any, where: str = "patch") -> dict[str, Any] | None:
+    """Check a config's ``patch`` section and return the keywords for :func:`convmoe.patch`.
+
+    ``patch: {targets: last_stage, config: {num_experts: 8, top_k: 2}, upcycle: true}`` patches the
+    model after its weights are loaded (``init_encoder_from``); ``targets`` and ``exclude`` are names,
+    globs, ``"re:"`` regexes or placements, ``config`` the fields of :class:`~convmoe.MoEConfig` or a
+    preset name. Null or absent patches nothing.
+
+    Raises:
+        ValueError: Not a mapping, no ``targets``, an unknown key, a value of the wrong type, or a
+            ``config`` that is not a valid MoEConfig.
+
+    Example:
+        >>> check_patch({"targets": "last_stage", "config": {"num_experts": 4}})
+        {'targets': 'last_stage', 'config': {'num_experts': 4}}
+        >>> check_patch({"target": "last_stage"})
+        Traceback (most recent call last):
+        ...
+        ValueError: patch has no setting 'target' (did you mean 'targets'?); it takes config, exclude, targets, upcycle. Remove it or fix its name.
+    """
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004 (as above)
+                         f"as '{where}: {{targets: last_stage, config: {{num_experts: 8, top_k: 2}}}}'.")
+    allowed = sorted(PATCH_SETTINGS)
+    for key in section:
+        if key not in PATCH_SETTINGS:
+            raise ValueError(f"{where} has no setting {key!r}{_did_you_mean(key, allowed)}; it takes "
+                             f"{', '.join(allowed)}. Remove it or fix its name.")
+    if section.get("targets") in (None, "", []):
+        raise ValueError(f"{where} has no targets; name the convs to patch, e.g. {where}.targets=last_stage (names, "
+                         "globs, 're:' regexes or placements).")
+    for key in ("targets", "exclude"):
+        names = section.get(key)
+        if names is not None and not (isinstance(names, str) or (isinstance(names, list)
+                                                                  and all(isinstance(n, str) for n in names))):
+            raise ValueError(f"{where}.{key}={names!r} must be a string or a list of strings (names, globs, 're:' "
+                             f"regexes or placements), got {type(names).__name__}; e.g. {where}.{key}=last_stage.")
+    check_types(section, PATCH_SETTINGS, where)
+    try:
+        MoEConfig.coerce(section.get("config"), where=f"{where}.config")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}.config: {error}") from None
+    return dict(section)

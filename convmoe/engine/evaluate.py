@@ -18,6 +18,7 @@ from convmoe.engine.config import instantiate, load_config
 from convmoe.engine.config_check import check_training_config
 from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.metrics import ClassificationMetrics, SegmentationMetrics
+from convmoe.engine.model_build import build_model
 from convmoe.engine.processes import all_reduce_sum, setup_distributed
 from convmoe.engine.settings import TrainerSettings
 from convmoe.hub import check_state_matches, from_pretrained
@@ -260,7 +261,9 @@ def load_model(source: str | Path, config: Mapping[str, Any] | None = None,
         if not isinstance(model_node, Mapping) or "_target_" not in model_node:
             raise ValueError(f"the model section for {path} must be a mapping with a _target_ (e.g. _target_: "
                              f"convmoe.models.UPerNetMoE), got {model_node!r:.80}; fix the config's 'model' section.")
-        model = instantiate(_without_pretrained_download(model_node))
+        # The patch section follows the model section: the caller's with its model, else the checkpoint's.
+        patch = (config if (config or {}).get("model") is not None else train_config).get("patch")
+        model = build_model({"model": model_node, "patch": patch}, pretrained=False)
         if not isinstance(model, nn.Module):
             raise ValueError(f"the model section for {path} built a {type(model).__name__}, not an nn.Module; fix "
                              "the config's 'model' section.")
@@ -277,16 +280,6 @@ def _load_checkpoint_weights(model: nn.Module, weights: Mapping[str, Any], path:
                         fix="the checkpoint was trained with another model config; pass the config it was trained "
                             "with (--config), or leave --config out to use the checkpoint's own")
     model.load_state_dict(weights)
-
-
-def _without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
-    # The checkpoint brings every weight: do not fetch or load ImageNet weights to overwrite them.
-    node = dict(node)
-    if "encoder_weights" in node:
-        node["encoder_weights"] = None
-    if "pretrained" in node:
-        node["pretrained"] = False
-    return node
 
 
 def _load_pretrained(source: str, trust_remote_code: bool) -> nn.Module:

@@ -39,6 +39,7 @@ from convmoe.engine.evaluate import (
 )
 from convmoe.engine.loaders import build_dataloader, epoch_seed
 from convmoe.engine.logging import CSVLogger, TensorBoardLogger
+from convmoe.engine.model_build import build_model
 from convmoe.engine.processes import (
     all_gather_objects,
     barrier,
@@ -66,7 +67,9 @@ class Trainer:
     MoE experts and routers and the named modules, see :func:`convmoe.freeze_base`); ``freeze`` (freeze
     the named modules of a dense or MoE model, see :func:`convmoe.freeze_modules`); ``task``
     (``classification``/``segmentation``/``auto``); ``ignore_index`` (default: the loss's);
-    ``init_encoder_from`` (a ``_target_`` giving a backbone whose weights go to an smp encoder).
+    ``init_encoder_from`` (a ``_target_`` giving a backbone whose weights go to an smp encoder); ``patch``
+    (:func:`convmoe.patch` on the model after those weights are loaded, see
+    :func:`~convmoe.engine.config_check.check_patch`).
 
     Args:
         config: A config dict or a YAML path.
@@ -96,11 +99,7 @@ class Trainer:
         self.seed = seed = self.settings.seed or 0
         torch.manual_seed(seed)
 
-        model = instantiate(self.config["model"])
-        if self.config.get("init_encoder_from") is not None:
-            from convmoe.models import load_encoder_weights  # convmoe.models imports smp, an optional extra
-
-            load_encoder_weights(model, instantiate(self.config["init_encoder_from"]))
+        model = build_model(self.config)  # the model section, init_encoder_from, then the patch section
         if self.ctx.distributed and self.settings.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if freeze is not None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from convmoe.diagnostics import moe_blocks
 from convmoe.dropout import create_dropout
-from convmoe.engine.config_check import check_freeze, check_freeze_base
+from convmoe.engine.config_check import check_freeze, check_freeze_base, check_patch
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
 
 _REFERENCES = {
@@ -85,7 +85,17 @@ def describe_initialization(config: Mapping[str, Any]) -> str:
         >>> describe_initialization({"model": {}, "freeze": {"modules": ["conv_stem", "bn1"], "freeze_norm_stats": True}})
         'random (trained from scratch); `conv_stem`, `bn1` frozen (weights and norm statistics)'
     """
-    return _starting_weights(config) + _frozen(config)
+    return _starting_weights(config) + _patched(config) + _frozen(config)
+
+
+def _patched(config: Mapping[str, Any]) -> str:
+    """The recipe's ``patch`` section's starting weights in words (empty without one)."""
+    patch = check_patch(config.get("patch"))
+    if patch is None:
+        return ""
+    if patch.get("upcycle", True):
+        return "; the patched convs' experts start as copies of those convs (upcycling)"
+    return "; the patched convs' experts start random"
 
 
 def _frozen(config: Mapping[str, Any]) -> str:
