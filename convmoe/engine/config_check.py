@@ -213,23 +213,32 @@ def _check_module_list_section(section: Any, where: str, settings: dict[str, tup
     if section is None:
         return None
     example = f"[{', '.join(settings[list_key][1])}]"
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004 (as above)
-                         f"as '{where}: {{{list_key}: {example}, freeze_norm_stats: false}}'.")
-    allowed = sorted(settings)
-    for key in section:
-        if key not in settings:
-            hint = _did_you_mean(key, allowed)
-            raise ValueError(f"{where} has no setting {key!r}{hint}; it takes {', '.join(allowed)}. Remove it or fix "
-                             "its name.")
+    _check_settings_keys(section, where, settings, f"{{{list_key}: {example}, freeze_norm_stats: false}}")
     if required and not section.get(list_key):
         raise ValueError(f"{where} has no {list_key}; name the modules to freeze, e.g. {where}.{list_key}={example}.")
     names = section.get(list_key, [])
-    if not (isinstance(names, str) or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
-        raise ValueError(f"{where}.{list_key}={names!r} must be a string or a list of strings (module names, globs "
-                         f"or 're:' regexes), got {type(names).__name__}; e.g. {where}.{list_key}={example}.")
+    _check_module_specs(names, f"{where}.{list_key}", example)
     check_types(section, settings, where)
     return {**section, list_key: [names] if isinstance(names, str) else list(names)}
+
+
+def _check_settings_keys(section: Any, where: str, settings: Mapping[str, Any], example: str) -> None:
+    """Raise unless ``section`` is a mapping whose keys are all in ``settings``."""
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004 (as above)
+                         f"as '{where}: {example}'.")
+    allowed = sorted(settings)
+    for key in section:
+        if key not in settings:
+            raise ValueError(f"{where} has no setting {key!r}{_did_you_mean(key, allowed)}; it takes "
+                             f"{', '.join(allowed)}. Remove it or fix its name.")
+
+
+def _check_module_specs(names: Any, where: str, example: str) -> None:
+    """Raise unless ``names`` is a module spec string or a list of them."""
+    if not (isinstance(names, str) or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
+        raise ValueError(f"{where}={names!r} must be a string or a list of strings (module names, globs, 're:' "
+                         f"regexes or placements), got {type(names).__name__}; e.g. {where}={example}.")
 
 
 def _check_target_node(node: Any, where: str, example: str, also: str = "") -> None:
@@ -350,23 +359,13 @@ def check_patch(section: Any, where: str = "patch") -> dict[str, Any] | None:
     """
     if section is None:
         return None
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{where}={section!r} must be a mapping of settings, got {type(section).__name__}; write it "  # noqa: TRY004 (as above)
-                         f"as '{where}: {{targets: last_stage, config: {{num_experts: 8, top_k: 2}}}}'.")
-    allowed = sorted(PATCH_SETTINGS)
-    for key in section:
-        if key not in PATCH_SETTINGS:
-            raise ValueError(f"{where} has no setting {key!r}{_did_you_mean(key, allowed)}; it takes "
-                             f"{', '.join(allowed)}. Remove it or fix its name.")
+    _check_settings_keys(section, where, PATCH_SETTINGS, "{targets: last_stage, config: {num_experts: 8, top_k: 2}}")
     if section.get("targets") in (None, "", []):
         raise ValueError(f"{where} has no targets; name the convs to patch, e.g. {where}.targets=last_stage (names, "
                          "globs, 're:' regexes or placements).")
     for key in ("targets", "exclude"):
-        names = section.get(key)
-        if names is not None and not (isinstance(names, str) or (isinstance(names, list)
-                                                                  and all(isinstance(n, str) for n in names))):
-            raise ValueError(f"{where}.{key}={names!r} must be a string or a list of strings (names, globs, 're:' "
-                             f"regexes or placements), got {type(names).__name__}; e.g. {where}.{key}=last_stage.")
+        if section.get(key) is not None:
+            _check_module_specs(section[key], f"{where}.{key}", "last_stage")
     check_types(section, PATCH_SETTINGS, where)
     try:
         MoEConfig.coerce(section.get("config"), where=f"{where}.config")
