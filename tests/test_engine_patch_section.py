@@ -106,3 +106,18 @@ def test_check_patch_returns_the_keywords_of_convmoe_patch():
     assert check_patch({"targets": ["layer4.*"], "config": "upernet_fusion_moe"}) == {
         "targets": ["layer4.*"], "config": "upernet_fusion_moe"}
     assert check_patch(None) is None
+
+
+def test_a_published_smp_model_with_a_patched_encoder_loads_with_its_blocks(tmp_path):
+    """What ``convmoe zoo publish`` writes for a recipe with a patch section on smp's UPerNet: ``convmoe eval`` of
+    the folder (load_model) and from_pretrained both rebuild the patched encoder."""
+    config = upernet_config(tmp_path, {"targets": LAYER4, "config": {"num_experts": 4, "top_k": 2, "tokens": "image"}})
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    folder = convmoe.save_pretrained(model, tmp_path / "saved", base=base_recipe_for(config["model"]))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(x)
+        for loaded in (load_model(str(folder))[0], convmoe.from_pretrained(folder)):
+            assert set(named_blocks(loaded)) == set(named_blocks(model))
+            torch.testing.assert_close(loaded(x), expected)
