@@ -59,17 +59,21 @@ def _train(config: str, overrides: list[str], run_dir: Path, seed: int, log: Pat
     (run_dir / "DONE").write_text("finished\n")
 
 
-def _epoch_seconds(run_dir: Path) -> float | None:
-    """Sum of the training epochs' times (``time/epoch_s`` of ``metrics.csv``): whole even when the run was resumed."""
+def _epoch_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv`` that belong to an epoch."""
     with open(run_dir / "metrics.csv", newline="") as f:
-        times = {int(float(row["epoch"])): float(row["time/epoch_s"]) for row in csv.DictReader(f)
-                 if row.get("epoch") not in (None, "") and row.get("time/epoch_s") not in (None, "")}
+        return [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "")]
+
+
+def _epoch_seconds(rows: list[dict[str, str]]) -> float | None:
+    """Sum of the training epochs' times (``time/epoch_s``): whole even when the run was resumed."""
+    times = {int(float(row["epoch"])): float(row["time/epoch_s"]) for row in rows
+             if row.get("time/epoch_s") not in (None, "")}
     return sum(times.values()) if times else None
 
 
-def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "") and int(float(row["epoch"])) == epoch]
+def _routing(rows: list[dict[str, str]], epoch: int) -> dict[str, Any]:
+    rows = [row for row in rows if int(float(row["epoch"])) == epoch]
     row = {key: value for r in rows for key, value in r.items() if value not in (None, "")}  # Lightning logs one row per logging call
     layers: dict[str, dict[str, float]] = {}
     for key, value in row.items():
@@ -88,9 +92,10 @@ def _routing(run_dir: Path, epoch: int) -> dict[str, Any]:
 
 
 def _run_summary(arm: str, seed: int, run_dir: Path) -> dict[str, Any]:
-    record, seconds = read_run(run_dir), _epoch_seconds(run_dir)
+    record, rows = read_run(run_dir), _epoch_rows(run_dir)
+    seconds = _epoch_seconds(rows)
     return {"arm": arm, "seed": seed, "run_dir": str(run_dir), "best_epoch": record.best_epoch,
-            "metrics": record.headline(), **_routing(run_dir, record.best_epoch),
+            "metrics": record.headline(), **_routing(rows, record.best_epoch),
             **({"epoch_seconds": round(seconds, 1)} if seconds is not None else {})}
 
 
