@@ -19,6 +19,7 @@ from convmoe.engine.metrics import (
     confusion_matrix,
     iou_from_confusion,
 )
+from convmoe.engine.model_build import build_model
 from convmoe.engine.trainer import Trainer, TrainerSettings, TrainResult, train
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerSettings",
+    "build_model",
     "confusion_matrix",
     "evaluate",
     "instantiate",
