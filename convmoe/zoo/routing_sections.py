@@ -25,7 +25,6 @@ def _ignore_index(config: dict[str, Any]) -> int | None:
     return loss_ignore_index(instantiate(config["loss"])) if config.get("loss") else None
 
 
-
 def routing_analysis(model: nn.Module, loader: Any, config: dict[str, Any], folder: Path, device: torch.device,
                      max_batches: int | None, model_name: str, data_name: str) -> str | None:
     """The card's routing-analysis section (its heatmap written to ``folder``); None without matplotlib."""
