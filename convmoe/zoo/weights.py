@@ -22,12 +22,10 @@ from torch import Tensor, nn
 
 from convmoe.engine.config import locate
 from convmoe.engine.evaluate import model_output
+from convmoe.engine.model_build import without_pretrained_download
 from convmoe.factory import BaseRecipe
 from convmoe.hub import save_pretrained
 
-# Keyword arguments that would load pretrained weights when a base model is rebuilt; the zoo
-# checkpoint brings every weight.
-_NO_DOWNLOAD = {"encoder_weights": None, "pretrained": False}
 # Classifier factories that patch inside: their MoE arguments are recorded by the patch spec instead.
 _PATCHING_ARGUMENTS = ("moe_targets", "moe_config")
 
@@ -74,9 +72,9 @@ def base_recipe_for(model_node: Mapping[str, Any]) -> BaseRecipe:
     if builder is create_classifier:
         for key in _PATCHING_ARGUMENTS:
             node.pop(key, None)
-    for key, value in _NO_DOWNLOAD.items():
-        if key in node or (builder is create_classifier and key == "pretrained"):
-            node[key] = value
+    node = without_pretrained_download(node)  # the zoo checkpoint brings every weight
+    if builder is create_classifier:
+        node["pretrained"] = False  # recorded even where the config left the default
     return BaseRecipe.parse(builder, **node)
 
 
