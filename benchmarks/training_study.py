@@ -22,7 +22,7 @@ training-epoch times (``epoch_seconds``, validation excluded); per arm, the mean
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --summary-only
     python benchmarks/training_study.py benchmarks/studies/cheap_capacity_cifar10.yaml --markdown   # the table
 
-Two invocations with different ``--arms`` may run side by side (e.g. one thread each on a 2-core
+Two invocations with different ``--arms`` or ``--seeds`` may run side by side (e.g. one thread each on a 2-core
 machine): each merges its runs into the results file as it is when it writes.
 
 With ``input_size: [H, W]`` in the study, each arm's active and executed FLOPs (``convmoe.flops``, one
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", type=Path)
     parser.add_argument("--summary-only", action="store_true", help="summarise the finished runs, train nothing")
     parser.add_argument("--arms", nargs="*", help="only these arms")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only these of the study's seeds")
     parser.add_argument("--markdown", action="store_true", help="print the results file's table and stop")
     args = parser.parse_args(argv)
     study = yaml.safe_load(args.study.read_text())
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = {name: arm for name, arm in study["arms"].items() if not args.arms or name in args.arms}
     old = {(r["arm"], r["seed"]): r for r in json.loads(results.read_text())["runs"]} if results.exists() else {}
     runs: dict[tuple[str, int], dict[str, Any]] = dict(old)
-    for seed in study["seeds"]:
+    for seed in (s for s in study["seeds"] if not args.seeds or s in args.seeds):
         for name, arm in arms.items():
             run_dir = root / name / f"seed{seed}"
             if (name, seed) in old:  # summarised already (its run folder may be on another machine)
