@@ -279,8 +279,8 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
     ``init_encoder_from`` are ``_target_`` mappings; ``scheduler`` / ``scheduler_list`` entries too;
     every ``<split>_dataset`` is a ``_target_`` mapping or a list of them; ``trainer`` / ``pl_trainer`` /
     ``data_loader`` (top-level and per dataset) are mappings; ``data_loader`` names DataLoader
-    settings of the right types; ``freeze_base``, ``freeze`` and ``patch`` (:func:`check_freeze_base`,
-    :func:`check_freeze`, :func:`check_patch`); with ``settings``, the ``trainer`` values have its fields' types.
+    settings of the right types; ``freeze_base``, ``freeze``, ``patch`` and ``init_from`` (:func:`check_freeze_base`,
+    :func:`check_freeze`, :func:`check_patch`, :func:`check_init_from`); with ``settings``, the ``trainer`` values have its fields' types.
 
     Args:
         config: A loaded config (:func:`load_config`).
@@ -320,6 +320,7 @@ def check_training_config(config: Mapping[str, Any], settings: Any = None, requi
     check_freeze_base(config.get("freeze_base"))
     check_freeze(config.get("freeze"))
     check_patch(config.get("patch"))
+    check_init_from(config.get("init_from"))
     if config.get("scheduler") is not None:
         _check_scheduler(config["scheduler"], "scheduler")
     schedulers = config.get("scheduler_list")
@@ -372,3 +373,21 @@ def check_patch(section: Any, where: str = "patch") -> dict[str, Any] | None:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}.config: {error}") from None
     return dict(section)
+
+
+def check_init_from(value: Any, where: str = "init_from") -> str | None:
+    """Check ``init_from``: the trained weights a run starts from, a ``convmoe train`` checkpoint file, a
+    ``save_pretrained`` folder or a Hub id (text). Null or absent: the model's own initialisation.
+
+    Example:
+        >>> check_init_from(["best.pt"])
+        Traceback (most recent call last):
+        ...
+        ValueError: init_from=['best.pt'] must be a checkpoint file, a save_pretrained folder or a Hub id (text), got list; e.g. init_from=runs/dense/checkpoints/best.pt.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}={value!r} must be a checkpoint file, a save_pretrained folder or a Hub id (text), got "
+                         f"{type(value).__name__}; e.g. {where}=runs/dense/checkpoints/best.pt.")
+    return value

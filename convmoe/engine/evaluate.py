@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,9 +19,9 @@ from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.metrics import ClassificationMetrics, SegmentationMetrics
 from convmoe.engine.model_build import build_model
 from convmoe.engine.processes import all_reduce_sum, setup_distributed
+from convmoe.engine.saved_models import checkpoint_weights, is_checkpoint_file, load_saved_model
 from convmoe.engine.settings import TrainerSettings
-from convmoe.hub import check_state_matches, from_pretrained
-from convmoe.hub_files import resolve_file
+from convmoe.hub import check_state_matches
 from convmoe.trust import check_config_targets
 
 Metric = ClassificationMetrics | SegmentationMetrics
@@ -246,7 +245,7 @@ def load_model(source: str | Path, config: Mapping[str, Any] | None = None,
         FileNotFoundError: checkpoint no/such/file.pt does not exist.
     """
     path = Path(source)
-    if path.suffix in (".pt", ".pth", ".ckpt") or path.is_file():
+    if is_checkpoint_file(path):
         state = load_checkpoint(path)
         train_config = state.get("config") or {}
         if not isinstance(train_config, Mapping):
@@ -267,12 +266,9 @@ def load_model(source: str | Path, config: Mapping[str, Any] | None = None,
         if not isinstance(model, nn.Module):
             raise ValueError(f"the model section for {path} built a {type(model).__name__}, not an nn.Module; fix "
                              "the config's 'model' section.")
-        if not isinstance(state.get("model"), Mapping):
-            raise ValueError(f"{path} holds no model weights (no 'model' state dict); pass a checkpoint written by "
-                             "convmoe train (checkpoints/last.pt or best.pt).")
-        _load_checkpoint_weights(model, state["model"], path)
+        _load_checkpoint_weights(model, checkpoint_weights(path, state), path)
         return model.eval(), dict(train_config)
-    return _load_pretrained(str(source), trust_remote_code).eval(), None
+    return load_saved_model(str(source), trust_remote_code).eval(), None
 
 
 def _load_checkpoint_weights(model: nn.Module, weights: Mapping[str, Any], path: Path) -> None:
@@ -280,22 +276,6 @@ def _load_checkpoint_weights(model: nn.Module, weights: Mapping[str, Any], path:
                         fix="the checkpoint was trained with another model config; pass the config it was trained "
                             "with (--config), or leave --config out to use the checkpoint's own")
     model.load_state_dict(weights)
-
-
-def _load_pretrained(source: str, trust_remote_code: bool) -> nn.Module:
-    from convmoe import models  # convmoe.models imports smp, an optional extra
-
-    class_name = json.loads(resolve_file(source, "config.json").read_text()).get("_model_class")
-    if class_name in models.__all__:
-        return getattr(models, class_name).from_pretrained(source)
-    if class_name is not None:
-        import segmentation_models_pytorch as smp
-
-        if class_name.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
-            raise ValueError(f"{source}/config.json names _model_class {class_name!r}, which is neither a convmoe.models "
-                             "class nor an smp architecture; point to a folder written by save_pretrained.")
-        return smp.from_pretrained(source)
-    return from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None = None, overrides: Sequence[str] = (),

@@ -1,5 +1,6 @@
-"""A recipe's model as the engine builds it: the ``model`` section, the weights of ``init_encoder_from``, then the
-``patch`` section (:func:`convmoe.patch`), so that patched experts start as copies of the loaded convs."""
+"""A recipe's model as the engine builds it: the ``model`` section, the weights of ``init_from`` (a trained model)
+or ``init_encoder_from`` (an encoder), then the ``patch`` section (:func:`convmoe.patch`), so that patched experts
+start as copies of the loaded convs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from torch import nn
 
 import convmoe
 from convmoe.engine.config import instantiate
-from convmoe.engine.config_check import check_patch
+from convmoe.engine.config_check import check_init_from, check_patch
+from convmoe.engine.saved_models import checkpoint_weights, is_checkpoint_file, load_saved_model
+from convmoe.hub import check_state_matches
 
 
 def without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -29,17 +32,18 @@ def without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_model(config: Mapping[str, Any], pretrained: bool = True) -> nn.Module:
-    """Build ``config["model"]``, load ``init_encoder_from`` into its smp encoder, then apply ``patch``.
+    """Build ``config["model"]``, load ``init_from`` or ``init_encoder_from`` into it, then apply ``patch``.
 
     Args:
         config: A loaded config with a ``model`` section (a ``_target_`` mapping).
-        pretrained: True: the start of training (the model's own pretrained weights, then
-            ``init_encoder_from``; the patch upcycles those weights unless ``patch.upcycle`` is false).
-            False: the architecture only, for weights that come from a checkpoint (no download, fresh experts).
+        pretrained: True: the start of training (every weight of ``init_from``, else the model's own
+            pretrained weights and ``init_encoder_from``; the patch upcycles those weights unless
+            ``patch.upcycle`` is false). False: the architecture only, for weights that come from a
+            checkpoint (no download, fresh experts).
 
     Raises:
-        ValueError: A bad ``patch`` section (checked before anything is built), or a target that
-            matches no module.
+        ValueError: A bad ``patch`` or ``init_from`` section (checked before anything is built), a target
+            that matches no module, or ``init_from`` weights that do not fit the model section.
 
     Example:
         >>> model = build_model({"model": {"_target_": "timm.create_model", "model_name": "test_resnet"},
@@ -48,11 +52,33 @@ def build_model(config: Mapping[str, Any], pretrained: bool = True) -> nn.Module
         ['layer4.0.conv1', 'layer4.0.conv2']
     """
     patch = check_patch(config.get("patch"))
-    model = instantiate(config["model"] if pretrained else without_pretrained_download(config["model"]))
-    if pretrained and config.get("init_encoder_from") is not None:
+    init_from = check_init_from(config.get("init_from")) if pretrained else None
+    downloads = pretrained and init_from is None  # init_from brings every weight
+    model = instantiate(config["model"] if downloads else without_pretrained_download(config["model"]))
+    if init_from is not None:
+        load_initial_weights(model, init_from)
+    elif pretrained and config.get("init_encoder_from") is not None:
         from convmoe.models import load_encoder_weights  # convmoe.models imports smp, an optional extra
 
         load_encoder_weights(model, instantiate(config["init_encoder_from"]))
     if patch is not None and isinstance(model, nn.Module):
         convmoe.patch(model, **({**patch, "upcycle": False} if not pretrained else patch))
     return model
+
+
+def load_initial_weights(model: nn.Module, source: str) -> None:
+    """Copy every weight of ``source`` (a ``convmoe train`` checkpoint, a ``save_pretrained`` folder or a Hub
+    id) into ``model``, the recipe's model section as built before its ``patch`` section.
+
+    With a ``patch`` section this is sparse upcycling from a trained model: a dense run's checkpoint
+    goes in here, and the patched convs' experts start as copies of its trained convs.
+
+    Raises:
+        ValueError: Weights that do not fit the model (missing, unexpected or differently shaped
+            tensors), or an unreadable source.
+    """
+    weights = checkpoint_weights(source) if is_checkpoint_file(source) else load_saved_model(source).state_dict()
+    check_state_matches(model, weights, strict=True, where=f"init_from={source}",
+                        fix="init_from must hold the weights of this recipe's model section as built before its "
+                            "patch section (e.g. the checkpoint of a run of the dense recipe); point it at such a run")
+    model.load_state_dict(weights)

@@ -67,8 +67,9 @@ class Trainer:
     MoE experts and routers and the named modules, see :func:`convmoe.freeze_base`); ``freeze`` (freeze
     the named modules of a dense or MoE model, see :func:`convmoe.freeze_modules`); ``task``
     (``classification``/``segmentation``/``auto``); ``ignore_index`` (default: the loss's);
-    ``init_encoder_from`` (a ``_target_`` giving a backbone whose weights go to an smp encoder); ``patch``
-    (:func:`convmoe.patch` on the model after those weights are loaded, see
+    ``init_encoder_from`` (a ``_target_`` giving a backbone whose weights go to an smp encoder); ``init_from``
+    (every weight of a trained model instead, see :func:`~convmoe.engine.model_build.load_initial_weights`);
+    ``patch`` (:func:`convmoe.patch` on the model after those weights are loaded, see
     :func:`~convmoe.engine.config_check.check_patch`).
 
     Args:
@@ -99,7 +100,10 @@ class Trainer:
         self.seed = seed = self.settings.seed or 0
         torch.manual_seed(seed)
 
-        model = build_model(self.config)  # the model section, init_encoder_from, then the patch section
+        # The model section, init_from or init_encoder_from, then the patch section; a run that resumes gets every
+        # weight from its checkpoint, so it builds the architecture only (no download, no init_from source).
+        resuming = resume_path(self.settings.resume, self.checkpoint_dir) is not None
+        model = build_model(self.config, pretrained=not resuming)
         if self.ctx.distributed and self.settings.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if freeze is not None:

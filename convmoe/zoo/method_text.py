@@ -116,6 +116,8 @@ def _starting_weights(config: Mapping[str, Any]) -> str:
     )
 
     model = config.get("model") or {}
+    if config.get("init_from"):
+        return f"every weight from the trained model `{config['init_from']}`"
     if config.get("init_encoder_from"):
         return f"encoder weights from `{config['init_encoder_from'].get('_target_', '?')}`"
     if model.get("pretrained"):
