@@ -13,7 +13,8 @@ A study is a YAML file (``benchmarks/studies/*.yaml``)::
 Runs go seed-major (every arm of seed 0, then seed 1, ...), so an interrupted queue leaves comparable
 arms; a run already in the results file is not run again (commit the file: it survives a new machine,
 the run folders do not); each run is ``convmoe train CONFIG trainer.seed=S trainer.default_root_dir=ROOT/ARM/seedS
-trainer.resume=auto OVERRIDES`` and a finished run is skipped. The summary (written after every run)
+trainer.resume=auto OVERRIDES`` (``{seed}`` in an override becomes S, e.g. ``+init_from=runs/dense/seed{seed}/checkpoints/best.pt``)
+and a finished run is skipped. The summary (written after every run)
 holds, per run, the best epoch's headline metrics and, from the same row of ``metrics.csv``, each MoE
 layer's training-epoch imbalance (busiest expert's load over the mean) and dead experts, and the summed
 training-epoch times (``epoch_seconds``, validation excluded); per arm, the mean and sample standard deviation over seeds.
@@ -47,6 +48,11 @@ from convmoe.zoo.runs import read_run
 
 def _finished(run_dir: Path) -> bool:
     return (run_dir / "DONE").exists()  # written after the run's process ended without error
+
+
+def _overrides(arm: dict[str, Any], seed: int) -> list[str]:
+    """The arm's overrides for one seed: ``{seed}`` replaced (only that; YAML flow mappings keep their braces)."""
+    return [str(o).replace("{seed}", str(seed)) for o in arm.get("overrides", [])]
 
 
 def _train(config: str, overrides: list[str], run_dir: Path, seed: int, log: Path) -> None:
@@ -129,7 +135,7 @@ def arm_flops(arms: dict[str, Any], input_size: list[int]) -> dict[str, dict[str
 
     counts: dict[str, dict[str, float]] = {"active": {}, "executed": {}}
     for name, arm in arms.items():
-        config = load_config(arm["config"], list(arm.get("overrides", [])))
+        config = load_config(arm["config"], _overrides(arm, 0))
         model = build_model(config, pretrained=False).eval()  # the recipe's model and patch, random weights
         report = convmoe.flops(model, torch.zeros(1, 3, *input_size))
         counts["active"][name], counts["executed"][name] = float(report.active), float(report.executed)
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 print(f"training {name} seed {seed} -> {run_dir}", flush=True)
                 try:
-                    _train(arm["config"], list(arm.get("overrides", [])), run_dir, seed, root / "train.log")
+                    _train(arm["config"], _overrides(arm, seed), run_dir, seed, root / "train.log")
                 except subprocess.CalledProcessError as error:  # the next invocation resumes it
                     print(f"FAILED {name} seed {seed} (exit {error.returncode}); see {root / 'train.log'}", flush=True)
                     continue
