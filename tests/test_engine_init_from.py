@@ -88,7 +88,7 @@ def test_weights_that_do_not_fit_are_a_one_line_error(dense_run):
 
 
 def test_a_missing_source_is_named(dense_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing\.pt does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"^init_from: checkpoint .*missing\.pt does not exist"):
         build_model({**dense_run[0], "init_from": str(tmp_path / "missing.pt")})
 
 

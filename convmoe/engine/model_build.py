@@ -74,10 +74,14 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
     goes in here, and the patched convs' experts start as copies of its trained convs.
 
     Raises:
+        FileNotFoundError: No such checkpoint, folder or Hub repo (the message starts with ``init_from``).
         ValueError: Weights that do not fit the model (missing, unexpected or differently shaped
             tensors), or an unreadable source.
     """
-    weights = checkpoint_weights(source) if is_checkpoint_file(source) else load_saved_model(source).state_dict()
+    try:
+        weights = checkpoint_weights(source) if is_checkpoint_file(source) else load_saved_model(source).state_dict()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"init_from: {error}") from None
     check_state_matches(model, weights, strict=True, where=f"init_from={source}",
                         fix="init_from must hold the weights of this recipe's model section as built before its "
                             "patch section (e.g. the checkpoint of a run of the dense recipe); point it at such a run")
