@@ -119,3 +119,15 @@ def test_a_run_started_from_init_from_resumes_and_evaluates_without_the_source(d
     assert set(named_blocks(loaded)) == set(named_blocks(trainer.model))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
+
+
+def test_a_trainer_built_to_resume_refuses_to_train_once_its_checkpoint_is_gone(dense_run, tmp_path):
+    """A Trainer built to resume has the architecture's fresh weights only: without the checkpoint it must not train."""
+    checkpoint = dense_run[1]
+    run = {**engine_config(tmp_path / "run", None, moe=False), "init_from": str(checkpoint)}
+    Trainer(copy.deepcopy(run)).fit()
+    run["trainer"] |= {"max_epochs": 2, "resume": "auto"}
+    trainer = Trainer(copy.deepcopy(run))
+    (tmp_path / "run" / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"was built to resume from .*last\.pt, which no longer exists; .*"):
+        trainer.fit()

@@ -102,8 +102,8 @@ class Trainer:
 
         # The model section, init_from or init_encoder_from, then the patch section; a run that resumes gets every
         # weight from its checkpoint, so it builds the architecture only (no download, no init_from source).
-        resuming = resume_path(self.settings.resume, self.checkpoint_dir) is not None
-        model = build_model(self.config, pretrained=not resuming)
+        self._awaiting_checkpoint = resume_path(self.settings.resume, self.checkpoint_dir)
+        model = build_model(self.config, pretrained=self._awaiting_checkpoint is None)
         if self.ctx.distributed and self.settings.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if freeze is not None:
@@ -276,8 +276,12 @@ class Trainer:
             The best metric, checkpoint paths, per-epoch history and test metrics.
         """
         resume = resume_path(self.settings.resume, self.checkpoint_dir)
+        if resume is None and self._awaiting_checkpoint is not None:
+            raise FileNotFoundError(f"this Trainer was built to resume from {self._awaiting_checkpoint}, which no longer "
+                                    "exists; its model has the architecture's fresh weights only, so build a new Trainer")
         if resume is not None:
             self.load_state_dict(load_checkpoint(resume, map_location=self.ctx.device), source=resume)
+            self._awaiting_checkpoint = None
         main = self.ctx.is_main
         csv_logger = CSVLogger(self.output_dir / "metrics.csv", keep_until_epoch=self.start_epoch) if main else None
         tensorboard = TensorBoardLogger(self.output_dir / "tensorboard") if main else None
