@@ -1,10 +1,14 @@
-"""Image tokens: merged per-image experts (one grouped conv) against per-expert sub-batches (the regions path).
+"""Image tokens: merged per-image experts (one grouped conv), per-expert sub-batches (the regions path)
+and gathered rows (the experts as matrix products over the routed positions).
 
-Both are exact; ``"auto"`` picks ``merged`` for image tokens. This times both against the dense conv,
-interleaved, for a few layer shapes and batch sizes, so the choice rests on a measurement. One JSON
-line per case.
+All three are exact. This times them against the dense conv, interleaved, for a few layer shapes and
+batch sizes, so ``"auto"``'s choice rests on a measurement. ``--kernel 1`` times pointwise convs (the
+shapes of EfficientNet-Lite0's last stage and head), where gathering copies each input position once;
+``--train`` times a forward and backward pass in training mode instead of inference. One JSON line per
+case.
 
     python benchmarks/bench_image_paths.py --threads 1 --out benchmarks/results/image_paths_1thread.jsonl
+    python benchmarks/bench_image_paths.py --threads 1 --kernel 1 --train --batches 8 64
     python benchmarks/bench_image_paths.py --device cuda --dtype bfloat16     # on a GPU
 """
 
@@ -13,22 +17,41 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median_ms, machine, write_jsonl
 
 from convmoe import MoEConv2d
 
-SHAPES = [(64, 32), (256, 14), (32, 56)]  # (channels, map side)
+SHAPES = {3: [(64, 64, 32), (256, 256, 14), (32, 32, 56), (256, 256, 7), (192, 192, 3)],  # (C_in, C_out, map side)
+          1: [(192, 1152, 3), (1152, 192, 3), (320, 1280, 3), (112, 672, 6), (192, 1152, 7), (112, 672, 14),
+              (64, 256, 32)]}  # 1x1: EfficientNet-Lite0's last stage and head at 96 and 224 px
+PATHS = ("merged", "regions", "gathered")
+
+
+def _step(module: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+    """One inference pass, or one training pass (forward and backward)."""
+    if not train:
+        return lambda: module(x)
+
+    def forward_backward() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).square().mean().backward()
+
+    return forward_backward
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--kernel", type=int, default=3, choices=sorted(SHAPES))
+    parser.add_argument("--train", action="store_true", help="time forward and backward in training mode")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 32])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
@@ -40,22 +63,24 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    for (channels, size), batch in itertools.product(SHAPES, args.batches):
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
-        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    for (c_in, c_out, size), batch in itertools.product(SHAPES[args.kernel], args.batches):
+        conv = nn.Conv2d(c_in, c_out, args.kernel, padding=args.kernel // 2, device=device, dtype=dtype)
+        x = torch.randn(batch, c_in, size, size, device=device, dtype=dtype)
         blocks = {path: MoEConv2d.from_conv(conv, num_experts=args.experts, top_k=args.top_k, tokens="image",
-                                            dispatcher=f"sparse:{path}").eval() for path in ("merged", "regions")}
+                                            dispatcher=f"sparse:{path}").train(args.train) for path in PATHS}
         with torch.no_grad():
             blocks["merged"].router.gate.proj.weight.normal_()  # images spread over the experts
-            blocks["regions"].load_state_dict(blocks["merged"].state_dict())
-            steps = {"dense": lambda conv=conv, x=x: conv(x),
-                     **{path: (lambda b=block, x=x: b(x)) for path, block in blocks.items()}}
+            for block in blocks.values():
+                block.load_state_dict(blocks["merged"].state_dict())
+        conv.train(args.train)
+        steps = {"dense": _step(conv, x, args.train), **{p: _step(b, x, args.train) for p, b in blocks.items()}}
+        with torch.set_grad_enabled(args.train):
             times = interleaved_median_ms(steps, warmup=2, reps=args.reps, device=device)
         write_jsonl(args.out, {
-            "bench": "image_paths", "channels": channels, "size": size, "batch": batch, "experts": args.experts,
+            "bench": "image_paths", "kernel": args.kernel, "mode": "train" if args.train else "inference",
+            "c_in": c_in, "c_out": c_out, "size": size, "batch": batch, "experts": args.experts,
             "top_k": args.top_k, "dtype": args.dtype, "dense_ms": round(times["dense"], 3),
-            "merged_ratio": round(times["merged"] / times["dense"], 3),
-            "regions_ratio": round(times["regions"] / times["dense"], 3), "machine": machine(device),
+            **{f"{path}_ratio": round(times[path] / times["dense"], 3) for path in PATHS}, "machine": machine(device),
         })
 
 

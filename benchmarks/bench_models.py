@@ -17,7 +17,9 @@ One JSON line per model is printed (and appended to ``--out``).
 
 Models: timm ``resnet50`` and ``efficientnet_lite0`` (MoE at the last stage's k x k convs) and an
 smp ``UPerNet`` (resnet34 encoder; MoE at the encoder's last stage and the decoder's last conv).
-Weights are random (nothing is downloaded).
+Weights are random (nothing is downloaded). An untrained gate sends the images of a batch mostly to
+one expert (it sees nearly the same pooled features for each), so per-image tokens time a collapsed
+routing here; ``bench_checkpoints.py`` times trained checkpoints on real images instead.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", default="pixel")
     parser.add_argument("--dispatcher", default="sparse")
     parser.add_argument("--classes", type=int, default=None, help="default 1000 (classifiers), 11 (UPerNet)")
+    parser.add_argument("--freeze", nargs="+", default=[], metavar="PREFIX",
+                        help="parameters whose names start with these take no gradient, in both models (e.g. "
+                             "conv_stem bn1 blocks.0 blocks.1 blocks.2, as the CIFAR-10 recipes)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last inputs and weights (default: on CUDA only)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
@@ -103,7 +110,8 @@ class Setup:
     def __init__(self, args: argparse.Namespace) -> None:
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        channels_last = self.cuda if args.channels_last is None else args.channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch = args.batch or (64 if self.cuda else 8)
         self.size = args.size or (224 if self.cuda else 128)
 
@@ -175,6 +183,10 @@ def bench_model(name: str, args: argparse.Namespace, setup: Setup, where: dict[s
     dense = build(name, args.classes)
     moe = patched(dense, name, args)
     dense, moe = setup.prepare(dense), setup.prepare(moe)
+    for model in (dense, moe):
+        for param_name, param in model.named_parameters():
+            if param_name.startswith(tuple(args.freeze)):
+                param.requires_grad_(False)
     segmentation = name == "upernet"
 
     one, _ = setup.inputs(1, segmentation, classes)
@@ -186,7 +198,7 @@ def bench_model(name: str, args: argparse.Namespace, setup: Setup, where: dict[s
         "experts": args.experts, "top_k": args.top_k, "tokens": args.tokens, "dispatcher": args.dispatcher,
         "expert_type": args.expert_type, **({"rank": args.rank} if args.expert_type == "lowrank" else {}),
         "batch": setup.batch, "size": setup.size, "dtype": "bfloat16" if setup.cuda else "float32",
-        "channels_last": setup.cuda, "dense_params": count_params(dense), "moe_params": count_params(moe),
+        "channels_last": setup.memory_format == torch.channels_last, "frozen": list(args.freeze), "dense_params": count_params(dense), "moe_params": count_params(moe),
         "dense_gflops": round(report.dense / 1e9, 3), "moe_active_gflops": round(report.active / 1e9, 3),
         "flops_convention": "fvcore (1 multiply-add = 1 flop), batch 1",
     }

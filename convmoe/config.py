@@ -164,6 +164,7 @@ class MoEConfig:
                                 f"({', '.join(_PART_REGISTRIES[name].names())}) or a class.")
         for name, registry in _PART_REGISTRIES.items():
             value = getattr(self, name)
+            registry.check_spec(value, f"MoEConfig.{name}")
             if isinstance(value, str):
                 base = value.partition(":")[0]
                 registry.get(base)  # raises with the list of choices

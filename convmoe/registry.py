@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+_PLAIN_DATA = (Mapping, list, tuple, set, int, float, complex, bytes)
+"""Values that can never be a part (``bool`` is an ``int``)."""
 
 
 class Registry(Generic[T]):
@@ -67,8 +69,28 @@ class Registry(Generic[T]):
                 return name
         return None
 
+    def check_spec(self, spec: object, where: str) -> None:
+        """Refuse plain data (a dict, list, number, ...) given where a part is configured: it is neither a
+        name, a class nor an instance, and would otherwise fail only when the part is first called.
+
+        Args:
+            spec: The configured value.
+            where: What it configures, for the message (``"MoEConfig.dispatcher"``).
+
+        Raises:
+            TypeError: ``spec`` is plain data.
+        """
+        if isinstance(spec, _PLAIN_DATA):
+            raise TypeError(f"{where}={spec!r} is plain data ({type(spec).__name__}); give a registered {self.kind} "
+                            f"name ({', '.join(self.names())}), a class or an instance.")
+
     def create(self, spec: str | type[T] | T, **kwargs: Any) -> T:
-        """Instantiate ``spec``: a registered name, a class, or an instance (returned unchanged)."""
+        """Instantiate ``spec``: a registered name, a class, or an instance (returned unchanged).
+
+        Raises:
+            TypeError: ``spec`` is plain data (``check_spec``).
+        """
+        self.check_spec(spec, self.kind)
         if isinstance(spec, str):
             return self.get(spec)(**kwargs)
         if isinstance(spec, type):

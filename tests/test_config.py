@@ -89,6 +89,22 @@ def test_invalid_configs_raise_with_the_field(kwargs: dict, match: str) -> None:
         MoEConfig(**kwargs)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"dispatcher": {"name": "sparse", "path": "gathered"}},
+     (r"MoEConfig.dispatcher=\{'name': 'sparse', 'path': 'gathered'\} is plain data \(dict\); give a registered "
+     r"dispatcher name \(dense, sparse\), a class or an instance\.$")),
+    ({"router": ["token_choice"]}, (r"MoEConfig.router=\['token_choice'\] is plain data \(list\); give a registered "
+                                   r"router name \(expert_choice, positional, token_choice\)")),
+    ({"experts": 8}, r"MoEConfig.experts=8 is plain data \(int\); give a registered experts name \(conv, lowrank"),
+    ({"tokens": 3.0}, r"MoEConfig.tokens=3.0 is plain data \(float\)"),
+    ({"dropout": True}, r"MoEConfig.dropout=True is plain data \(bool\); give a registered expert dropout name"),
+])
+def test_a_part_given_as_plain_data_is_refused_when_configured(kwargs: dict, match: str) -> None:
+    # A dict dispatcher used to pass and fail at the first forward pass ("'dict' object is not callable").
+    with pytest.raises(TypeError, match=match):
+        MoEConfig(**kwargs)
+
+
 def test_presets_cite_and_list() -> None:
     assert list_presets() == sorted(PRESETS)
     assert len(list_presets()) >= 5

@@ -318,10 +318,10 @@ def test_whole_map_paths_pad_inside_the_conv_and_match_the_padded_input(
     if experts == "lowrank":
         with torch.no_grad():
             block.experts.up.normal_()
-    x = torch.randn(2, 6, 7, 7)
+    x = torch.randn(2, 6, 8, 8)  # 64 positions per image: "auto" merges a batch of 2
     with torch.no_grad():
         expected = DenseDispatcher()(block.geometry.pad(x), block.tokens.split(x), block.router(block.tokens.split(x)),
-                                     block.experts, (7, 7))
+                                     block.experts, (8, 8))
         calls: list[int] = []
         original = torch.nn.functional.pad
         monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: calls.append(1) or original(*a, **k))

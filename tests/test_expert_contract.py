@@ -83,7 +83,7 @@ def test_a_bank_with_only_the_required_methods_runs_sparse_and_matches_dense(tok
 
 @pytest.mark.usefixtures("isolated_registries")
 @pytest.mark.parametrize(("tokens", "path"), [("pixel", "gathered"), ("patch:2", "gathered"), ("image", "merged"),
-                                              ("grid:3x3", "regions")])
+                                              ("grid:3x3", "gathered")])  # 1x1 experts gather tiles of <= 64 positions
 def test_declared_capabilities_choose_the_fast_paths(tokens: str, path: str, x_small: Tensor) -> None:
     EXPERTS.register("folded_pointwise")(FoldedScaledPointwise)
     block = make_block(4, 6, 1, padding=0, experts="folded_pointwise", tokens=tokens).train()

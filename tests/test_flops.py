@@ -126,7 +126,7 @@ def _executed_case(tokens: str, dispatcher: str = "sparse", **kwargs: object) ->
 
 
 def test_merged_image_experts_execute_one_conv_per_image_plus_the_mixing() -> None:
-    report, block = _executed_case("image")
+    report, block = _executed_case("image", "sparse:merged")
     counted = report.blocks["1"]
     used = int((block.last_routing.dense_weights()[:, 0] != 0).any(dim=0).sum())
     mixing = 2 * used * (24 * 16 * 9 + 24)  # each image's weighted sum of the used experts' weights and biases

@@ -224,7 +224,40 @@ def test_image_tokens_merge_small_batches_and_split_large_ones_into_sub_batches(
     """Merging builds B x C_out x C_in x kh x kw weights; above merged_max_weights sub-batches are faster."""
     block = MoEConv2d(256, 256, 3, padding=1, num_experts=8, top_k=2, tokens="image")
     for batch, path in ((8, "merged"), (32, "regions")):  # 4.7M and 18.9M merged weights
-        split = block.tokens.split(torch.randn(batch, 256, 4, 4))
+        split = block.tokens.split(torch.randn(batch, 256, 14, 14))
         assert block.dispatcher.choose_path(split, block.experts) == path
     block.dispatcher.merged_max_weights = 10 ** 9
-    assert block.dispatcher.choose_path(block.tokens.split(torch.randn(32, 256, 2, 2)), block.experts) == "merged"
+    assert block.dispatcher.choose_path(block.tokens.split(torch.randn(32, 256, 14, 14)), block.experts) == "merged"
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "kernel", "batch", "size", "path"), [
+    (112, 672, 1, 64, 6, "gathered"),  # Lite0's blocks.5.0.conv_pw at 96 px in training: 4.8M merged weights
+    (112, 672, 1, 32, 6, "merged"),  # 2.4M: within 8M * (36 / 64)^2
+    (192, 192, 3, 8, 3, "gathered"),  # 3x3 maps: merging lost at every batch size
+    (192, 192, 3, 1, 3, "gathered"),
+    (256, 256, 3, 8, 7, "gathered"),  # 4.72M > 8M * (49 / 64)^2 = 4.69M
+    (256, 256, 3, 1, 7, "merged"),
+    (112, 672, 1, 64, 8, "merged"),  # 64 positions: the full budget
+    (32, 64, 3, 8, 3, "merged"),  # low-rank experts keep their rank on small maps instead
+])
+def test_image_tokens_merge_less_on_small_maps(c_in: int, c_out: int, kernel: int, batch: int, size: int,
+                                               path: str) -> None:
+    """On maps of fewer than 64 positions the merged-weights budget shrinks by (positions / 64)^2: there
+    merging large batches was 1.2-20x slower than gathering (benchmarks/bench_image_paths.py), training or not."""
+    experts = {"experts": "lowrank", "expert_kwargs": {"rank": 4}} if c_in == 32 else {}
+    block = MoEConv2d(c_in, c_out, kernel, padding=kernel // 2, num_experts=8, top_k=1, tokens="image", **experts)
+    x = torch.randn(batch, c_in, size, size, requires_grad=True)
+    assert block.dispatcher.choose_path(block.tokens.split(x), block.experts) == path
+    assert_matches_dense_dispatch(block.train(), x, block(x), tolerance=1e-4)
+
+
+def test_pointwise_experts_gather_image_tokens_of_small_maps() -> None:
+    """A 1x1 conv reads no halo, so gathering copies each position once; measured on the last stage of
+    EfficientNet-Lite0 at 96 px (3x3 maps): 1.12x the dense model's training step against 1.20x for sub-batches."""
+    block = MoEConv2d(192, 1152, 1, num_experts=8, top_k=1, tokens="image")
+    for size, path in ((3, "gathered"), (8, "gathered"), (9, "regions")):  # 64 positions at most
+        x = torch.randn(64, 192, size, size)
+        assert block.dispatcher.choose_path(block.tokens.split(x), block.experts) == path
+    grouped = MoEConv2d(256, 256, 1, groups=2, num_experts=8, top_k=1, tokens="image")
+    x = torch.randn(64, 256, 3, 3)
+    assert grouped.dispatcher.choose_path(grouped.tokens.split(x), grouped.experts) == "regions"  # a conv per expert

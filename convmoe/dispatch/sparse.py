@@ -23,6 +23,12 @@ DEPRECATED_PATHS = {"pixels": "gathered", "columns": "gathered", "mixed": "merge
 """Old path names, still accepted (with a ``DeprecationWarning``): saved configs may carry them."""
 MERGED_MAX_WEIGHTS = 8_000_000
 """Default ``SparseDispatcher.merged_max_weights`` (see ``benchmarks/bench_image_paths.py``)."""
+SMALL_MAP_POSITIONS = 64
+"""Output positions per token below which ``"auto"`` shrinks the merged-weights budget, by (positions / 64)^2, and up
+to which it gathers the tokens of whole maps and of 1x1 experts (which read no halo: each position is copied once)
+rather than running a conv per expert on a few positions. On 3x3 maps, merging took 1.2-20x the gathered path's
+time at every batch size; on 6x6 and 7x7 maps it won up to 2-2.5M merged weights and lost above. Measured with
+``benchmarks/bench_image_paths.py --kernel 1`` and ``--kernel 3``, inference and ``--train``, on CPU."""
 
 
 def resolve_path(path: str) -> str:
@@ -61,11 +67,12 @@ class SparseDispatcher(nn.Module):
       no gather or scatter, shapes independent of the routing.
 
     ``"auto"`` uses ``"merged"`` where it applies and the batch's merged weights (B x C_out x
-    C_in / groups x kh x kw) are at most ``merged_max_weights``, ``"deltas"`` for factored experts whose E * r
-    ``down`` channels are at most C_in + C_out (measured on CPU at C=64 and 256, E=8, r=8: 0.6-0.85x
-    the gathered path's time), ``"gathered"`` for per-pixel tokens and for tokens
-    of at most ``gathered_max_positions`` output positions with ungrouped experts (small patches),
-    and ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive fields
+    C_in / groups x kh x kw) are at most ``merged_max_weights``, times (positions / ``SMALL_MAP_POSITIONS``)^2
+    on maps of fewer positions for full-rank experts, ``"deltas"`` for factored
+    experts whose E * r ``down`` channels are at most C_in + C_out (measured on CPU at C=64 and 256, E=8, r=8:
+    0.6-0.85x the gathered path's time), ``"gathered"`` for per-pixel tokens and, with ungrouped experts, for
+    tokens of at most ``gathered_max_positions`` output positions (small patches) or of at most
+    ``SMALL_MAP_POSITIONS`` that are whole images or feed 1x1 experts, and ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive fields
     (measured on CPU: patch:2 3.1x vs 6.2x a dense conv, patch:4 6.9x vs 3.5x). The old names
     ``"mixed"`` (now ``"merged"``), ``"pixels"`` and ``"columns"`` (now ``"gathered"``) still work,
     with a ``DeprecationWarning``.
@@ -124,17 +131,27 @@ class SparseDispatcher(nn.Module):
                              f"{type(experts).__name__} are not; use path='auto'.")
         if self.path != "auto":
             return self.path
+        tile = TileLayout.from_tokens(tokens).tile
+        positions = tile[0] * tile[1]
         if merged_ok and tokens.source.shape[0] * experts.out_channels * conv.weight[0, 0].numel() <= (
-                getattr(self, "merged_max_weights", MERGED_MAX_WEIGHTS)):  # (pickled before the setting: its default)
+                self._merged_budget(positions, factored=conv.up is not None)):
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
         if gathered_ok and tokens.is_pixel:
             return "gathered"
-        tile = TileLayout.from_tokens(tokens).tile
-        if conv is not None and conv.groups == 1 and tile[0] * tile[1] <= self.gathered_max_positions:
+        whole_maps_or_pointwise = tokens.num_tokens == 1 or (conv is not None and conv.weight.shape[-2:] == (1, 1))
+        if conv is not None and conv.groups == 1 and positions <= (
+                SMALL_MAP_POSITIONS if whole_maps_or_pointwise else self.gathered_max_positions):
             return "gathered"
         return "regions"
+
+    def _merged_budget(self, positions: int, factored: bool) -> float:
+        """Most merged weights ``"auto"`` builds for a batch: ``merged_max_weights``, scaled by
+        (positions / SMALL_MAP_POSITIONS)^2 on smaller maps for full-rank experts (factored ones keep their rank
+        there instead of merging weights)."""
+        budget = getattr(self, "merged_max_weights", MERGED_MAX_WEIGHTS)  # (pickled before the setting: default)
+        return budget if factored else budget * min(1.0, positions / SMALL_MAP_POSITIONS) ** 2
 
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                 out_size: tuple[int, int], padded: bool = True) -> Tensor:
