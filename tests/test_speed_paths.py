@@ -251,6 +251,17 @@ def test_image_tokens_merge_less_on_small_maps(c_in: int, c_out: int, kernel: in
     assert_matches_dense_dispatch(block.train(), x, block(x), tolerance=1e-4)
 
 
+def test_the_small_map_rules_apply_on_cpu_only() -> None:
+    """They were measured on CPU; other devices keep the full merged budget and the small-patch gathering rule."""
+    block = MoEConv2d(112, 672, 1, num_experts=8, top_k=1, tokens="image")
+    for device, path in (("cpu", "gathered"), ("meta", "merged")):
+        split = block.tokens.split(torch.randn(64, 112, 6, 6, device=device))
+        assert block.dispatcher.choose_path(split, block.experts) == path
+    for device, path in (("cpu", "gathered"), ("meta", "regions")):
+        split = block.tokens.split(torch.randn(256, 112, 6, 6, device=device))  # 19M merged weights: over budget
+        assert block.dispatcher.choose_path(split, block.experts) == path
+
+
 def test_pointwise_experts_gather_image_tokens_of_small_maps() -> None:
     """A 1x1 conv reads no halo, so gathering copies each position once; measured on the last stage of
     EfficientNet-Lite0 at 96 px (3x3 maps): 1.12x the dense model's training step against 1.20x for sub-batches."""

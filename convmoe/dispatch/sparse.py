@@ -28,7 +28,8 @@ SMALL_MAP_POSITIONS = 64
 to which it gathers the tokens of whole maps and of 1x1 experts (which read no halo: each position is copied once)
 rather than running a conv per expert on a few positions. On 3x3 maps, merging took 1.2-20x the gathered path's
 time at every batch size; on 6x6 and 7x7 maps it won up to 2-2.5M merged weights and lost above. Measured with
-``benchmarks/bench_image_paths.py --kernel 1`` and ``--kernel 3``, inference and ``--train``, on CPU."""
+``benchmarks/bench_image_paths.py --kernel 1`` and ``--kernel 3``, inference and ``--train``, on CPU; other
+devices keep the earlier rules (the full budget, gathering only up to ``gathered_max_positions``) until measured."""
 
 
 def resolve_path(path: str) -> str:
@@ -132,26 +133,27 @@ class SparseDispatcher(nn.Module):
         if self.path != "auto":
             return self.path
         tile = TileLayout.from_tokens(tokens).tile
-        positions = tile[0] * tile[1]
+        positions, on_cpu = tile[0] * tile[1], tokens.source.device.type == "cpu"  # small-map rules: measured on CPU
         if merged_ok and tokens.source.shape[0] * experts.out_channels * conv.weight[0, 0].numel() <= (
-                self._merged_budget(positions, factored=conv.up is not None)):
+                self._merged_budget(positions, scale_small_maps=on_cpu and conv.up is None)):
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
         if gathered_ok and tokens.is_pixel:
             return "gathered"
-        whole_maps_or_pointwise = tokens.num_tokens == 1 or (conv is not None and conv.weight.shape[-2:] == (1, 1))
+        whole_maps_or_pointwise = on_cpu and (tokens.num_tokens == 1 or (
+            conv is not None and conv.weight.shape[-2:] == (1, 1)))
         if conv is not None and conv.groups == 1 and positions <= (
                 SMALL_MAP_POSITIONS if whole_maps_or_pointwise else self.gathered_max_positions):
             return "gathered"
         return "regions"
 
-    def _merged_budget(self, positions: int, factored: bool) -> float:
+    def _merged_budget(self, positions: int, scale_small_maps: bool) -> float:
         """Most merged weights ``"auto"`` builds for a batch: ``merged_max_weights``, scaled by
-        (positions / SMALL_MAP_POSITIONS)^2 on smaller maps for full-rank experts (factored ones keep their rank
-        there instead of merging weights)."""
+        (positions / SMALL_MAP_POSITIONS)^2 on smaller maps where ``scale_small_maps`` (full-rank experts on CPU;
+        factored ones keep their rank on small maps instead of merging weights)."""
         budget = getattr(self, "merged_max_weights", MERGED_MAX_WEIGHTS)  # (pickled before the setting: default)
-        return budget if factored else budget * min(1.0, positions / SMALL_MAP_POSITIONS) ** 2
+        return budget * min(1.0, positions / SMALL_MAP_POSITIONS) ** 2 if scale_small_maps else budget
 
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                 out_size: tuple[int, int], padded: bool = True) -> Tensor:
