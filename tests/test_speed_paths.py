@@ -233,8 +233,8 @@ def test_image_tokens_merge_small_batches_and_split_large_ones_into_sub_batches(
 @pytest.mark.parametrize(("c_in", "c_out", "kernel", "batch", "size", "path"), [
     (112, 672, 1, 64, 6, "gathered"),  # Lite0's blocks.5.0.conv_pw at 96 px in training: 4.8M merged weights
     (112, 672, 1, 32, 6, "merged"),  # 2.4M: within 8M * (36 / 64)^2
-    (192, 192, 3, 8, 3, "gathered"),  # 3x3 maps: merging lost at every batch size
-    (192, 192, 3, 1, 3, "gathered"),
+    (192, 192, 3, 8, 3, "gathered"),  # 3x3 maps: merging a batch lost at every batch size
+    (192, 192, 3, 1, 3, "merged"),  # one image, top-1: that expert's own conv
     (256, 256, 3, 8, 7, "gathered"),  # 4.72M > 8M * (49 / 64)^2 = 4.69M
     (256, 256, 3, 1, 7, "merged"),
     (112, 672, 1, 64, 8, "merged"),  # 64 positions: the full budget
@@ -247,8 +247,34 @@ def test_image_tokens_merge_less_on_small_maps(c_in: int, c_out: int, kernel: in
     experts = {"experts": "lowrank", "expert_kwargs": {"rank": 4}} if c_in == 32 else {}
     block = MoEConv2d(c_in, c_out, kernel, padding=kernel // 2, num_experts=8, top_k=1, tokens="image", **experts)
     x = torch.randn(batch, c_in, size, size, requires_grad=True)
-    assert block.dispatcher.choose_path(block.tokens.split(x), block.experts) == path
+    with torch.no_grad():
+        block.router.gate.proj.weight.normal_()  # images spread over the experts
+    assert block.dispatcher.choose_path(block.tokens.split(x), block.experts, slots=1) == path
     assert_matches_dense_dispatch(block.train(), x, block(x), tolerance=1e-4)
+
+
+@pytest.mark.parametrize(("top_k", "size", "path"), [(1, 3, "merged"), (2, 3, "gathered"), (2, 8, "merged")])
+def test_one_image_with_one_expert_runs_that_experts_conv(top_k: int, size: int, path: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 1, top-1: the expert's own conv, its output scaled, no weight copied or mixed; with two experts
+    on a small map the mixing costs more than gathering. Each equals the dense reference, gradients included."""
+    torch.manual_seed(0)
+    block = MoEConv2d(192, 192, 3, padding=1, num_experts=4, top_k=top_k, tokens="image")
+    with torch.no_grad():
+        block.router.gate.proj.weight.normal_()
+    x = torch.randn(1, 192, size, size, requires_grad=True)
+    assert block.dispatcher.choose_path(block.tokens.split(x), block.experts, slots=top_k) == path
+    calls: list[tuple[int, ...]] = []
+    mixes: list[str] = []
+    conv2d, einsum = F.conv2d, torch.einsum
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or conv2d(x, w, *a, **k))
+    monkeypatch.setattr(torch, "einsum", lambda eq, *a: mixes.append(eq) or einsum(eq, *a))
+    y = block(x)
+    monkeypatch.undo()
+    if path == "merged":
+        assert calls == [(192, 192, 3, 3)]
+        assert (mixes == []) == (top_k == 1)  # top-1: the expert's own weight, nothing mixed
+    assert_matches_dense_dispatch(block, x, y, tolerance=1e-4)
 
 
 def test_the_small_map_rules_apply_on_cpu_only() -> None:

@@ -15,7 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convmoe.dispatch.deltas import mixed_deltas
-from convmoe.experts.base import ExpertBank
+from convmoe.experts.base import ExpertBank, StackedConv
+from convmoe.geometry import ConvGeometry
+
+SMALL_MAP_POSITIONS = 64
+"""Output positions per image below which merging experts' weights stops paying on CPU: the merged-weights
+budget shrinks by (positions / 64)^2 (``SparseDispatcher``), except for one image with one expert per token
+(it runs that expert's own conv). Up to it, ``"auto"`` also gathers the tokens of whole maps and of 1x1 experts
+(which read no halo: each position is copied once) rather than running a conv per expert on a few positions.
+On 3x3 maps, merging a batch took 1.2-20x the gathered path's time; on 6x6 and 7x7 maps it won up to 2-2.5M
+merged weights and lost above. Measured with ``benchmarks/bench_image_paths.py --kernel 1`` and ``--kernel 3``,
+inference and ``--train``, on CPU; other devices keep the earlier rules (the full budget, gathering only up
+to ``gathered_max_positions``) until measured."""
 
 
 def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
@@ -51,6 +62,8 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
     # or exporting: the selection has a data-dependent shape.
     if x_pad.device.type == "cpu" and not torch.compiler.is_compiling():
         used = (weights != 0).any(dim=0).nonzero().flatten()
+        if B == 1 and used.numel() == 1 and expert_up is None and not experts.capabilities.shared_base:
+            return _one_expert_on_one_image(conv, g, x_pad, weights[0], int(used[0]), padding)
         if used.numel() < experts.num_experts:
             weights, expert_weight = weights[:, used], expert_weight[used]
             expert_bias = None if expert_bias is None else expert_bias[used]
@@ -67,6 +80,23 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
                  None if bias is None else bias.flatten(), stride=g.stride, padding=padding, dilation=g.dilation,
                  groups=conv.groups * B)
     y = y.reshape(B, experts.out_channels, *y.shape[2:])
+    if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
+    return y
+
+
+def _one_expert_on_one_image(conv: StackedConv, geometry: ConvGeometry, x_pad: Tensor, weights: Tensor,
+                             expert: int, padding: tuple[int, int]) -> Tensor:
+    """One image with one expert: that expert's own conv, its output scaled by the combine weight; no weight
+    is copied or mixed.
+
+    At batch 1 on a 3x3 map (1x1 conv, 192 -> 1152 channels, top-1, one thread) the block took 294 us this way
+    against 945 us mixing and 846 us gathered (the dense conv: 185 us). With two experts, their two convs
+    were slower than gathering on small maps and, in training, than mixing; those keep the other paths.
+    """
+    y = F.conv2d(x_pad, conv.weight[expert], None if conv.bias is None else conv.bias[expert],
+                 stride=geometry.stride, padding=padding, dilation=geometry.dilation, groups=conv.groups)
+    y = y * weights[expert]
     if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
     return y

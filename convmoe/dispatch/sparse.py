@@ -12,7 +12,7 @@ from convmoe.dispatch.base import add_shared_base
 from convmoe.dispatch.deltas import deltas_are_cheap, mixed_deltas
 from convmoe.dispatch.dense import position_weights
 from convmoe.dispatch.gathered import run_gathered
-from convmoe.dispatch.merged import merged_conv
+from convmoe.dispatch.merged import SMALL_MAP_POSITIONS, merged_conv
 from convmoe.dispatch.regions import run_regions
 from convmoe.dispatch.tiles import TileLayout
 from convmoe.experts.base import ExpertBank
@@ -23,13 +23,6 @@ DEPRECATED_PATHS = {"pixels": "gathered", "columns": "gathered", "mixed": "merge
 """Old path names, still accepted (with a ``DeprecationWarning``): saved configs may carry them."""
 MERGED_MAX_WEIGHTS = 8_000_000
 """Default ``SparseDispatcher.merged_max_weights`` (see ``benchmarks/bench_image_paths.py``)."""
-SMALL_MAP_POSITIONS = 64
-"""Output positions per token below which ``"auto"`` shrinks the merged-weights budget, by (positions / 64)^2, and up
-to which it gathers the tokens of whole maps and of 1x1 experts (which read no halo: each position is copied once)
-rather than running a conv per expert on a few positions. On 3x3 maps, merging took 1.2-20x the gathered path's
-time at every batch size; on 6x6 and 7x7 maps it won up to 2-2.5M merged weights and lost above. Measured with
-``benchmarks/bench_image_paths.py --kernel 1`` and ``--kernel 3``, inference and ``--train``, on CPU; other
-devices keep the earlier rules (the full budget, gathering only up to ``gathered_max_positions``) until measured."""
 
 
 def resolve_path(path: str) -> str:
@@ -68,12 +61,13 @@ class SparseDispatcher(nn.Module):
       no gather or scatter, shapes independent of the routing.
 
     ``"auto"`` uses ``"merged"`` where it applies and the batch's merged weights (B x C_out x
-    C_in / groups x kh x kw) are at most ``merged_max_weights``, times (positions / ``SMALL_MAP_POSITIONS``)^2
-    on maps of fewer positions for full-rank experts, ``"deltas"`` for factored
-    experts whose E * r ``down`` channels are at most C_in + C_out (measured on CPU at C=64 and 256, E=8, r=8:
-    0.6-0.85x the gathered path's time), ``"gathered"`` for per-pixel tokens and, with ungrouped experts, for
-    tokens of at most ``gathered_max_positions`` output positions (small patches) or of at most
-    ``SMALL_MAP_POSITIONS`` that are whole images or feed 1x1 experts, and ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive fields
+    C_in / groups x kh x kw) are at most ``merged_max_weights`` (on CPU, for full-rank experts, times
+    (positions / ``SMALL_MAP_POSITIONS``)^2 on maps of fewer positions, unless one image has one expert),
+    ``"deltas"`` for factored experts whose E * r ``down`` channels are at most C_in + C_out (measured on CPU
+    at C=64 and 256, E=8, r=8: 0.6-0.85x the gathered path's time), ``"gathered"`` for per-pixel tokens
+    and, with ungrouped experts, for tokens of at most ``gathered_max_positions`` output positions (small
+    patches) or (on CPU) of at most ``SMALL_MAP_POSITIONS`` that are whole images or feed 1x1 experts, and
+    ``"regions"`` otherwise: a conv on a large tile beats gathering its receptive fields
     (measured on CPU: patch:2 3.1x vs 6.2x a dense conv, patch:4 6.9x vs 3.5x). The old names
     ``"mixed"`` (now ``"merged"``), ``"pixels"`` and ``"columns"`` (now ``"gathered"``) still work,
     with a ``DeprecationWarning``.
@@ -111,8 +105,14 @@ class SparseDispatcher(nn.Module):
             gathered_max_positions = columns_max_positions
         self.gathered_max_positions = gathered_max_positions
 
-    def choose_path(self, tokens: Tokens, experts: ExpertBank) -> str:
+    def choose_path(self, tokens: Tokens, experts: ExpertBank, slots: int | None = None) -> str:
         """The path used for these tokens and experts: the one place a path is chosen.
+
+        Args:
+            tokens: The split input.
+            experts: The expert bank.
+            slots: Experts per token of the routing (``Routing.slots``; None: unknown). One image with one
+                expert per token merges at any map size: it runs that expert's own conv.
 
         Raises:
             ValueError: The forced path cannot run these tokens or experts.
@@ -134,8 +134,10 @@ class SparseDispatcher(nn.Module):
             return self.path
         tile = TileLayout.from_tokens(tokens).tile
         positions, on_cpu = tile[0] * tile[1], tokens.source.device.type == "cpu"  # small-map rules: measured on CPU
-        if merged_ok and tokens.source.shape[0] * experts.out_channels * conv.weight[0, 0].numel() <= (
-                self._merged_budget(positions, scale_small_maps=on_cpu and conv.up is None)):
+        batch = tokens.source.shape[0]
+        if merged_ok and batch * experts.out_channels * conv.weight[0, 0].numel() <= (
+                self._merged_budget(positions, scale_small_maps=on_cpu and conv.up is None and not (
+                    batch == 1 and slots == 1))):
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
@@ -159,7 +161,7 @@ class SparseDispatcher(nn.Module):
                 out_size: tuple[int, int], padded: bool = True) -> Tensor:
         """``padded=False``: ``x_pad`` is the unpadded input; the whole-map paths (merged, deltas) hand
         zero padding to their convs, the others pad it first."""
-        path = self.choose_path(tokens, experts)
+        path = self.choose_path(tokens, experts, routing.slots)
         if x_pad.is_meta and path in ("gathered", "regions"):  # their grouping reads the routing's values
             return x_pad.new_empty((x_pad.shape[0], experts.out_channels, *out_size))  # shape inference only
         padding = (0, 0)
