@@ -253,13 +253,14 @@ def test_image_tokens_merge_less_on_small_maps(c_in: int, c_out: int, kernel: in
     assert_matches_dense_dispatch(block.train(), x, block(x), tolerance=1e-4)
 
 
-@pytest.mark.parametrize(("top_k", "size", "path"), [(1, 3, "merged"), (2, 3, "gathered"), (2, 8, "merged")])
-def test_one_image_with_one_expert_runs_that_experts_conv(top_k: int, size: int, path: str,
+@pytest.mark.parametrize(("top_k", "size", "groups", "path"), [
+    (1, 3, 1, "merged"), (2, 3, 1, "gathered"), (2, 8, 1, "merged"), (1, 3, 192, "merged")])  # 192: depthwise
+def test_one_image_with_one_expert_runs_that_experts_conv(top_k: int, size: int, groups: int, path: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch 1, top-1: the expert's own conv, its output scaled, no weight copied or mixed; with two experts
     on a small map the mixing costs more than gathering. Each equals the dense reference, gradients included."""
     torch.manual_seed(0)
-    block = MoEConv2d(192, 192, 3, padding=1, num_experts=4, top_k=top_k, tokens="image")
+    block = MoEConv2d(192, 192, 3, padding=1, groups=groups, num_experts=4, top_k=top_k, tokens="image")
     with torch.no_grad():
         block.router.gate.proj.weight.normal_()
     x = torch.randn(1, 192, size, size, requires_grad=True)
@@ -272,7 +273,7 @@ def test_one_image_with_one_expert_runs_that_experts_conv(top_k: int, size: int,
     y = block(x)
     monkeypatch.undo()
     if path == "merged":
-        assert calls == [(192, 192, 3, 3)]
+        assert calls == [(192, 192 // groups, 3, 3)]
         assert (mixes == []) == (top_k == 1)  # top-1: the expert's own weight, nothing mixed
     assert_matches_dense_dispatch(block, x, y, tolerance=1e-4)
 
