@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         path = getattr(block.dispatcher, "path", None)
         if path == "auto":
             split = block.tokens.split(block.geometry.centre_sample(block.geometry.pad(x), tuple(x.shape[-2:])))
-            path = block.dispatcher.choose_path(split, block.experts)
+            path = block.dispatcher.choose_path(split, block.experts, slots=k)
         write_jsonl(args.out, {
             "bench": "layer", "shape": [batch, channels, size, size], "kernel": args.kernel, "dtype": str(dtype),
             "channels_last": channels_last, "experts": E, "top_k": k, "tokens": tokens, "dispatcher": spec,

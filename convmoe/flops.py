@@ -153,7 +153,7 @@ def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: A
     routed tokens' (shared base included); None for the gathered and regions paths and other dispatchers."""
     experts, dispatcher, tokens = block.experts, block.dispatcher, block.tokens.split(source)
     if isinstance(dispatcher, SparseDispatcher):
-        path = dispatcher.choose_path(tokens, experts)
+        path = dispatcher.choose_path(tokens, experts, routing.slots)
     elif isinstance(dispatcher, DenseDispatcher) and is_factored(experts):
         path = "deltas"
     else:

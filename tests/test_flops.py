@@ -136,6 +136,15 @@ def test_merged_image_experts_execute_one_conv_per_image_plus_the_mixing() -> No
     assert report.executed == report.active - counted.active + counted.executed
 
 
+def test_one_image_with_one_expert_executes_that_experts_conv_only() -> None:
+    torch.manual_seed(0)
+    block = MoEConv2d.from_conv(nn.Conv2d(16, 24, 3, padding=1), num_experts=4, top_k=1, tokens="image")
+    report = flops(nn.Sequential(nn.Conv2d(3, 16, 1), block).eval(), torch.randn(1, 3, 6, 6))
+    counted = report.blocks["1"]
+    assert counted.active == counted.gate + counted.dense
+    assert counted.executed == counted.active  # no weights mixed: the expert's own conv
+
+
 def test_deltas_path_executes_every_factor_on_every_position() -> None:
     report, _ = _executed_case("pixel", experts="lowrank", expert_kwargs={"rank": 2})
     counted, positions, rank_channels = report.blocks["1"], 2 * 6 * 6, 4 * 2
