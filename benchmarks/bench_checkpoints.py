@@ -47,6 +47,8 @@ def image_batch(root: Path, count: int, size: int) -> tuple[torch.Tensor, torch.
         raise SystemExit(f"{root} has no class folders; point --images to an image-folder split (root/<class>/*.png).")
     files = [sorted(f for f in c.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg"}) for c in classes]
     chosen = list(itertools.islice((f for group in itertools.zip_longest(*files) for f in group if f), count))
+    if len(chosen) < count:
+        raise SystemExit(f"{root} holds {len(chosen)} images, fewer than the batch of {count}; lower --batch.")
     images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255 for f in chosen]
     x = (torch.from_numpy(np.stack(images)) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     labels = torch.tensor([next(i for i, group in enumerate(files) if f in group) for f in chosen])

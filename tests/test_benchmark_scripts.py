@@ -46,9 +46,11 @@ def test_bench_checkpoints_times_saved_models_against_the_first(tmp_path: Path) 
     assert patched["latency_b1_ratio"] == pytest.approx(patched["latency_b1_ms"] / baseline["latency_b1_ms"], rel=0.01)
 
 
-def test_bench_checkpoints_refuses_a_folder_without_classes(tmp_path: Path) -> None:
+def test_bench_checkpoints_refuses_a_folder_without_classes_or_too_few_images(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="has no class folders; point --images to an image-folder split"):
         bench_checkpoints.image_batch(tmp_path, 4, 32)
+    with pytest.raises(SystemExit, match="holds 6 images, fewer than the batch of 8; lower --batch"):
+        bench_checkpoints.image_batch(_image_folder(tmp_path / "images"), 8, 32)
 
 
 def test_bench_image_paths_records_every_path_in_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
