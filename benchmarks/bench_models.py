@@ -198,7 +198,8 @@ def bench_model(name: str, args: argparse.Namespace, setup: Setup, where: dict[s
         "experts": args.experts, "top_k": args.top_k, "tokens": args.tokens, "dispatcher": args.dispatcher,
         "expert_type": args.expert_type, **({"rank": args.rank} if args.expert_type == "lowrank" else {}),
         "batch": setup.batch, "size": setup.size, "dtype": "bfloat16" if setup.cuda else "float32",
-        "channels_last": setup.memory_format == torch.channels_last, "frozen": list(args.freeze), "dense_params": count_params(dense), "moe_params": count_params(moe),
+        "channels_last": setup.memory_format == torch.channels_last, "frozen": list(args.freeze),
+        "dense_params": count_params(dense), "moe_params": count_params(moe),
         "dense_gflops": round(report.dense / 1e9, 3), "moe_active_gflops": round(report.active / 1e9, 3),
         "flops_convention": "fvcore (1 multiply-add = 1 flop), batch 1",
     }
