@@ -43,6 +43,12 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def _token_positions(tokens: Tokens) -> int:
+    """Output positions of the largest token (the whole map for image tokens)."""
+    tile = TileLayout.from_tokens(tokens).tile
+    return tile[0] * tile[1]
+
+
 class SparseDispatcher(nn.Module):
     """Gather per expert, compute, scatter-add with the combine weights; cost tracks the active experts.
 
@@ -132,11 +138,9 @@ class SparseDispatcher(nn.Module):
                              f"{type(experts).__name__} are not; use path='auto'.")
         if self.path != "auto":
             return self.path
-        tile = TileLayout.from_tokens(tokens).tile
-        positions, on_cpu = tile[0] * tile[1], tokens.source.device.type == "cpu"  # small-map rules: measured on CPU
-        batch = tokens.source.shape[0]
+        batch, on_cpu = tokens.source.shape[0], tokens.source.device.type == "cpu"  # small-map rules: measured on CPU
         if merged_ok and batch * experts.out_channels * conv.weight[0, 0].numel() <= (
-                self._merged_budget(positions, scale_small_maps=on_cpu and conv.up is None and not (
+                self._merged_budget(tokens, scale_small_maps=on_cpu and conv.up is None and not (
                     batch == 1 and slots == 1))):
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
@@ -145,17 +149,17 @@ class SparseDispatcher(nn.Module):
             return "gathered"
         whole_maps_or_pointwise = on_cpu and (tokens.num_tokens == 1 or (
             conv is not None and conv.weight.shape[-2:] == (1, 1)))
-        if conv is not None and conv.groups == 1 and positions <= (
+        if conv is not None and conv.groups == 1 and _token_positions(tokens) <= (
                 SMALL_MAP_POSITIONS if whole_maps_or_pointwise else self.gathered_max_positions):
             return "gathered"
         return "regions"
 
-    def _merged_budget(self, positions: int, scale_small_maps: bool) -> float:
+    def _merged_budget(self, tokens: Tokens, scale_small_maps: bool) -> float:
         """Most merged weights ``"auto"`` builds for a batch: ``merged_max_weights``, scaled by
         (positions / SMALL_MAP_POSITIONS)^2 on smaller maps where ``scale_small_maps`` (full-rank experts on CPU;
         factored ones keep their rank on small maps instead of merging weights)."""
         budget = getattr(self, "merged_max_weights", MERGED_MAX_WEIGHTS)  # (pickled before the setting: default)
-        return budget * min(1.0, positions / SMALL_MAP_POSITIONS) ** 2 if scale_small_maps else budget
+        return budget * min(1.0, _token_positions(tokens) / SMALL_MAP_POSITIONS) ** 2 if scale_small_maps else budget
 
     def forward(self, x_pad: Tensor, tokens: Tokens, routing: Routing, experts: ExpertBank,
                 out_size: tuple[int, int], padded: bool = True) -> Tensor:
