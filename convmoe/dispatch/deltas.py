@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convmoe.dispatch.formats import in_format_of
 from convmoe.experts.base import ExpertBank, StackedConv
 from convmoe.experts.derived import caches_derived_weights, derived_weight
 
@@ -77,9 +78,7 @@ def mixed_deltas(experts: ExpertBank, x_pad: Tensor, weight_map: Tensor, with_ba
         y = torch.baddbmm(base.reshape(B, C_out, H * W), up.expand(B, -1, -1), h).reshape(B, C_out, H, W)
     else:
         y = torch.matmul(up, h).reshape(B, C_out, H, W)
-    if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
-    return y
+    return in_format_of(y, x_pad)
 
 
 def _factored_weights(experts: ExpertBank, conv: StackedConv, with_base: bool) -> tuple[Tensor, Tensor | None, Tensor]:

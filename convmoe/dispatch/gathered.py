@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from convmoe.dispatch.assignments import Assignments
+from convmoe.dispatch.formats import wants_channels_last
 from convmoe.dispatch.grouped import GatheredColumns, compute_dtype, gathered_segment_matmul, segment_matmul
 from convmoe.dispatch.tiles import TileLayout, channels_last_rows, combine_tiles, grid_offsets, window_origins
 from convmoe.experts.base import ExpertBank, StackedConv
@@ -126,7 +127,7 @@ def run_gathered(x_pad: Tensor, tokens: Tokens, assignments: Assignments, expert
         torch.Size([1, 4, 5, 5])
     """
     g, B = experts.geometry, x_pad.shape[0]
-    channels_last = x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous()
+    channels_last = wants_channels_last(x_pad)
     layout = TileLayout.from_tokens(tokens)
     (th, tw), positions = layout.tile, layout.tile[0] * layout.tile[1]
     window = ((th - 1) * g.stride[0] + g.span[0], (tw - 1) * g.stride[1] + g.span[1])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convmoe.dispatch.deltas import mixed_deltas
+from convmoe.dispatch.formats import in_format_of
 from convmoe.experts.base import ExpertBank, StackedConv
 from convmoe.geometry import ConvGeometry
 
@@ -79,10 +80,7 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
     y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
                  None if bias is None else bias.flatten(), stride=g.stride, padding=padding, dilation=g.dilation,
                  groups=conv.groups * B)
-    y = y.reshape(B, experts.out_channels, *y.shape[2:])
-    if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
-    return y
+    return in_format_of(y.reshape(B, experts.out_channels, *y.shape[2:]), x_pad)
 
 
 def _one_expert_on_one_image(conv: StackedConv, geometry: ConvGeometry, x_pad: Tensor, weights: Tensor,
@@ -96,10 +94,7 @@ def _one_expert_on_one_image(conv: StackedConv, geometry: ConvGeometry, x_pad: T
     """
     y = F.conv2d(x_pad, conv.weight[expert], None if conv.bias is None else conv.bias[expert],
                  stride=geometry.stride, padding=padding, dilation=geometry.dilation, groups=conv.groups)
-    y = y * weights[expert]
-    if x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)  # keep the caller's memory format
-    return y
+    return in_format_of(y * weights[expert], x_pad)
 
 
 def _fold_factors(up: Tensor, down: Tensor, batch: int, positions: int) -> bool:

@@ -8,11 +8,11 @@ reference uses it (with every pair) for banks without ``forward_all`` or that se
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from convmoe.dispatch.assignments import Assignments
+from convmoe.dispatch.formats import wants_channels_last
 from convmoe.dispatch.grouped import compute_dtype
 from convmoe.dispatch.tiles import (
     TileLayout,
@@ -26,10 +26,6 @@ from convmoe.dispatch.tiles import (
 )
 from convmoe.experts.base import ExpertBank
 from convmoe.types import Tokens
-
-
-def _wants_channels_last(x_pad: Tensor) -> bool:
-    return x_pad.dim() == 4 and x_pad.is_contiguous(memory_format=torch.channels_last) and not x_pad.is_contiguous()
 
 
 def _tile_shapes(tokens: Tokens, assignments: Assignments, experts: ExpertBank) -> list[tuple[tuple[int, int], Tensor | None]]:
@@ -63,7 +59,7 @@ def run_regions(x_pad: Tensor, tokens: Tokens, assignments: Assignments, experts
     pixels, so a token sees exactly what the dense conv sees.
     """
     g, B, N = experts.geometry, x_pad.shape[0], tokens.num_tokens
-    channels_last = _wants_channels_last(x_pad)
+    channels_last = wants_channels_last(x_pad)
     x_pad = x_pad.to(compute_dtype(x_pad))
     layout = TileLayout.from_tokens(tokens)
     canvas = None
