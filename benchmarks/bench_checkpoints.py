@@ -25,34 +25,32 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median_ms, machine, write_jsonl
 
 import convmoe
+from convmoe.data import ImageFolderDataset
+from convmoe.data.transforms import Normalize, Resize
 from convmoe.engine.evaluate import load_model
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def image_batch(root: Path, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` images from an image-folder tree (``root/<class>/<file>``), classes in turn, resized and
-    normalised with the ImageNet statistics, with their class indices."""
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise SystemExit(f"{root} has no class folders; point --images to an image-folder split (root/<class>/*.png).")
-    files = [sorted(f for f in c.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg"}) for c in classes]
-    chosen = list(itertools.islice((f for group in itertools.zip_longest(*files) for f in group if f), count))
-    if len(chosen) < count:
-        raise SystemExit(f"{root} holds {len(chosen)} images, fewer than the batch of {count}; lower --batch.")
-    images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255 for f in chosen]
-    x = (torch.from_numpy(np.stack(images)) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    labels = torch.tensor([next(i for i, group in enumerate(files) if f in group) for f in chosen])
-    return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last), labels
+    """``count`` images of an image-folder split (``root/<class>/<file>``), classes in turn, resized and
+    normalised with the ImageNet statistics as the recipes evaluate, with their labels."""
+    try:
+        dataset = ImageFolderDataset(root, augmentation_list=[Resize(size, size), Normalize()])
+    except ValueError as error:
+        raise SystemExit(f"{error} Point --images to an image-folder split.") from None
+    if len(dataset) < count:
+        raise SystemExit(f"{root} holds {len(dataset)} images, fewer than the batch of {count}; lower --batch.")
+    by_class = [[i for i, (_, label) in enumerate(dataset.samples) if label == c] for c in range(len(dataset.classes))]
+    in_turn = [i for group in itertools.zip_longest(*by_class) for i in group if i is not None]
+    items = [dataset[i] for i in in_turn[:count]]
+    x = torch.stack([item["image"] for item in items]).contiguous(memory_format=torch.channels_last)
+    return x, torch.tensor([item["label"] for item in items])
 
 
 def train_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -86,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, type=Path, help="an image-folder split (root/<class>/*.png)")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--freeze", nargs="+", default=[], metavar="PREFIX",
-                        help="parameters whose names start with these take no gradient")
+    parser.add_argument("--freeze", nargs="+", default=[], metavar="MODULE",
+                        help="modules whose parameters take no gradient (convmoe.freeze_modules)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=9)
@@ -98,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     models = {source: load_model(source)[0].to(memory_format=torch.channels_last) for source in args.sources}
     for model in models.values():
-        for name, param in model.named_parameters():
-            param.requires_grad_(not name.startswith(tuple(args.freeze)))
+        if args.freeze:
+            convmoe.freeze_modules(model, args.freeze)
     x, labels = image_batch(args.images, args.batch, args.size)
     times = {"latency_b1": interleaved_median_ms({s: eval_step(m, x[:1]) for s, m in models.items()},
                                                  warmup=args.warmup, reps=args.reps),

@@ -65,9 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", default="pixel")
     parser.add_argument("--dispatcher", default="sparse")
     parser.add_argument("--classes", type=int, default=None, help="default 1000 (classifiers), 11 (UPerNet)")
-    parser.add_argument("--freeze", nargs="+", default=[], metavar="PREFIX",
-                        help="parameters whose names start with these take no gradient, in both models (e.g. "
-                             "conv_stem bn1 blocks.0 blocks.1 blocks.2, as the CIFAR-10 recipes)")
+    parser.add_argument("--freeze", nargs="+", default=[], metavar="MODULE",
+                        help="modules whose parameters take no gradient, in both models (convmoe.freeze_modules; "
+                             "e.g. conv_stem bn1 blocks.0 blocks.1 blocks.2, as the CIFAR-10 recipes)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last inputs and weights (default: on CUDA only)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -183,10 +183,8 @@ def bench_model(name: str, args: argparse.Namespace, setup: Setup, where: dict[s
     dense = build(name, args.classes)
     moe = patched(dense, name, args)
     dense, moe = setup.prepare(dense), setup.prepare(moe)
-    for model in (dense, moe):
-        for param_name, param in model.named_parameters():
-            if param_name.startswith(tuple(args.freeze)):
-                param.requires_grad_(False)
+    for model in (dense, moe) if args.freeze else ():
+        convmoe.freeze_modules(model, args.freeze)
     segmentation = name == "upernet"
 
     one, _ = setup.inputs(1, segmentation, classes)

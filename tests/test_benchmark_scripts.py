@@ -47,7 +47,8 @@ def test_bench_checkpoints_times_saved_models_against_the_first(tmp_path: Path) 
 
 
 def test_bench_checkpoints_refuses_a_folder_without_classes_or_too_few_images(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="has no class folders; point --images to an image-folder split"):
+    with pytest.raises(SystemExit, match=r"has no class folders; expected .*<class>/<image>\. Point --images to an "
+                                         r"image-folder split\.$"):
         bench_checkpoints.image_batch(tmp_path, 4, 32)
     with pytest.raises(SystemExit, match="holds 6 images, fewer than the batch of 8; lower --batch"):
         bench_checkpoints.image_batch(_image_folder(tmp_path / "images"), 8, 32)
