@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
                                             dispatcher=f"sparse:{path}").train(args.train) for path in PATHS}
         with torch.no_grad():
             blocks["merged"].router.gate.proj.weight.normal_()  # images spread over the experts
-            for block in blocks.values():
-                block.load_state_dict(blocks["merged"].state_dict())
+            state = blocks["merged"].state_dict()
+            for path in PATHS[1:]:
+                blocks[path].load_state_dict(state)
         conv.train(args.train)
         steps = {"dense": _step(conv, x, args.train), **{p: _step(b, x, args.train) for p, b in blocks.items()}}
         with torch.set_grad_enabled(args.train):
