@@ -9,11 +9,12 @@ x (B, C_in, H, W)
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from convmoe.caching import layout_cache
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,8 @@ class Tokens:
             # form is not counted, where the two matrix products would be.
             summed = source.new_zeros(B, C, self.num_tokens).index_add_(2, self.token_map, source.flatten(2))
             return (summed / self.counts().to(dtype)).transpose(1, 2)
-        averaging = _averaging_matrix.__wrapped__ if torch.compiler.is_compiling() else _averaging_matrix
-        rows = averaging(self.row_edges, H, dtype, source.device)  # (H, grid rows)
-        cols = averaging(self.col_edges, W, dtype, source.device)  # (W, grid cols)
+        rows = _averaging_matrix(self.row_edges, H, dtype, source.device)  # (H, grid rows)
+        cols = _averaging_matrix(self.col_edges, W, dtype, source.device)  # (W, grid cols)
         rows_n, cols_n = rows.shape[1], cols.shape[1]
         by_col = (source @ cols).transpose(2, 3).reshape(B * C * cols_n, H)  # (B C gc, H)
         means = (by_col @ rows).reshape(B, C, cols_n, rows_n)
@@ -116,7 +116,7 @@ class Tokens:
         return grid.reshape(-1, 2).to(self.source.device)
 
 
-@functools.lru_cache(maxsize=256)
+@layout_cache(maxsize=256)
 def _averaging_matrix(edges: tuple[int, ...], size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(size, len(edges) - 1): column ``a`` averages positions ``edges[a]:edges[a + 1]``; one tensor per
     layout, shared read-only."""

@@ -12,6 +12,7 @@ inductor, which needs minutes on a small CPU, runs with ``-m slow`` (and on CUDA
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -94,6 +95,21 @@ def test_sparse_dispatch_breaks_only_at_its_data_dependent_ops():
         assert first_line.startswith(DATA_DEPENDENT_BREAKS), first_line
         where = reason.user_stack[-1].filename.replace("\\", "/")
         assert any(part in where for part in DISPATCH_FILES), where
+
+
+def test_tracing_calls_no_cached_layout_helper():
+    # Dynamo ignores an lru_cache wrapper and warns at each call it traces; the layout helpers bypass their
+    # caches while compiling (convmoe/caching.py), so none is traced. Grid tokens with 3x3 and 1x1 experts
+    # reach every cached helper: token map, averaging matrices, tile rows and index tensors.
+    model = _model(MoEConfig(num_experts=4, top_k=2, tokens="grid:2x2"),
+                   MoEConfig(num_experts=4, top_k=1, tokens="grid:2x2", dispatcher="sparse:regions"))
+    convmoe.patch(model, targets=["0"], config=MoEConfig(num_experts=2, top_k=1, tokens="grid:2x2",
+                                                         dispatcher="sparse:regions"), upcycle=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(model, backend="eager")(_x())
+    cache_warnings = [str(w.message).splitlines()[0] for w in caught if "lru_cache" in str(w.message)]
+    assert cache_warnings == []
 
 
 def _compare_compiled(model: nn.Module, compiled: nn.Module, train: bool) -> None:

@@ -10,7 +10,6 @@ values) and its backward is a row ``index_add``.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -18,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convmoe.caching import layout_cache
 from convmoe.geometry import ConvGeometry
 from convmoe.types import Tokens
 
 
-@functools.lru_cache(maxsize=256)
+@layout_cache(maxsize=256)
 def device_index(values: tuple[int, ...], device: torch.device) -> Tensor:
     """``values`` as an int64 tensor on ``device``, made once: a fresh host-to-device copy on every
     forward would make the host wait for the device. Treat the result as read-only.
@@ -138,7 +138,7 @@ class TileLayout:
         return y.contiguous()
 
 
-@functools.lru_cache(maxsize=64)
+@layout_cache(maxsize=64)
 def _canvas_rows(layout: TileLayout, device: torch.device) -> Tensor:
     (_, columns), (th, tw) = layout.grid, layout.tile
     rows, cols = layout._canvas_positions(0), layout._canvas_positions(1)

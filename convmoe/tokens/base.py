@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
+from convmoe.caching import layout_cache
 from convmoe.types import Tokens
 
 
@@ -35,13 +34,12 @@ class Tokenizer:
         """Partition ``source`` (B, C, H_out, W_out) into tokens."""
         height, width = source.shape[-2:]
         row_edges, col_edges = (tuple(edges) for edges in self.edges(height, width))
-        make = _token_map.__wrapped__ if torch.compiler.is_compiling() else _token_map  # no cache in a graph
         return Tokens(
             kind=self.spec,
             source=source,
             row_edges=row_edges,
             col_edges=col_edges,
-            token_map=make(row_edges, col_edges, source.device),
+            token_map=_token_map(row_edges, col_edges, source.device),
             group_over_batch=self.group_over_batch,
         )
 
@@ -49,7 +47,7 @@ class Tokenizer:
         return self.spec
 
 
-@functools.lru_cache(maxsize=256)
+@layout_cache(maxsize=256)
 def _token_map(row_edges: tuple[int, ...], col_edges: tuple[int, ...], device: torch.device) -> Tensor:
     """Token id of every output position, (H_out * W_out,) int64; one tensor per layout, shared read-only
     (a model calls every block with the same few sizes)."""
