@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from convmoe.diagnostics import moe_blocks
 from convmoe.dispatch import DenseDispatcher, SparseDispatcher
 from convmoe.dispatch.base import add_shared_base
-from convmoe.dispatch.merged import merged_conv
+from convmoe.dispatch.merged import merged_routing
 from convmoe.types import Routing, Tokens
 
 
@@ -90,7 +90,7 @@ class ExportDispatcher(nn.Module):
         # CondConv runs a conv with B * groups groups: ONNX's Conv takes a fixed group count.
         merged_ok = capabilities.gathered_columns and capabilities.linear and not torch.onnx.is_in_onnx_export()
         if tokens.num_tokens == 1 and merged_ok:
-            return merged_conv(experts, x_pad, routing.dense_weights()[:, 0])
+            return merged_routing(experts, x_pad, routing)
         return self.dense(x_pad, tokens, routing, experts, out_size)
 
 

@@ -159,7 +159,9 @@ def _executed_kernel(block: MoEConv2d, x_pad: Tensor, source: Tensor, routing: A
     else:
         return None
     if path == "merged":
-        return count_flops(KernelCall(merged_conv, experts, routing.dense_weights()[:, 0]), x_pad)
+        # what eager mode runs on this device (the count traces, and a trace alone would mix every expert)
+        return count_flops(KernelCall(merged_conv, experts, routing.dense_weights()[:, 0],
+                                      select_used=x_pad.device.type == "cpu"), x_pad)
     if path == "deltas":
         weight_map = position_weights(tokens, routing, out_size)
         return count_flops(KernelCall(mixed_deltas, experts, weight_map, with_base=True), x_pad)

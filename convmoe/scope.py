@@ -30,8 +30,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from convmoe.recording import is_recording
 
 __all__ = ["ForwardScope", "ScopedModule", "add_forward_scope", "ensure_forward_scope", "get_forward_scope",
            "remove_forward_scope"]
@@ -201,7 +202,7 @@ def ensure_forward_scope(model: nn.Module) -> None:
         >>> get_forward_scope(model) is not None
         True
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if is_recording():
         return
     if get_forward_scope(model) is None:
         add_forward_scope(model)

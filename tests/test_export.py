@@ -166,3 +166,23 @@ def test_the_torchscript_onnx_exporter_is_refused_where_it_would_be_wrong(tmp_pa
     with pytest.raises(ValueError, match=r"mis-converts the pooling of 'grid:3x3' tokens.*dynamo=True"):
         torch.onnx.export(_model(KINDS["grid"]), (_x(2),), str(tmp_path / "grid.onnx"), opset_version=17,
                           dynamo=False)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_jit_trace_of_image_tokens_follows_each_inputs_routing(top_k):
+    """A trace records operators, not the host's reads of values: the experts picked at trace time must not
+    be baked in (one image with one expert once ran that expert's conv by its index, read on the host)."""
+    model = _model(MoEConfig(num_experts=4, top_k=top_k, tokens="image"))
+    with torch.no_grad():
+        model[2].router.gate.proj.weight.normal_(std=3.0)  # images spread over the experts
+    generator = torch.Generator().manual_seed(0)
+    # a colour per image, so the pooled features (and the experts) differ from image to image
+    inputs = [torch.randn(1, 3, 1, 1, generator=generator) * 3 + torch.randn(1, 3, 9, 9, generator=generator)
+              for _ in range(12)]
+    with torch.no_grad():
+        picked = {tuple(model[2].router(model[2].tokens.split(model[1](model[0](x)))).expert_index.flatten().tolist())
+                  for x in inputs}
+        traced = torch.jit.trace(model, (inputs[0],), check_trace=False)
+        assert len(picked) > 1  # some input routes elsewhere than the traced one
+        assert max(max_abs_diff(traced(x), model(x)) for x in inputs) < 1e-5

@@ -22,6 +22,7 @@ from convmoe.dispatch.grouped import (
 from convmoe.dispatch.tiles import TileLayout, channels_last_rows, gather_rows, grid_offsets
 from convmoe.experts import ConvExperts
 from convmoe.tokens import create_tokens
+from convmoe.types import Routing
 
 
 def assert_same_gradients(out: Tensor, expected: Tensor, inputs: tuple[Tensor, ...]) -> None:
@@ -270,11 +271,15 @@ def test_one_image_with_one_expert_runs_that_experts_conv(top_k: int, size: int,
     conv2d, einsum = F.conv2d, torch.einsum
     monkeypatch.setattr(F, "conv2d", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or conv2d(x, w, *a, **k))
     monkeypatch.setattr(torch, "einsum", lambda eq, *a: mixes.append(eq) or einsum(eq, *a))
+    scattered: list[int] = []
+    dense_weights = Routing.dense_weights
+    monkeypatch.setattr(Routing, "dense_weights", lambda r: scattered.append(1) or dense_weights(r))
     y = block(x)
     monkeypatch.undo()
     if path == "merged":
         assert calls == [(192, 192 // groups, 3, 3)]
         assert (mixes == []) == (top_k == 1)  # top-1: the expert's own weight, nothing mixed
+        assert (scattered == []) == (top_k == 1)  # nor the (B, E) weights built: the routing names the expert
     assert_matches_dense_dispatch(block, x, y, tolerance=1e-4)
 
 

@@ -18,6 +18,8 @@ from convmoe.dispatch.deltas import mixed_deltas
 from convmoe.dispatch.formats import in_format_of
 from convmoe.experts.base import ExpertBank, StackedConv
 from convmoe.geometry import ConvGeometry
+from convmoe.recording import reads_on_host
+from convmoe.types import Routing
 
 SMALL_MAP_POSITIONS = 64
 """Output positions per image below which merging experts' weights stops paying on CPU: the merged-weights
@@ -30,7 +32,8 @@ inference and ``--train``, on CPU; other devices keep the earlier rules (the ful
 to ``gathered_max_positions``) until measured."""
 
 
-def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tuple[int, int] = (0, 0)) -> Tensor:
+def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tuple[int, int] = (0, 0), *,
+                select_used: bool | None = None) -> Tensor:
     """Each image through the weighted sum of the experts' convs (plus a shared base), (B, C_out, H_out, W_out).
 
     Args:
@@ -39,6 +42,9 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
         weights: Each image's combine weight per expert, (B, E).
         padding: Zeros the conv adds itself, when ``x_pad`` is the unpadded input
             (``ConvGeometry.conv_padding``).
+        select_used: Read on the host which experts some image uses and mix only those (one image with one
+            expert: that expert's own conv). None: in eager mode on CPU (:func:`~convmoe.recording.reads_on_host`);
+            a recording must not read values, and an accelerator would wait. FLOP counting passes it (it traces).
 
     Example:
         >>> from convmoe.experts import ConvExperts
@@ -59,12 +65,13 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
         return mixed_deltas(experts, x_pad, weight_map, with_base=True, padding=padding)
     weights = weights.to(conv.weight.dtype)
     expert_weight, expert_bias, expert_up = conv.weight, conv.bias, conv.up
-    # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling
-    # or exporting: the selection has a data-dependent shape.
-    if x_pad.device.type == "cpu" and not torch.compiler.is_compiling():
+    # Eager CPU: read only the experts some sample uses (k of E for a small batch). Not while compiling,
+    # exporting or tracing: the selection has a data-dependent shape.
+    if reads_on_host(x_pad) if select_used is None else select_used:
         used = (weights != 0).any(dim=0).nonzero().flatten()
         if B == 1 and used.numel() == 1 and expert_up is None and not experts.capabilities.shared_base:
-            return _one_expert_on_one_image(conv, g, x_pad, weights[0], int(used[0]), padding)
+            expert = int(used[0])
+            return _one_expert_on_one_image(conv, g, x_pad, expert, weights[0, expert], padding)
         if used.numel() < experts.num_experts:
             weights, expert_weight = weights[:, used], expert_weight[used]
             expert_bias = None if expert_bias is None else expert_bias[used]
@@ -83,8 +90,23 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
     return in_format_of(y.reshape(B, experts.out_channels, *y.shape[2:]), x_pad)
 
 
-def _one_expert_on_one_image(conv: StackedConv, geometry: ConvGeometry, x_pad: Tensor, weights: Tensor,
-                             expert: int, padding: tuple[int, int]) -> Tensor:
+def merged_routing(experts: ExpertBank, x_pad: Tensor, routing: Routing, padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """:func:`merged_conv` with each image's weights read from ``routing`` (image tokens).
+
+    One image with one expert per token, on eager CPU, goes straight to that expert's conv: the (B, E) weights
+    and the scan for used experts cost as much as a small conv (about 30 us a block at batch 1).
+    """
+    conv = experts.stacked_conv()
+    if (x_pad.shape[0] == 1 and routing.slots == 1 and reads_on_host(x_pad) and conv.up is None
+            and not experts.capabilities.shared_base):
+        weight = routing.combine_weight[0, 0, 0] * routing.slot_mask[0, 0, 0].to(routing.combine_weight.dtype)
+        return _one_expert_on_one_image(conv, experts.geometry, x_pad, int(routing.expert_index[0, 0, 0]),
+                                        weight.to(conv.weight.dtype), padding)
+    return merged_conv(experts, x_pad, routing.dense_weights()[:, 0], padding)
+
+
+def _one_expert_on_one_image(conv: StackedConv, geometry: ConvGeometry, x_pad: Tensor, expert: int, weight: Tensor,
+                             padding: tuple[int, int]) -> Tensor:
     """One image with one expert: that expert's own conv, its output scaled by the combine weight; no weight
     is copied or mixed.
 
@@ -94,7 +116,7 @@ def _one_expert_on_one_image(conv: StackedConv, geometry: ConvGeometry, x_pad: T
     """
     y = F.conv2d(x_pad, conv.weight[expert], None if conv.bias is None else conv.bias[expert],
                  stride=geometry.stride, padding=padding, dilation=geometry.dilation, groups=conv.groups)
-    return in_format_of(y * weights[expert], x_pad)
+    return in_format_of(y * weight, x_pad)
 
 
 def _fold_factors(up: Tensor, down: Tensor, batch: int, positions: int) -> bool:

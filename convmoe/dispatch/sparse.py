@@ -12,7 +12,7 @@ from convmoe.dispatch.base import add_shared_base
 from convmoe.dispatch.deltas import deltas_are_cheap, mixed_deltas
 from convmoe.dispatch.dense import position_weights
 from convmoe.dispatch.gathered import run_gathered
-from convmoe.dispatch.merged import SMALL_MAP_POSITIONS, merged_conv
+from convmoe.dispatch.merged import SMALL_MAP_POSITIONS, merged_routing
 from convmoe.dispatch.regions import run_regions
 from convmoe.dispatch.tiles import TileLayout
 from convmoe.experts.base import ExpertBank
@@ -173,7 +173,7 @@ class SparseDispatcher(nn.Module):
             whole_map = experts.geometry.conv_padding(*x_pad.shape[-2:]) if path in ("merged", "deltas") else None
             x_pad, padding = (experts.geometry.pad(x_pad), padding) if whole_map is None else (x_pad, whole_map)
         if path == "merged":  # folds a shared base into each image's conv
-            return merged_conv(experts, x_pad, routing.dense_weights()[:, 0], padding)
+            return merged_routing(experts, x_pad, routing, padding)
         if path == "deltas":
             weight_map = position_weights(tokens, routing, out_size)
             return mixed_deltas(experts, x_pad, weight_map, with_base=True, padding=padding)

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from convmoe.recording import is_recording
+
 T = TypeVar("T")
 _CACHE = "_derived_weights"
 _ENABLED = "_derived_weights_cached"
@@ -36,8 +38,7 @@ def caches_derived_weights(owner: nn.Module) -> bool:
         >>> caches_derived_weights(nn.Linear(2, 2))
         False
     """
-    return (bool(owner.__dict__.get(_ENABLED)) and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    return bool(owner.__dict__.get(_ENABLED)) and not torch.is_grad_enabled() and not is_recording()
 
 
 def derived_weight(owner: nn.Module, name: str, sources: Sequence[Tensor | None], build: Callable[[], T],

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from convmoe.gates import create_gate
+from convmoe.recording import reads_on_host
 from convmoe.types import Routing, Tokens
 
 # Capacity of routers that need one when the config leaves it out (expert choice, positional): the
@@ -86,9 +87,8 @@ class Router(nn.Module):
             logits = self.gate(tokens).float()
             # Eager CPU reads one sum for free and skips the masks when it is finite, so every logit is
             # (the usual case; an overflowing sum only takes the masked path, which is exact too); on an
-            # accelerator or while compiling, reading it would wait or break the graph.
-            masks = (device_type != "cpu" or torch.compiler.is_compiling()
-                     or not math.isfinite(float(logits.detach().sum())))
+            # accelerator it would wait; a compile or trace would record the branch, not the read.
+            masks = not reads_on_host(logits) or not math.isfinite(float(logits.detach().sum()))
             if masks:
                 # NaN for a token whose logits are not all finite (NaN, or an Inf that turns NaN times 0),
                 # 0 otherwise: one product and one sum instead of isfinite's four operators and all().
