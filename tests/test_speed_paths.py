@@ -304,3 +304,45 @@ def test_pointwise_experts_gather_image_tokens_of_small_maps() -> None:
     grouped = MoEConv2d(256, 256, 1, groups=2, num_experts=8, top_k=1, tokens="image")
     x = torch.randn(64, 256, 3, 3)
     assert grouped.dispatcher.choose_path(grouped.tokens.split(x), grouped.experts) == "regions"  # a conv per expert
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_merged_path_keeps_a_channels_last_batch_of_one_channels_last(batch: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """At batch 1 the merged conv runs on the input itself: reshaping it to (1, C, H, W) changed the batch stride,
+    CPU convs then read it as NCHW and copied it (a 1x1 conv, 320 -> 1280 on 3x3, took 634 us against 145 us)."""
+    torch.manual_seed(0)
+    block = with_dispatcher(MoEConv2d(32, 64, 1, num_experts=4, top_k=2, tokens="image"), "sparse:merged")
+    with torch.no_grad():
+        block.router.gate.proj.weight.normal_()
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 32, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    outputs: list[Tensor] = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: outputs.append(conv2d(*a, **k)) or outputs[-1])
+    y = block(x)
+    monkeypatch.undo()
+    assert len(outputs) == 1
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last) == (batch == 1)  # a grouped conv: NCHW
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_dense_dispatch(block, x, y, tolerance=1e-5)
+
+
+@pytest.mark.parametrize(("kernel", "batch", "channels_last", "path"), [
+    (1, 1, True, "merged"), (3, 1, True, "merged"), (1, 1, False, "gathered"), (3, 1, False, "gathered"),
+    (1, 8, True, "gathered"), (1, 1, "strided", "merged")])
+def test_one_channels_last_image_merges_on_small_maps(kernel: int, batch: int, channels_last: bool | str,
+                                                      path: str) -> None:
+    """Batch 1, top-2, 3x3 maps: merging beat gathering channels-last (a 1x1 conv 320 -> 1280: 3.06x the dense conv
+    against 3.88x, one thread) and lost in NCHW (2.36x against 1.92x), where the conv itself is the slower
+    layout's (benchmarks/results/image_paths_b1_top2_*). A strided conv reads a strided view of the map."""
+    stride = 2 if channels_last == "strided" else 1
+    block = MoEConv2d(320, 1280, kernel, stride=stride, padding=kernel // 2, num_experts=8, top_k=2, tokens="image")
+    with torch.no_grad():
+        block.router.gate.proj.weight.normal_()
+    x = torch.randn(batch, 320, 3 * stride, 3 * stride, requires_grad=True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    source = block.geometry.centre_sample_unpadded(x, (3, 3))
+    assert block.dispatcher.choose_path(block.tokens.split(source), block.experts, slots=2) == path
+    assert_matches_dense_dispatch(block, x, block(x), tolerance=1e-4)

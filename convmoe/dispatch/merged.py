@@ -24,7 +24,10 @@ from convmoe.types import Routing
 SMALL_MAP_POSITIONS = 64
 """Output positions per image below which merging experts' weights stops paying on CPU: the merged-weights
 budget shrinks by (positions / 64)^2 (``SparseDispatcher``), except for one image with one expert per token
-(it runs that expert's own conv). Up to it, ``"auto"`` also gathers the tokens of whole maps and of 1x1 experts
+(it runs that expert's own conv) and one channels-last image (at batch 1, top-2, channels-last, merging was the
+fastest path or within 1% for every 1x1 shape and the 7x7 map of 3x3 convs, on 1 and 2 threads, and half the
+gathered path's time for 3x3 convs on a 3x3 map; in NCHW the slower dense-layout conv makes gathering win
+there). Up to it, ``"auto"`` also gathers the tokens of whole maps and of 1x1 experts
 (which read no halo: each position is copied once) rather than running a conv per expert on a few positions.
 On 3x3 maps, merging a batch took 1.2-20x the gathered path's time; on 6x6 and 7x7 maps it won up to 2-2.5M
 merged weights and lost above. Measured with ``benchmarks/bench_image_paths.py --kernel 1`` and ``--kernel 3``,
@@ -72,10 +75,10 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
         if B == 1 and used.numel() == 1 and expert_up is None and not experts.capabilities.shared_base:
             expert = int(used[0])
             return _one_expert_on_one_image(conv, g, x_pad, expert, weights[0, expert], padding)
-        if used.numel() < experts.num_experts:
-            weights, expert_weight = weights[:, used], expert_weight[used]
-            expert_bias = None if expert_bias is None else expert_bias[used]
-            expert_up = None if expert_up is None else expert_up[used]
+        if used.numel() < experts.num_experts:  # index_select: indexing (W[used]) was ~6x slower on CPU
+            weights, expert_weight = weights[:, used], expert_weight.index_select(0, used)
+            expert_bias = None if expert_bias is None else expert_bias.index_select(0, used)
+            expert_up = None if expert_up is None else expert_up.index_select(0, used)
     base = experts.base_conv() if experts.capabilities.shared_base else None
     stacked = expert_weight if expert_up is None else torch.einsum("eor,erikl->eoikl", expert_up, expert_weight)
     mixed = torch.einsum("be,eoikl->boikl", weights, stacked)
@@ -84,7 +87,9 @@ def merged_conv(experts: ExpertBank, x_pad: Tensor, weights: Tensor, padding: tu
         mixed = mixed + base[0]
         if base[1] is not None:
             bias = base[1].expand(B, -1) if bias is None else bias + base[1]
-    y = F.conv2d(x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
+    # Batch 1 runs on x_pad itself: reshaping gives a new batch stride, and a CPU conv then reads a channels-last
+    # map as NCHW and copies it (4x the conv's time on a 3x3 map).
+    y = F.conv2d(x_pad if B == 1 else x_pad.reshape(1, -1, *x_pad.shape[2:]), mixed.flatten(0, 1),
                  None if bias is None else bias.flatten(), stride=g.stride, padding=padding, dilation=g.dilation,
                  groups=conv.groups * B)
     return in_format_of(y.reshape(B, experts.out_channels, *y.shape[2:]), x_pad)

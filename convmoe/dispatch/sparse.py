@@ -11,6 +11,7 @@ from convmoe.dispatch.assignments import routed
 from convmoe.dispatch.base import add_shared_base
 from convmoe.dispatch.deltas import deltas_are_cheap, mixed_deltas
 from convmoe.dispatch.dense import position_weights
+from convmoe.dispatch.formats import channels_innermost
 from convmoe.dispatch.gathered import run_gathered
 from convmoe.dispatch.merged import SMALL_MAP_POSITIONS, merged_routing
 from convmoe.dispatch.regions import run_regions
@@ -118,7 +119,8 @@ class SparseDispatcher(nn.Module):
             tokens: The split input.
             experts: The expert bank.
             slots: Experts per token of the routing (``Routing.slots``; None: unknown). One image with one
-                expert per token merges at any map size: it runs that expert's own conv.
+                expert per token merges at any map size: it runs that expert's own conv. So does one
+                channels-last image with any number of experts (on CPU).
 
         Raises:
             ValueError: The forced path cannot run these tokens or experts.
@@ -139,9 +141,9 @@ class SparseDispatcher(nn.Module):
         if self.path != "auto":
             return self.path
         batch, on_cpu = tokens.source.shape[0], tokens.source.device.type == "cpu"  # small-map rules: measured on CPU
+        one_image_merges = batch == 1 and (slots == 1 or channels_innermost(tokens.source))
         if merged_ok and batch * experts.out_channels * conv.weight[0, 0].numel() <= (
-                self._merged_budget(tokens, scale_small_maps=on_cpu and conv.up is None and not (
-                    batch == 1 and slots == 1))):
+                self._merged_budget(tokens, scale_small_maps=on_cpu and conv.up is None and not one_image_merges)):
             return "merged"
         if conv is not None and deltas_are_cheap(experts, conv):
             return "deltas"
