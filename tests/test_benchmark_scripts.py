@@ -61,3 +61,13 @@ def test_bench_image_paths_records_every_path_in_training(tmp_path: Path, monkey
     (record,) = (json.loads(line) for line in out.read_text().splitlines())
     assert (record["kernel"], record["mode"], record["c_in"], record["c_out"], record["batch"]) == (1, "train", 8, 16, 2)
     assert all(record[f"{path}_ratio"] > 0 for path in bench_image_paths.PATHS)
+
+
+def test_bench_image_paths_runs_channels_last_on_the_small_maps_only(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bench_image_paths.SHAPES, 1, [(8, 16, 3), (8, 16, 9)])
+    out = tmp_path / "out.jsonl"
+    bench_image_paths.main(["--kernel", "1", "--channels-last", "--max-side", "7", "--batches", "1", "--reps", "1",
+                            "--out", str(out)])
+    (record,) = (json.loads(line) for line in out.read_text().splitlines())
+    assert (record["size"], record["channels_last"], record["mode"]) == (3, True, "inference")
