@@ -71,9 +71,9 @@ def describe_moe(model: nn.Module) -> tuple[str, list[str]]:
     return "; ".join(f"{_names(names)}: {summary}" for summary, names in groups.items()), list(blocks)
 
 
-def describe_initialization(config: Mapping[str, Any]) -> str:
+def describe_initialization(config: Mapping[str, Any], first_phase: bool = False) -> str:
     """Where training started, from a training config (an encoder loader, pretrained weights, or random), and
-    what it kept frozen.
+    what it kept frozen. ``first_phase``: ``init_from`` is the checkpoint of a run the train commands make first.
 
     Example:
         >>> describe_initialization({"model": {"_target_": "x.Net"}, "init_encoder_from": {"_target_": "a.load"}})
@@ -84,8 +84,10 @@ def describe_initialization(config: Mapping[str, Any]) -> str:
         'ImageNet weights from `convmoe.pretrained.load_efficientnet_lite0`; every expert starts as a copy of the conv it replaces (upcycling)'
         >>> describe_initialization({"model": {}, "freeze": {"modules": ["conv_stem", "bn1"], "freeze_norm_stats": True}})
         'random (trained from scratch); `conv_stem`, `bn1` frozen (weights and norm statistics)'
+        >>> describe_initialization({"model": {}, "init_from": "runs/dense/checkpoints/best.pt"}, first_phase=True)
+        'every weight from `runs/dense/checkpoints/best.pt`, the first phase (the first command of each train line)'
     """
-    return _starting_weights(config) + _patched(config) + _frozen(config)
+    return _starting_weights(config, first_phase) + _patched(config) + _frozen(config)
 
 
 def _patched(config: Mapping[str, Any]) -> str:
@@ -110,12 +112,14 @@ def _frozen(config: Mapping[str, Any]) -> str:
     return "".join(f"; {part}" for part in parts)
 
 
-def _starting_weights(config: Mapping[str, Any]) -> str:
+def _starting_weights(config: Mapping[str, Any], first_phase: bool) -> str:
     from convmoe.models.classification import (
         PACKAGED_WEIGHTS,  # convmoe.models imports smp, an optional extra
     )
 
     model = config.get("model") or {}
+    if config.get("init_from") and first_phase:
+        return f"every weight from `{config['init_from']}`, the first phase (the first command of each train line)"
     if config.get("init_from"):
         return f"every weight from the trained model `{config['init_from']}`"
     if config.get("init_encoder_from"):

@@ -49,6 +49,7 @@ from convmoe.zoo.runs import (
     RunRecord,
     check_comparable,
     check_same_recipe,
+    first_phase,
     read_run,
     summarize_runs,
 )
@@ -92,6 +93,22 @@ def _commands(runs: Sequence[RunRecord], recipe: str | Path | None, recipes_dir:
     return recipe, [recipe_overrides(recipe, run.config) for run in runs]
 
 
+def _train_commands(runs: Sequence[RunRecord], recipe: Path, overrides: Sequence[list[str]],
+                    recipes_dir: str | Path) -> list[str]:
+    """Each run's ``convmoe train`` command; a run that started from another run's checkpoint (``init_from``)
+    gets that run's command first, joined with ``&&`` (its recipe: ``recipe`` or one in ``recipes_dir``)."""
+    commands = []
+    for run, run_overrides in zip(runs, overrides, strict=True):
+        command = train_command(recipe, run_overrides)
+        phase = first_phase(run)
+        if phase is not None:
+            candidates = [recipe, *sorted(Path(recipes_dir).glob("*.yaml"))]
+            phase_recipe, phase_overrides = find_recipe(phase.config, candidates)
+            command = f"{_train_commands([phase], phase_recipe, [phase_overrides], recipes_dir)[0]} && {command}"
+        commands.append(command)
+    return commands
+
+
 def _staging_folder(folder: Path, overwrite: bool) -> Path:
     """An empty ``<zoo>/.publishing/<id>`` to write the variant into (a hidden folder is not a variant), after
     refusing to replace a published variant without ``overwrite``."""
@@ -129,11 +146,10 @@ def _val_loader(config: dict[str, Any], device: torch.device) -> Any:
     return build_dataloader(config["val_dataset"], config.get("data_loader") or {}, ctx, train=False)
 
 
-def _twin_summary(twins: Sequence[RunRecord], twin_cost: Any, recipe: Path, overrides: list[list[str]],
-                  ) -> dict[str, Any]:
+def _twin_summary(twins: Sequence[RunRecord], twin_cost: Any, train_commands: list[str]) -> dict[str, Any]:
     summary = summarize_runs(twins)
     summary.update({"params": twin_cost.params, "active_flops": twin_cost.active_flops,
-                    "commands": {"train": [train_command(recipe, o) for o in overrides]}})
+                    "commands": {"train": train_commands}})
     return summary
 
 
@@ -230,7 +246,9 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
     if info.task != main.task:
         raise ValueError(f"dataset {dataset_key!r} is for {info.task}, but {main.run_dir} logged {main.task} metrics.")
     recipe, overrides = _commands(runs, config, recipes_dir)
+    train_commands = _train_commands(runs, recipe, overrides, recipes_dir)
     twin_recipe, twin_overrides = _commands(twins, dense_config, recipes_dir) if twins else (None, [])
+    twin_commands = _train_commands(twins, twin_recipe, twin_overrides, recipes_dir) if twins else []
 
     model, _ = load_model(main.checkpoint)
     _check_variant_kind(model, model_id, twins, twin_of, dense_model_id)
@@ -276,7 +294,8 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
             "schema_version": SCHEMA_VERSION, "model_id": model_id, "hub_id": hub_id, "revision": None,
             "task": main.task, "dataset": dataset_key, "eval_split": split,
             "architecture": base_recipe_for(main.config["model"]).name,
-            "initialization": describe_initialization(main.config), "patch": patch_text,
+            "initialization": describe_initialization(main.config, first_phase=first_phase(main) is not None),
+            "patch": patch_text,
             **({"moe_blocks": block_names} if block_names else {"moe_model_ids": list(twin_of)}),
             **({"dense_model_id": dense_model_id} if dense_model_id else {}),
             "monitor": main.monitor, "metrics": summary["metrics"], "metrics_std": summary["metrics_std"],
@@ -288,13 +307,13 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
             "weights": {"dtype": dtype, "bytes": (folder / WEIGHTS_NAME).stat().st_size,
                         "sha256": file_sha256(folder / WEIGHTS_NAME), "check": asdict(check)},
             "reevaluated": reevaluated,
-            "command": train_command(recipe, overrides[0]),
-            "commands": {"train": [train_command(recipe, o) for o in overrides],
+            "command": train_commands[0],
+            "commands": {"train": train_commands,
                          "eval": eval_command(hub_id, recipe, overrides[0]),
                          **({"eval_test": eval_command(hub_id, recipe, overrides[0], split="test")}
                             if main.test_metrics else {})},
             "preprocessing": describe_preprocessing(main.config),
-            "dense_twin": _twin_summary(twins, twin_cost, twin_recipe, twin_overrides) if twins else None,
+            "dense_twin": _twin_summary(twins, twin_cost, twin_commands) if twins else None,
             "references": method_references(loaded, main.config), "notes": list(notes), "convmoe_version": __version__,
         }
         if "per_class_iou" in summary:

@@ -26,10 +26,19 @@ RUN_CONTROL = ("trainer.resume", "trainer.enable_progress_bar")
 # Trainer settings that do not change what ``convmoe eval`` measures: those, where the run wrote and its training
 # seed (evaluation is not random).
 RUN_BOOKKEEPING = ("trainer.default_root_dir", *RUN_CONTROL, "trainer.seed")
+# Sections that only build the model a run trains: ``convmoe eval`` of published weights reads none of them (and a
+# run's ``init_from`` names a checkpoint the reader does not have).
+MODEL_BUILDING = ("init_from", "init_encoder_from", "patch")
 
 
-def _without(overrides: Sequence[str], keys: Sequence[str]) -> list[str]:
-    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys]
+def _without(overrides: Sequence[str], keys: Sequence[str], sections: Sequence[str] = ()) -> list[str]:
+    """``overrides`` but those of ``keys``, and of ``sections`` and anything inside them."""
+    kept = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key not in keys and not any(key == s or key.startswith(f"{s}.") for s in sections):
+            kept.append(override)
+    return kept
 
 
 def _reads_back(text: str) -> Any:
@@ -206,7 +215,8 @@ def train_command(recipe: str | Path, overrides: Sequence[str]) -> str:
 
 def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], split: str = "val") -> str:
     """``convmoe eval SOURCE OVERRIDES... --config RECIPE``: the published weights on the run's val_dataset
-    (or its ``<split>_dataset``). The run's overrides of :data:`RUN_BOOKKEEPING` are left out.
+    (or its ``<split>_dataset``). The run's overrides of :data:`RUN_BOOKKEEPING` and :data:`MODEL_BUILDING` are
+    left out.
 
     Example:
         >>> eval_command("convmoe/net", "configs/a.yaml", ["data.root=.data/x"])
@@ -214,5 +224,6 @@ def eval_command(source: str, recipe: str | Path, overrides: Sequence[str], spli
         >>> eval_command("convmoe/net", "configs/a.yaml", [], split="test")
         'convmoe eval convmoe/net --config configs/a.yaml --split test'
     """
-    return shlex.join(["convmoe", "eval", source, *_without(overrides, RUN_BOOKKEEPING), "--config", display_path(recipe),
+    return shlex.join(["convmoe", "eval", source, *_without(overrides, RUN_BOOKKEEPING, MODEL_BUILDING), "--config",
+                       display_path(recipe),
                        *(["--split", split] if split != "val" else [])])

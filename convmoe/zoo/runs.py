@@ -238,9 +238,28 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b and type(a) is type(b) else [prefix.rstrip(".")]
 
 
+def first_phase(run: RunRecord) -> RunRecord | None:
+    """The run whose checkpoint ``run`` started from: its ``init_from`` names ``RUN/checkpoints/<file>.pt`` of a
+    ``convmoe train`` folder (``RUN/config.yaml`` beside it). None for any other start (none, a Hub id, a
+    ``save_pretrained`` folder, a file outside a run folder).
+
+    Example:
+        >>> first_phase(RunRecord(Path("b"), {"init_from": "convmoe/net"}, 0, "val/top1", 1, 2, {})) is None
+        True
+    """
+    source = run.config.get("init_from")
+    if not isinstance(source, str):
+        return None
+    path = Path(source)
+    if path.suffix != ".pt" or path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
+        return None
+    return read_run(path.parent.parent)
+
+
 def check_same_recipe(runs: Sequence[RunRecord]) -> None:
     """Raise unless ``runs`` are seeds of one recipe: configs equal but for the seed, the output folder
-    and loader settings, and no seed repeated.
+    and loader settings, and no seed repeated. Runs that each start from another run (:func:`first_phase`)
+    may start from different ones, when those are seeds of one recipe in turn.
 
     Raises:
         ValueError: Names the differing config keys or the repeated seed.
@@ -251,13 +270,23 @@ def check_same_recipe(runs: Sequence[RunRecord]) -> None:
         >>> check_same_recipe([a, b])
     """
     free = {f"{section}.{key}" for section in ("trainer", "pl_trainer") for key in SEED_FREE_KEYS}
+    phases = [first_phase(run) for run in runs] if len(runs) > 1 else []
+    if phases and all(phase is not None for phase in phases):
+        try:
+            check_same_recipe(phases)
+        except ValueError as error:
+            raise ValueError(f"the first phases of {[str(r.run_dir) for r in runs]} (their init_from runs) are not "
+                             f"seeds of one recipe: {error}") from None
+        free.add("init_from")
     reference = _without(runs[0].config, free)
     for run in runs[1:]:
         differing = _differing_keys(reference, _without(run.config, free))
         if differing:
+            hint = (" init_from names no run folder here for some of them (RUN/checkpoints/<file>.pt beside "
+                    "RUN/config.yaml); publish from where the runs were trained." if "init_from" in differing else "")
             raise ValueError(f"{run.run_dir} is not a seed of {runs[0].run_dir}: their configs differ in "
                              f"{differing[:8]}; --seeds takes runs of the same recipe that differ only in "
-                             "trainer.seed (and the output folder).")
+                             f"trainer.seed (and the output folder).{hint}")
     seen: dict[int, Path] = {}
     for run in runs:
         if run.seed in seen:
