@@ -101,12 +101,12 @@ def merged_routing(experts: ExpertBank, x_pad: Tensor, routing: Routing, padding
     One image with one expert per token, on eager CPU, goes straight to that expert's conv: the (B, E) weights
     and the scan for used experts cost as much as a small conv (about 30 us a block at batch 1).
     """
-    conv = experts.stacked_conv()
-    if (x_pad.shape[0] == 1 and routing.slots == 1 and reads_on_host(x_pad) and conv.up is None
-            and not experts.capabilities.shared_base):
-        weight = routing.combine_weight[0, 0, 0] * routing.slot_mask[0, 0, 0].to(routing.combine_weight.dtype)
-        return _one_expert_on_one_image(conv, experts.geometry, x_pad, int(routing.expert_index[0, 0, 0]),
-                                        weight.to(conv.weight.dtype), padding)
+    if x_pad.shape[0] == 1 and routing.slots == 1 and not experts.capabilities.shared_base and reads_on_host(x_pad):
+        conv = experts.stacked_conv()
+        if conv.up is None:
+            weight = routing.combine_weight[0, 0, 0] * routing.slot_mask[0, 0, 0].to(routing.combine_weight.dtype)
+            return _one_expert_on_one_image(conv, experts.geometry, x_pad, int(routing.expert_index[0, 0, 0]),
+                                            weight.to(conv.weight.dtype), padding)
     return merged_conv(experts, x_pad, routing.dense_weights()[:, 0], padding)
 
 
