@@ -99,8 +99,8 @@ def test_sparse_dispatch_breaks_only_at_its_data_dependent_ops():
 
 def test_tracing_calls_no_cached_layout_helper():
     # Dynamo ignores an lru_cache wrapper and warns at each call it traces; the layout helpers bypass their
-    # caches while compiling (convmoe/caching.py), so none is traced. Grid tokens with 3x3 and 1x1 experts
-    # reach every cached helper: token map, averaging matrices, tile rows and index tensors.
+    # caches while compiling (convmoe/caching.py), so none is traced. Grid tokens on the gathered and regions
+    # paths reach every cached helper: token map, averaging matrices, tile rows and index tensors.
     model = _model(MoEConfig(num_experts=4, top_k=2, tokens="grid:2x2"),
                    MoEConfig(num_experts=4, top_k=1, tokens="grid:2x2", dispatcher="sparse:regions"))
     convmoe.patch(model, targets=["0"], config=MoEConfig(num_experts=2, top_k=1, tokens="grid:2x2",
