@@ -69,7 +69,8 @@ class SparseDispatcher(nn.Module):
 
     ``"auto"`` uses ``"merged"`` where it applies and the batch's merged weights (B x C_out x
     C_in / groups x kh x kw) are at most ``merged_max_weights`` (on CPU, for full-rank experts, times
-    (positions / ``SMALL_MAP_POSITIONS``)^2 on maps of fewer positions, unless one image has one expert),
+    (positions / ``SMALL_MAP_POSITIONS``)^2 on maps of fewer positions, unless one image has one expert or
+    is channels-last),
     ``"deltas"`` for factored experts whose E * r ``down`` channels are at most C_in + C_out (measured on CPU
     at C=64 and 256, E=8, r=8: 0.6-0.85x the gathered path's time), ``"gathered"`` for per-pixel tokens
     and, with ungrouped experts, for tokens of at most ``gathered_max_positions`` output positions (small

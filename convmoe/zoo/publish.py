@@ -93,18 +93,19 @@ def _commands(runs: Sequence[RunRecord], recipe: str | Path | None, recipes_dir:
     return recipe, [recipe_overrides(recipe, run.config) for run in runs]
 
 
-def _train_commands(runs: Sequence[RunRecord], recipe: Path, overrides: Sequence[list[str]],
+def _train_commands(phases: Sequence[RunRecord | None], recipe: Path, overrides: Sequence[list[str]],
                     recipes_dir: str | Path) -> list[str]:
-    """Each run's ``convmoe train`` command; a run that started from another run's checkpoint (``init_from``)
-    gets that run's command first, joined with ``&&`` (its recipe: ``recipe`` or one in ``recipes_dir``)."""
+    """Each run's ``convmoe train`` command (``overrides`` of ``recipe``, one list per run); a run that started
+    from another run's checkpoint (its :func:`first_phase` in ``phases``) gets that run's command first, joined
+    with ``&&`` (its recipe: ``recipe`` or one in ``recipes_dir``)."""
     commands = []
-    for run, run_overrides in zip(runs, overrides, strict=True):
+    for phase, run_overrides in zip(phases, overrides, strict=True):
         command = train_command(recipe, run_overrides)
-        phase = first_phase(run)
         if phase is not None:
             candidates = [recipe, *sorted(Path(recipes_dir).glob("*.yaml"))]
             phase_recipe, phase_overrides = find_recipe(phase.config, candidates)
-            command = f"{_train_commands([phase], phase_recipe, [phase_overrides], recipes_dir)[0]} && {command}"
+            first = _train_commands([first_phase(phase)], phase_recipe, [phase_overrides], recipes_dir)[0]
+            command = f"{first} && {command}"
         commands.append(command)
     return commands
 
@@ -246,9 +247,11 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
     if info.task != main.task:
         raise ValueError(f"dataset {dataset_key!r} is for {info.task}, but {main.run_dir} logged {main.task} metrics.")
     recipe, overrides = _commands(runs, config, recipes_dir)
-    train_commands = _train_commands(runs, recipe, overrides, recipes_dir)
+    phases = [first_phase(run) for run in runs]  # read once: each is a run folder's checkpoint
+    train_commands = _train_commands(phases, recipe, overrides, recipes_dir)
     twin_recipe, twin_overrides = _commands(twins, dense_config, recipes_dir) if twins else (None, [])
-    twin_commands = _train_commands(twins, twin_recipe, twin_overrides, recipes_dir) if twins else []
+    twin_commands = (_train_commands([first_phase(twin) for twin in twins], twin_recipe, twin_overrides, recipes_dir)
+                     if twins else [])
 
     model, _ = load_model(main.checkpoint)
     _check_variant_kind(model, model_id, twins, twin_of, dense_model_id)
@@ -294,7 +297,7 @@ def publish(run_dir: str | Path, model_id: str, *, dense_twin: Sequence[str | Pa
             "schema_version": SCHEMA_VERSION, "model_id": model_id, "hub_id": hub_id, "revision": None,
             "task": main.task, "dataset": dataset_key, "eval_split": split,
             "architecture": base_recipe_for(main.config["model"]).name,
-            "initialization": describe_initialization(main.config, first_phase=first_phase(main) is not None),
+            "initialization": describe_initialization(main.config, first_phase=phases[0] is not None),
             "patch": patch_text,
             **({"moe_blocks": block_names} if block_names else {"moe_model_ids": list(twin_of)}),
             **({"dense_model_id": dense_model_id} if dense_model_id else {}),
