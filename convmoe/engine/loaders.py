@@ -46,7 +46,9 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     """A DataLoader for a dataset node: a ``_target_`` mapping or a list of them (concatenated).
 
     Loader settings are the config's top-level ``data_loader`` updated by the node's own
-    ``data_loader``. Under torchrun, training shards with ``DistributedSampler`` (shuffled when
+    ``data_loader``. An evaluation loader (``train=False``) reads every sample once, in order: it
+    ignores ``shuffle`` and ``drop_last``, which a ``train_dataset`` node evaluated by ``convmoe eval
+    --split train`` carries. Under torchrun, training shards with ``DistributedSampler`` (shuffled when
     ``shuffle`` is set) and evaluation with :class:`~convmoe.engine.processes.ShardSampler`.
     A training loader draws its order and worker seeds from a generator seeded with
     :func:`epoch_seed` ``(seed, 0, rank)``; :meth:`~convmoe.engine.trainer.Trainer.set_loader_epoch` reseeds it each epoch.
@@ -62,8 +64,10 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     for item in nodes:
         settings.update(item.get("data_loader") or {})
     dataset = build_dataset(node)
-    shuffle = bool(settings.pop("shuffle", train))
-    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, ctx.rank)) if train or shuffle else None
+    shuffle = bool(settings.pop("shuffle", train)) and train
+    if not train:
+        settings["drop_last"] = False
+    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, ctx.rank)) if train else None
     if ctx.distributed:
         sampler = (DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
                    if train else ShardSampler(dataset, ctx.rank, ctx.world_size))
