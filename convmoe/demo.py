@@ -14,7 +14,6 @@ Both return their numbers as dataclasses and print through ``print_fn``; progres
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from convmoe.block import MoEConv2d
 from convmoe.config import MoEConfig
 from convmoe.diagnostics import ModelRoutingStats, aux_loss, moe_blocks, routing_stats
+from convmoe.progress import progress_bar
 
 SAMPLE_IMAGES = ("chelsea", "coffee", "rocket", "astronaut")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -209,12 +209,6 @@ def _imagenet_label(index: int) -> str:
     return ImageNetInfo().index_to_description(index).split(",")[0]
 
 
-def _progress(iterable: range, description: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=description, disable=not enabled, file=sys.stderr, leave=True, dynamic_ncols=True)
-
-
 def _train_moe_only(model: nn.Module) -> list[nn.Parameter]:
     """Freeze everything but the MoE blocks; keep the rest in eval mode (frozen BatchNorm statistics)."""
     model.eval()
@@ -295,7 +289,7 @@ def run_demo(steps: int = 8, targets: str = "last_stage", config: MoEConfig | No
     print_fn("")
     print_fn(f"Training the MoE blocks for {steps} steps (batch {batch_size}, {train_size}px crops, "
              "loss = cross-entropy + convmoe.aux_loss):")
-    bar = _progress(range(steps), "train", progress)
+    bar = progress_bar(range(steps), description="train", enabled=progress, leave=True)
     for _ in bar:
         index = torch.arange(batch_size) % len(source)
         x = normalize(augment(source[index], train_size, generator, min_scale=0.8))
@@ -365,7 +359,7 @@ def run_synthetic_demo(steps: int = 40, num_experts: int = 4, top_k: int = 2, ba
 
     losses = []
     block.train()
-    bar = _progress(range(steps), "train", progress)
+    bar = progress_bar(range(steps), description="train", enabled=progress, leave=True)
     for _ in bar:
         x = torch.randn(batch_size, channels, size, size)
         with torch.no_grad():

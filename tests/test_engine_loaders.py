@@ -1,9 +1,16 @@
-"""Evaluation loaders: every sample, once, in order, whatever the node's training settings say."""
+"""Loaders: evaluation reads every sample, once, in order, whatever the node's training settings say;
+the loops read each loader once per pass, progress bar or not."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from iteration_helpers import CountingIterable
+from test_engine import classification_config
+from torch.utils.data import DataLoader
 
+from convmoe.engine import Trainer
+from convmoe.engine.evaluate import run_evaluation
 from convmoe.engine.loaders import build_dataloader
 from convmoe.engine.processes import DistributedContext
 
@@ -32,3 +39,31 @@ def test_a_training_loader_keeps_its_drop_last_and_shuffle() -> None:
     assert [len(batch) for batch in batches] == [3, 3]  # the 7th sample is dropped
     assert len(set(order)) == 6
     assert order != sorted(order)  # shuffled (the order is a function of the seed: fixed here)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_each_epoch_reads_the_training_and_validation_loaders_once(tmp_path, monkeypatch, progress: bool) -> None:
+    # tqdm.auto's bar iterated the loader twice: workers started twice, and the order and worker seeds were
+    # the generator's second draw, so `convmoe eval --split train` saw the very views of training epoch 0
+    config = classification_config(tmp_path)
+    config["trainer"].update(max_epochs=2, enable_progress_bar=progress)
+    trainer = Trainer(config)
+    iterated: list[DataLoader] = []
+    original = DataLoader.__iter__
+
+    def counting(self: DataLoader):
+        iterated.append(self)
+        return original(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counting)
+    trainer.fit()
+    assert iterated == [trainer.train_loader, trainer.val_loader] * 2
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_evaluation_reads_its_loader_once(progress: bool) -> None:
+    batches = CountingIterable([(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])) for _ in range(3)])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    run_evaluation(model, batches, torch.device("cpu"), progress=progress)
+    assert batches.iterations == 1
+

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from convmoe.analysis.labels import NO_LABEL, token_labels
 from convmoe.analysis.layers import OutputSizeRecorder, layer_tokens, moe_layers
 from convmoe.engine.evaluate import split_batch
+from convmoe.progress import progress_bar
 from convmoe.types import Routing, Tokens
 
 
@@ -349,7 +349,7 @@ def collect_routing(model: nn.Module, loader: Iterable, *, device: str | torch.d
     task, images = None, 0
     try:
         with torch.no_grad():
-            for i, batch in enumerate(tqdm(loader, desc="routing", disable=not progress, leave=False)):
+            for i, batch in enumerate(progress_bar(loader, description="routing", enabled=progress)):
                 if max_batches is not None and i >= max_batches:
                     break
                 inputs, target = split_batch(batch)

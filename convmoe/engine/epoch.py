@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import convmoe
 from convmoe.distributed import global_batch
@@ -16,6 +15,7 @@ from convmoe.engine.evaluate import autocast, batch_to, model_output, split_batc
 from convmoe.engine.logging import TensorBoardLogger
 from convmoe.engine.processes import all_reduce_sum
 from convmoe.engine.schedules import step_schedulers
+from convmoe.progress import progress_bar
 
 if TYPE_CHECKING:  # the trainer imports this module
     from convmoe.engine.trainer import Trainer
@@ -31,8 +31,8 @@ def train_epoch(trainer: Trainer, epoch: int, tensorboard: TensorBoardLogger | N
     routing_count = 0
     start = time.perf_counter()
     accumulate = settings.accumulate_grad_batches
-    bar = tqdm(trainer.train_loader, total=trainer.train_batches, desc=f"epoch {epoch}", dynamic_ncols=True,
-               disable=not (trainer.ctx.is_main and settings.enable_progress_bar))
+    bar = progress_bar(trainer.train_loader, description=f"epoch {epoch}", total=trainer.train_batches, leave=True,
+                       enabled=trainer.ctx.is_main and settings.enable_progress_bar)
     trainer.optimizer.zero_grad(set_to_none=True)
     window = contextlib.ExitStack()  # the global-batch switch loss counts over one optimizer step's micro-batches
     for i, batch in enumerate(bar):

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from convmoe.engine.checkpoint import load_checkpoint
 from convmoe.engine.config import instantiate, load_config
@@ -22,6 +21,7 @@ from convmoe.engine.processes import all_reduce_sum, setup_distributed
 from convmoe.engine.saved_models import checkpoint_weights, is_checkpoint_file, load_saved_model
 from convmoe.engine.settings import TrainerSettings
 from convmoe.hub import check_state_matches
+from convmoe.progress import progress_bar
 from convmoe.trust import check_config_targets
 
 Metric = ClassificationMetrics | SegmentationMetrics
@@ -187,7 +187,7 @@ def run_evaluation(model: nn.Module, loader: Iterable, device: torch.device, *, 
     model.eval()
     metric: Metric | None = None
     loss_total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for i, batch in enumerate(tqdm(loader, desc=description, disable=not progress, leave=False, dynamic_ncols=True)):
+    for i, batch in enumerate(progress_bar(loader, description=description, enabled=progress)):
         if max_batches is not None and i >= max_batches:
             break
         inputs, target = batch_to(*split_batch(batch), device, memory_format)
