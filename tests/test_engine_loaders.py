@@ -67,3 +67,37 @@ def test_evaluation_reads_its_loader_once(progress: bool) -> None:
     run_evaluation(model, batches, torch.device("cpu"), progress=progress)
     assert batches.iterations == 1
 
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Item i is a random number: a random transform's draw."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(())
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_evaluation_loader_draws_the_same_views_every_pass_and_not_the_training_ones(num_workers: int) -> None:
+    node = {"_target_": "test_engine_loaders.RandomDraws", "data_loader": {"batch_size": 3, "num_workers": num_workers}}
+    evaluation = build_dataloader(node, {}, CPU, train=False, seed=5)
+    torch.manual_seed(0)
+    first = torch.cat(list(evaluation))
+    torch.manual_seed(1)  # the global stream does not matter: the loader's seed does
+    assert torch.equal(torch.cat(list(evaluation)), first)
+    assert torch.equal(torch.cat(list(build_dataloader(node, {}, CPU, train=False, seed=5))), first)
+    assert not torch.equal(torch.cat(list(build_dataloader(node, {}, CPU, train=False, seed=6))), first)
+    training = build_dataloader({**node, "data_loader": {**node["data_loader"], "shuffle": False}}, {}, CPU,
+                                train=True, seed=5)
+    assert not torch.equal(torch.cat(list(training)), first)  # epoch 0 of training drew other views
+
+
+def test_an_evaluation_pass_leaves_the_global_random_stream_alone() -> None:
+    node = {"_target_": "test_engine_loaders.RandomDraws", "data_loader": {"batch_size": 3}}
+    evaluation = build_dataloader(node, {}, CPU, train=False)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(evaluation)
+    assert torch.equal(torch.rand(3), expected)  # validating does not change what training draws next

@@ -282,6 +282,10 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
              split: str = "val", progress: bool = True, trust_remote_code: bool = False) -> dict[str, float]:
     """``convmoe eval``: metrics of a trained model on the ``<split>_dataset`` of a config.
 
+    Every sample is read once, in order. A split with random transforms (``train``) draws them from
+    the loader's own stream, seeded by the config's seed (:func:`~convmoe.engine.evaluation_loader.evaluation_seed`):
+    the same figures on every run, and never the views of a training epoch.
+
     Args:
         source: A training checkpoint, a ``save_pretrained`` folder, or a Hub id (see :func:`load_model`).
         config: A config (dict or YAML) naming the dataset; default: the checkpoint's training config
@@ -318,7 +322,7 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
                          f"{sorted(k for k in given if k.endswith('_dataset'))}.")
     settings = TrainerSettings.from_config(given)
     ctx = setup_distributed(settings.accelerator)
-    loader = build_dataloader(node, given.get("data_loader") or {}, ctx, train=False)
+    loader = build_dataloader(node, given.get("data_loader") or {}, ctx, train=False, seed=settings.seed or 0)
     loss_fn = instantiate(given["loss"]) if given.get("loss") else None
     if isinstance(loss_fn, nn.Module):
         loss_fn = loss_fn.to(ctx.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from convmoe.engine.config import instantiate
+from convmoe.engine.evaluation_loader import EvaluationLoader, evaluation_seed, hashed_seed
 from convmoe.engine.processes import DistributedContext, ShardSampler
 
 
@@ -37,8 +37,7 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
         >>> epoch_seed(0, 1) == epoch_seed(0, 1) != epoch_seed(1, 0)
         True
     """
-    digest = hashlib.sha256(f"convmoe-loader/{seed}/{epoch}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid manual_seed
+    return hashed_seed(f"convmoe-loader/{seed}/{epoch}/{rank}")
 
 
 def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedContext, train: bool,
@@ -52,6 +51,8 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     ``shuffle`` is set) and evaluation with :class:`~convmoe.engine.processes.ShardSampler`.
     A training loader draws its order and worker seeds from a generator seeded with
     :func:`epoch_seed` ``(seed, 0, rank)``; :meth:`~convmoe.engine.trainer.Trainer.set_loader_epoch` reseeds it each epoch.
+    An evaluation loader is an :class:`~convmoe.engine.evaluation_loader.EvaluationLoader`: every pass draws
+    the same random numbers, from :func:`~convmoe.engine.evaluation_loader.evaluation_seed` ``(seed, rank)``.
 
     Example:
         >>> ctx = DistributedContext(0, 0, 1, torch.device("cpu"))
@@ -64,12 +65,14 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     for item in nodes:
         settings.update(item.get("data_loader") or {})
     dataset = build_dataset(node)
-    shuffle = bool(settings.pop("shuffle", train)) and train
+    shuffle = bool(settings.pop("shuffle", train))
     if not train:
-        settings["drop_last"] = False
-    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, ctx.rank)) if train else None
+        settings.update(drop_last=False)
+        if ctx.distributed:
+            settings.update(sampler=ShardSampler(dataset, ctx.rank, ctx.world_size))
+        return EvaluationLoader(dataset, seed=evaluation_seed(seed, ctx.rank), **settings)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, 0, ctx.rank))
     if ctx.distributed:
-        sampler = (DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
-                   if train else ShardSampler(dataset, ctx.rank, ctx.world_size))
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed)
         return DataLoader(dataset, sampler=sampler, generator=generator, **settings)
     return DataLoader(dataset, shuffle=shuffle, generator=generator, **settings)

@@ -1,0 +1,105 @@
+"""Evaluation loaders with random streams of their own: every pass draws the same numbers.
+
+A dataset with random transforms (``convmoe eval --split train``, or a validation set with test-time
+augmentation) then scores the same views on every pass, in every run with the same seed, and
+never the views of a training epoch. Reading it leaves the global random streams as they were, so
+validating does not change what training draws next, and a resumed run validates as the
+uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def hashed_seed(text: str) -> int:
+    """A 63-bit seed (valid for ``manual_seed``) from a text, the same on every machine.
+
+    Example:
+        >>> hashed_seed("a") == hashed_seed("a") != hashed_seed("b")
+        True
+    """
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def evaluation_seed(seed: int, rank: int = 0) -> int:
+    """The seed every pass of an evaluation loader starts from: a stream apart from every training epoch's.
+
+    Example:
+        >>> evaluation_seed(0) == evaluation_seed(0) != evaluation_seed(0, rank=1)
+        True
+    """
+    return hashed_seed(f"convmoe-eval-loader/{seed}/{rank}")
+
+
+class EvaluationLoader(DataLoader):
+    """A DataLoader whose every pass starts from ``seed``: the same worker seeds, and, without workers,
+    the same draws in this process (torch, numpy and ``random``), whose own streams are left untouched.
+
+    Args:
+        dataset: The dataset.
+        seed: The seed of every pass (:func:`evaluation_seed`).
+        **settings: DataLoader arguments (no ``generator``: the loader owns it).
+
+    Example:
+        >>> loader = EvaluationLoader([0, 1, 2], seed=0, batch_size=2)
+        >>> [batch.tolist() for batch in loader]
+        [[0, 1], [2]]
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, **settings: Any) -> None:
+        super().__init__(dataset, generator=torch.Generator().manual_seed(seed), **settings)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Any]:
+        self.generator.manual_seed(self.seed)  # the workers' seeds are drawn from it
+        batches = super().__iter__()
+        return batches if self.num_workers > 0 else OwnRandomStreams(batches, self.seed)
+
+
+class OwnRandomStreams:
+    """An iterator whose ``next()`` runs with random states of its own, seeded by ``seed``; the
+    process's states are restored after each item.
+
+    Example:
+        >>> draws = OwnRandomStreams(iter(range(2)), seed=0)
+        >>> state = torch.get_rng_state()
+        >>> _ = next(draws)
+        >>> torch.equal(torch.get_rng_state(), state)
+        True
+    """
+
+    def __init__(self, items: Iterator[Any], seed: int) -> None:
+        self.items = items
+        self.states = (torch.Generator().manual_seed(seed).get_state(), random.Random(seed).getstate(),
+                       np.random.RandomState(seed % 2**32).get_state())
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        outer = _global_states()
+        _set_global_states(self.states)
+        try:
+            return next(self.items)
+        finally:
+            self.states = _global_states()
+            _set_global_states(outer)
+
+
+def _global_states() -> tuple[torch.Tensor, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _set_global_states(states: tuple[torch.Tensor, Any, Any]) -> None:
+    torch.set_rng_state(states[0])
+    random.setstate(states[1])
+    np.random.set_state(states[2])
