@@ -122,7 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``convmoe eval SOURCE [key=value ...] [--config CONFIG] [--split val|test] [--output FILE]``.
+    """Arguments of ``convmoe eval SOURCE [key=value ...] [--config CONFIG] [--split val|test|train] [--output FILE]``.
 
     The overrides follow SOURCE directly (argparse reads positional arguments in one run).
 
