@@ -44,6 +44,9 @@ class EvaluationLoader(DataLoader):
     """A DataLoader whose every pass starts from ``seed``: the same worker seeds, and, without workers,
     the same draws in this process (torch, numpy and ``random``), whose own streams are left untouched.
 
+    With ``persistent_workers=True`` the workers outlive a pass and keep their random state, so only
+    their first pass is seeded: later passes draw on from there.
+
     Args:
         dataset: The dataset.
         seed: The seed of every pass (:func:`evaluation_seed`).
