@@ -36,9 +36,7 @@ class ProgressBar(Generic[T]):
                  leave: bool = False) -> None:
         self.iterable = iterable
         self.count = 0
-        if total is None:
-            total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
-        self.bar = tqdm(total=total, desc=description, disable=not enabled, leave=leave, dynamic_ncols=True)
+        self.bar = tqdm(total=_length(iterable) if total is None else total, desc=description, disable=not enabled, leave=leave, dynamic_ncols=True)
 
     def __iter__(self) -> Iterator[T]:
         try:
@@ -67,3 +65,11 @@ def progress_bar(iterable: Iterable[T], *, description: str, enabled: bool = Tru
         [1, 2]
     """
     return ProgressBar(iterable, description=description, enabled=enabled, total=total, leave=leave)
+
+
+def _length(iterable: Iterable[Any]) -> int | None:
+    """``len(iterable)``, or None for an iterable without one (a generator, an IterableDataset's loader)."""
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -43,3 +43,13 @@ def test_breaking_out_closes_the_bar_and_postfix_is_shown(capsys) -> None:
     bar.close()
     assert bar.count == 3
     assert "loss=0.5" in capsys.readouterr().err
+
+
+def test_an_iterable_without_a_length_has_an_open_total() -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    bar = progress_bar(DataLoader(Stream(), batch_size=None), description="test", enabled=False)
+    assert bar.bar.total is None
+    assert [int(item) for item in bar] == [0, 1, 2]
