@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from iteration_helpers import CountingIterable
-from test_engine import classification_config
+from test_engine import classification_config, segmentation_config
 from torch.utils.data import DataLoader
 
 from convmoe.engine import Trainer
@@ -101,3 +101,33 @@ def test_an_evaluation_pass_leaves_the_global_random_stream_alone() -> None:
     torch.manual_seed(0)
     list(evaluation)
     assert torch.equal(torch.rand(3), expected)  # validating does not change what training draws next
+
+
+def test_building_a_trainer_reads_no_validation_batch(tmp_path, monkeypatch) -> None:
+    # the default monitor needs the task: one validation sample tells it, without starting the loader's workers
+    iterated: list[DataLoader] = []
+    original = DataLoader.__iter__
+
+    def counting(self: DataLoader):
+        iterated.append(self)
+        return original(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counting)
+    assert Trainer(classification_config(tmp_path / "classification")).monitor == "val/top1"
+    assert Trainer(segmentation_config(tmp_path / "segmentation")).monitor == "val/miou"
+    streamed = classification_config(tmp_path / "streamed")
+    streamed["val_dataset"] = {"_target_": "test_engine_loaders.StreamedSamples", "target_shape": []}
+    assert Trainer(streamed).monitor == "val/top1"
+    streamed["val_dataset"]["target_shape"] = [8, 8]
+    assert Trainer(streamed).monitor == "val/miou"
+    assert iterated == []
+
+
+class StreamedSamples(torch.utils.data.IterableDataset):
+    """Two samples, streamed: class ids (``target_shape=[]``) or masks."""
+
+    def __init__(self, target_shape: list[int]) -> None:
+        self.target_shape = target_shape
+
+    def __iter__(self):
+        return iter([{"image": torch.zeros(3, 8, 8), "target": torch.zeros(self.target_shape, dtype=torch.long)}] * 2)

@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 import convmoe
 from convmoe.engine.callbacks import Callback
@@ -158,8 +158,9 @@ class Trainer:
             return "train/loss"
         task = self.task
         if task == "auto":
-            _, target = split_batch(next(iter(self.val_loader)))
-            task = "segmentation" if target.dim() == 3 else "classification"
+            dataset = self.val_loader.dataset  # one sample, without starting the loader's workers
+            _, target = split_batch(next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0])
+            task = "segmentation" if torch.as_tensor(target).dim() >= 2 else "classification"
         return "val/miou" if task == "segmentation" else "val/top1"
 
     def _with_routing_tracker(self, callbacks: list[Callback]) -> list[Callback]:
