@@ -17,6 +17,20 @@ from convmoe.engine.processes import DistributedContext
 CPU = DistributedContext(0, 0, 1, torch.device("cpu"))
 
 
+@pytest.fixture
+def loader_passes(monkeypatch) -> list[DataLoader]:
+    """Every DataLoader pass started during the test, in order."""
+    passes: list[DataLoader] = []
+    original = DataLoader.__iter__
+
+    def counting(self: DataLoader):
+        passes.append(self)
+        return original(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counting)
+    return passes
+
+
 def test_an_evaluation_loader_keeps_the_last_partial_batch_and_the_order() -> None:
     # `convmoe eval --split train` reads train_dataset, whose loader drops the last partial batch and shuffles
     node = {"_target_": "builtins.list", "_args_": [list(range(7))],
@@ -42,22 +56,14 @@ def test_a_training_loader_keeps_its_drop_last_and_shuffle() -> None:
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_each_epoch_reads_the_training_and_validation_loaders_once(tmp_path, monkeypatch, progress: bool) -> None:
+def test_each_epoch_reads_the_training_and_validation_loaders_once(tmp_path, loader_passes, progress: bool) -> None:
     # tqdm.auto's bar iterated the loader twice: workers started twice, and the order and worker seeds were
     # the generator's second draw, so `convmoe eval --split train` saw the very views of training epoch 0
     config = classification_config(tmp_path)
     config["trainer"].update(max_epochs=2, enable_progress_bar=progress)
     trainer = Trainer(config)
-    iterated: list[DataLoader] = []
-    original = DataLoader.__iter__
-
-    def counting(self: DataLoader):
-        iterated.append(self)
-        return original(self)
-
-    monkeypatch.setattr(DataLoader, "__iter__", counting)
     trainer.fit()
-    assert iterated == [trainer.train_loader, trainer.val_loader] * 2
+    assert loader_passes == [trainer.train_loader, trainer.val_loader] * 2
 
 
 @pytest.mark.parametrize("progress", [True, False])
@@ -103,16 +109,8 @@ def test_an_evaluation_pass_leaves_the_global_random_stream_alone() -> None:
     assert torch.equal(torch.rand(3), expected)  # validating does not change what training draws next
 
 
-def test_building_a_trainer_reads_no_validation_batch(tmp_path, monkeypatch) -> None:
+def test_building_a_trainer_reads_no_validation_batch(tmp_path, loader_passes) -> None:
     # the default monitor needs the task: one validation sample tells it, without starting the loader's workers
-    iterated: list[DataLoader] = []
-    original = DataLoader.__iter__
-
-    def counting(self: DataLoader):
-        iterated.append(self)
-        return original(self)
-
-    monkeypatch.setattr(DataLoader, "__iter__", counting)
     assert Trainer(classification_config(tmp_path / "classification")).monitor == "val/top1"
     assert Trainer(segmentation_config(tmp_path / "segmentation")).monitor == "val/miou"
     streamed = classification_config(tmp_path / "streamed")
@@ -120,7 +118,7 @@ def test_building_a_trainer_reads_no_validation_batch(tmp_path, monkeypatch) -> 
     assert Trainer(streamed).monitor == "val/top1"
     streamed["val_dataset"]["target_shape"] = [8, 8]
     assert Trainer(streamed).monitor == "val/miou"
-    assert iterated == []
+    assert loader_passes == []
 
 
 class StreamedSamples(torch.utils.data.IterableDataset):
