@@ -36,7 +36,8 @@ class ProgressBar(Generic[T]):
                  leave: bool = False) -> None:
         self.iterable = iterable
         self.count = 0
-        self.bar = tqdm(total=_length(iterable) if total is None else total, desc=description, disable=not enabled, leave=leave, dynamic_ncols=True)
+        self.bar = tqdm(total=_length(iterable) if total is None else total, desc=description, disable=not enabled,
+                        leave=leave, dynamic_ncols=True)
 
     def __iter__(self) -> Iterator[T]:
         try:
