@@ -283,7 +283,7 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
     """``convmoe eval``: metrics of a trained model on the ``<split>_dataset`` of a config.
 
     Every sample is read once, in order. A split with random transforms (``train``) draws them from
-    the loader's own stream, seeded by the config's seed (:func:`~convmoe.engine.evaluation_loader.evaluation_seed`):
+    the loader's own stream, seeded by the config's seed (:func:`~convmoe.engine.loaders.evaluation_seed`):
     the same figures on every run, and never the views of a training epoch.
 
     Args:

@@ -9,7 +9,6 @@ uninterrupted one did.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -17,27 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-
-
-def hashed_seed(text: str) -> int:
-    """A 63-bit seed (valid for ``manual_seed``) from a text, the same on every machine.
-
-    Example:
-        >>> hashed_seed("a") == hashed_seed("a") != hashed_seed("b")
-        True
-    """
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def evaluation_seed(seed: int, rank: int = 0) -> int:
-    """The seed every pass of an evaluation loader starts from: a stream apart from every training epoch's.
-
-    Example:
-        >>> evaluation_seed(0) == evaluation_seed(0) != evaluation_seed(0, rank=1)
-        True
-    """
-    return hashed_seed(f"convmoe-eval-loader/{seed}/{rank}")
 
 
 class EvaluationLoader(DataLoader):
@@ -49,7 +27,7 @@ class EvaluationLoader(DataLoader):
 
     Args:
         dataset: The dataset.
-        seed: The seed of every pass (:func:`evaluation_seed`).
+        seed: The seed of every pass (:func:`~convmoe.engine.loaders.evaluation_seed`).
         **settings: DataLoader arguments (no ``generator``: the loader owns it).
 
     Example:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from convmoe.engine.config import instantiate
-from convmoe.engine.evaluation_loader import EvaluationLoader, evaluation_seed, hashed_seed
+from convmoe.engine.evaluation_loader import EvaluationLoader
 from convmoe.engine.processes import DistributedContext, ShardSampler
 
 
@@ -37,7 +38,25 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
         >>> epoch_seed(0, 1) == epoch_seed(0, 1) != epoch_seed(1, 0)
         True
     """
-    return hashed_seed(f"convmoe-loader/{seed}/{epoch}/{rank}")
+    return _hashed_seed(f"convmoe-loader/{seed}/{epoch}/{rank}")
+
+
+def evaluation_seed(seed: int, rank: int = 0) -> int:
+    """The seed every pass of an evaluation loader starts from: a stream apart from every training epoch's
+    (:func:`epoch_seed`), so evaluating the training split never draws a training epoch's views.
+
+    Example:
+        >>> evaluation_seed(0) == evaluation_seed(0) != evaluation_seed(0, rank=1)
+        True
+        >>> evaluation_seed(0) != epoch_seed(0, 0)
+        True
+    """
+    return _hashed_seed(f"convmoe-eval-loader/{seed}/{rank}")
+
+
+def _hashed_seed(text: str) -> int:
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid manual_seed
 
 
 def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedContext, train: bool,
@@ -52,7 +71,7 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     A training loader draws its order and worker seeds from a generator seeded with
     :func:`epoch_seed` ``(seed, 0, rank)``; :meth:`~convmoe.engine.trainer.Trainer.set_loader_epoch` reseeds it each epoch.
     An evaluation loader is an :class:`~convmoe.engine.evaluation_loader.EvaluationLoader`: every pass draws
-    the same random numbers, from :func:`~convmoe.engine.evaluation_loader.evaluation_seed` ``(seed, rank)``.
+    the same random numbers, from :func:`evaluation_seed` ``(seed, rank)``.
 
     Example:
         >>> ctx = DistributedContext(0, 0, 1, torch.device("cpu"))
