@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from convmoe.engine.checkpoint import capture_rng_state, restore_rng_state
+
 
 class EvaluationLoader(DataLoader):
     """A DataLoader whose every pass starts from ``seed``: the same worker seeds, and, without workers,
@@ -47,8 +49,9 @@ class EvaluationLoader(DataLoader):
 
 
 class OwnRandomStreams:
-    """An iterator whose ``next()`` runs with random states of its own, seeded by ``seed``; the
-    process's states are restored after each item.
+    """An iterator whose ``next()`` runs with random states of its own (the states that
+    :func:`~convmoe.engine.checkpoint.capture_rng_state` saves), seeded by ``seed``; the process's
+    states are restored after each item.
 
     Example:
         >>> draws = OwnRandomStreams(iter(range(2)), seed=0)
@@ -60,27 +63,21 @@ class OwnRandomStreams:
 
     def __init__(self, items: Iterator[Any], seed: int) -> None:
         self.items = items
-        self.states = (torch.Generator().manual_seed(seed).get_state(), random.Random(seed).getstate(),
-                       np.random.RandomState(seed % 2**32).get_state())
+        outer = capture_rng_state()
+        torch.default_generator.manual_seed(seed)  # the CPU stream only: torch.manual_seed would queue a CUDA seeding
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.states = capture_rng_state()
+        restore_rng_state(outer)
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
-        outer = _global_states()
-        _set_global_states(self.states)
+        outer = capture_rng_state()
+        restore_rng_state(self.states)
         try:
             return next(self.items)
         finally:
-            self.states = _global_states()
-            _set_global_states(outer)
-
-
-def _global_states() -> tuple[torch.Tensor, Any, Any]:
-    return torch.get_rng_state(), random.getstate(), np.random.get_state()
-
-
-def _set_global_states(states: tuple[torch.Tensor, Any, Any]) -> None:
-    torch.set_rng_state(states[0])
-    random.setstate(states[1])
-    np.random.set_state(states[2])
+            self.states = capture_rng_state()
+            restore_rng_state(outer)
