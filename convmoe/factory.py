@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from convmoe.trust import LIBRARY_PREFIXES, check_factory, factory_name
+from convmoe.trust import LIBRARY_PREFIXES, UntrustedCodeError, check_factory, factory_name
+from convmoe.weight_sources import hub_model_names, without_weight_sources
 
 RECIPE_ATTRIBUTE = "convmoe_base_recipe"
 RECIPE_ERROR_ATTRIBUTE = "convmoe_base_recipe_error"
@@ -155,9 +155,10 @@ class BaseRecipe:
                         "'torchvision:NAME', 'module:function', a dict or a function.")
 
     def build(self, trust_remote_code: bool = False, where: str = "the base recipe") -> nn.Module:
-        """Build the base model with random weights: never downloads (timm ``pretrained=False``,
-        smp ``encoder_weights=None``, torchvision ``weights=None``); a factory function is called
-        with ``kwargs`` as they are.
+        """Build the base model with random weights, reading no file and downloading nothing: every
+        weight source in ``kwargs`` is switched off (timm ``pretrained=False``, smp ``encoder_weights=None``,
+        torchvision ``weights=None``, factories alike; ``checkpoint_path`` is dropped, see
+        :mod:`convmoe.weight_sources`).
 
         Args:
             trust_remote_code: Build a ``factory`` recipe whose function is outside the allow-list
@@ -166,7 +167,8 @@ class BaseRecipe:
 
         Raises:
             convmoe.trust.UntrustedCodeError: A factory outside the allow-list without the opt-in.
-            ValueError: An unknown model name.
+            ValueError: A model named on the Hub, or a recipe its library cannot build (an unknown model
+                name, a keyword it does not take): one line naming ``where``.
 
         Example:
             >>> type(BaseRecipe("timm", "test_resnet").build()).__name__
@@ -176,30 +178,43 @@ class BaseRecipe:
             ...
             convmoe.trust.UntrustedCodeError: the base recipe names the base factory 'os:system', which is not ...
         """
-        kwargs = dict(self.kwargs)
+        hub_names = hub_model_names(self.kwargs, self.name if self.library == "timm" else None)
+        if hub_names:
+            raise ValueError(f"{where} names the Hub model {hub_names[0]!r}, whose architecture lives on the Hub: it "
+                             "cannot be rebuilt offline, and rebuilding fetches nothing; save the model built from "
+                             "its library name instead (e.g. 'tu-resnet18', 'resnet18').")
+        if self.library == "factory":
+            check_factory(self.name, trust_remote_code, where)
+        try:
+            model = self._build()
+        except (ImportError, UntrustedCodeError):
+            raise
+        except Exception as error:  # the library's own error, with the file it came from
+            cause = " ".join(f"{type(error).__name__}: {error}".split())
+            raise ValueError(f"{where}: cannot build the base model {self.library}:{self.name} with kwargs "
+                             f"{self.kwargs} ({cause}); fix the 'base' recipe, or install the library version that "
+                             "wrote it.") from error
+        record_recipe(model, self)
+        return model
+
+    def _build(self) -> nn.Module:
         if self.library == "timm":
             import timm
 
-            kwargs["pretrained"] = False
-            kwargs.pop("checkpoint_path", None)
-            kwargs.pop("pretrained_cfg_overlay", None)  # may point at a weight file or URL
             if not timm.is_model(self.name):
                 raise ValueError(f"timm has no model {self.name!r} (timm {timm.__version__}); check the name with "
                                  "timm.list_models() or upgrade timm.")
-            model = timm.create_model(self.name, **kwargs)
-        elif self.library == "smp":
+            return timm.create_model(self.name, **without_weight_sources(self.kwargs, timm.create_model))
+        if self.library == "smp":
             smp = _import_smp()
-            kwargs["encoder_weights"] = None
-            model = smp.create_model(self.name, **kwargs)
-        elif self.library == "torchvision":
+            return smp.create_model(self.name, **without_weight_sources({**self.kwargs, "encoder_weights": None}))
+        if self.library == "torchvision":
             builder = _torchvision_builder(self.name)
-            model = builder(**_without_torchvision_weights(builder, kwargs))
-        else:
-            check_factory(self.name, trust_remote_code, where)
-            model = _resolve_function(self.name)(**kwargs)
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"factory {self.name!r} returned {type(model).__name__}, expected an nn.Module.")
-        record_recipe(model, self)
+            return builder(**without_weight_sources({**self.kwargs, "weights": None}, builder))
+        function = _resolve_function(self.name)
+        model = function(**without_weight_sources(self.kwargs, function))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"factory {self.name!r} returned {type(model).__name__}, expected an nn.Module.")
         return model
 
 
@@ -310,12 +325,3 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
         raise ValueError(f"torchvision has no model builder {name!r} (torchvision {torchvision.__version__}); check the "
                          "name with torchvision.models.list_models().")
     return torchvision.models.get_model_builder(name)
-
-
-def _without_torchvision_weights(builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> dict[str, Any]:
-    # The checkpoint brings every weight. Segmentation and detection builders download ImageNet
-    # backbone weights by default (weights_backbone), so those are turned off too.
-    kwargs = {**kwargs, "weights": None}
-    if "weights_backbone" in inspect.signature(builder).parameters:
-        kwargs["weights_backbone"] = None
-    return kwargs

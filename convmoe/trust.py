@@ -85,8 +85,9 @@ def factory_name(function: Callable[..., Any]) -> str:
 def is_trusted_factory(name: str) -> bool:
     """Whether the ``"module:function"`` factory ``name`` may be built from a downloaded file.
 
-    True for public callables of :mod:`convmoe.models` and for registered factories (by the name they
-    were registered under, or an alias that imports to the same object).
+    True for registered factories, by the name they were registered under or an alias that imports
+    to the same object: :mod:`convmoe.models` registers its model builders (``create_classifier``,
+    ``UPerNetMoE``, ``UPerNetMEDoE``), not its helpers or methods.
 
     Example:
         >>> is_trusted_factory("convmoe.models.upernet:UPerNetMoE")
@@ -97,11 +98,12 @@ def is_trusted_factory(name: str) -> bool:
     module, _, attribute = name.partition(":")
     if not attribute or any(part.startswith("_") or not part for part in (*module.split("."), *attribute.split("."))):
         return False
-    if _defined_in(module, TRUSTED_FACTORY_MODULE):
-        # Only what convmoe.models defines: "convmoe.models.x:os.system" must not reach os through an import.
-        return callable(obj := _attribute(module, attribute)) and _defined_in(obj.__module__, TRUSTED_FACTORY_MODULE)
     if name in _FACTORIES:
         return True
+    if _defined_in(module, TRUSTED_FACTORY_MODULE):
+        # convmoe.models registers its model builders when imported; its helpers, methods and imports
+        # ("convmoe.models.x:os.system") are not builders.
+        return _is_registered(_attribute(module, attribute))
     # An alias of a registered factory (re-exported elsewhere): compare objects, looking only in
     # modules that are already imported, so that checking a name never imports anything.
     loaded = sys.modules.get(module)
@@ -110,7 +112,11 @@ def is_trusted_factory(name: str) -> bool:
     obj: Any = loaded
     for part in attribute.split("."):
         obj = getattr(obj, part, None)
-    return any(obj is factory for factory in _FACTORIES.values())
+    return _is_registered(obj)
+
+
+def _is_registered(obj: Any) -> bool:
+    return obj is not None and any(obj is factory for factory in _FACTORIES.values())
 
 
 def check_factory(name: str, trust_remote_code: bool, where: str) -> None:
@@ -197,7 +203,7 @@ def _target_allowed(target: Any, fields: Mapping[str, Any]) -> bool:
     # "convmoe.models.classification.importlib.import_module" cannot reach another module through an import.
     owner = getattr(obj, "__module__", None) or ""
     if target.startswith("convmoe.models."):
-        return callable(obj) and _defined_in(owner, "convmoe.models")
+        return _is_registered(obj)  # the model builders, not every callable the package defines
     if target.startswith("convmoe.data."):
         return inspect.isclass(obj) and _defined_in(owner, "convmoe.data")
     if target.startswith("segmentation_models_pytorch."):

@@ -10,25 +10,24 @@ from typing import Any
 from torch import nn
 
 import convmoe
-from convmoe.engine.config import instantiate
+from convmoe.engine.config import TARGET_KEY, instantiate, locate
 from convmoe.engine.config_check import check_init_from, check_patch
 from convmoe.engine.saved_models import checkpoint_weights, is_checkpoint_file, load_saved_model
 from convmoe.hub import check_state_matches
+from convmoe.weight_sources import without_weight_sources
 
 
 def without_pretrained_download(node: Mapping[str, Any]) -> dict[str, Any]:
-    """The model node with its own pretrained weights switched off (a checkpoint brings every weight).
+    """The model node with every weight source switched off (a checkpoint brings every weight): its target's
+    ``pretrained`` / ``encoder_weights`` / ``weights`` off, even where the node leaves them to a default, and
+    ``checkpoint_path`` dropped (:func:`convmoe.weight_sources.without_weight_sources`).
 
     Example:
-        >>> without_pretrained_download({"_target_": "x", "encoder_weights": "imagenet"})
-        {'_target_': 'x', 'encoder_weights': None}
+        >>> without_pretrained_download({"_target_": "timm.create_model", "encoder_weights": "imagenet"})
+        {'_target_': 'timm.create_model', 'encoder_weights': None, 'pretrained': False}
     """
-    node = dict(node)
-    if "encoder_weights" in node:
-        node["encoder_weights"] = None
-    if "pretrained" in node:
-        node["pretrained"] = False
-    return node
+    target = node.get(TARGET_KEY)
+    return without_weight_sources(node, locate(target) if isinstance(target, str) else None)
 
 
 def build_model(config: Mapping[str, Any], pretrained: bool = True) -> nn.Module:

@@ -17,6 +17,8 @@ from torch import nn
 from convmoe.engine.checkpoint import load_checkpoint
 from convmoe.hub import from_pretrained
 from convmoe.hub_files import resolve_file
+from convmoe.trust import OPT_IN, UntrustedCodeError
+from convmoe.weight_sources import FILE_KEYWORDS, NAME_KEYWORDS, hub_model_names
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -68,14 +70,29 @@ def load_saved_model(source: str, trust_remote_code: bool = False) -> nn.Module:
     """
     from convmoe import models  # convmoe.models imports smp, an optional extra
 
-    class_name = json.loads(resolve_file(source, "config.json").read_text()).get("_model_class")
-    if class_name in models.__all__:
-        return getattr(models, class_name).from_pretrained(source)
+    config_path = resolve_file(source, "config.json")
+    config = json.loads(config_path.read_text())
+    class_name = config.get("_model_class")
+    if class_name is not None and not trust_remote_code:
+        _check_no_weight_sources(config, config_path)
+    model_class = getattr(models, class_name, None) if class_name in models.__all__ else None
+    if isinstance(model_class, type) and issubclass(model_class, nn.Module):
+        return model_class.from_pretrained(source)
     if class_name is not None:
         import segmentation_models_pytorch as smp
 
-        if class_name.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        if not isinstance(class_name, str) or class_name.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
             raise ValueError(f"{source}/config.json names _model_class {class_name!r}, which is neither a convmoe.models "
                              "class nor an smp architecture; point to a folder written by save_pretrained.")
-        return smp.from_pretrained(source)
+        return smp.from_pretrained(source, encoder_weights=None)  # the folder brings every weight
     return from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def _check_no_weight_sources(config: Mapping[str, Any], where: Path) -> None:
+    """Refuse an smp-style ``config.json`` whose keywords would make its builder read a file or the Hub."""
+    named = [(key, config[key]) for key in FILE_KEYWORDS if config.get(key)]
+    named += [(key, config[key]) for key in NAME_KEYWORDS if config.get(key) in hub_model_names(config)]
+    if named:
+        key, value = named[0]
+        raise UntrustedCodeError(f"{where} names {key} {value!r}, which would read a file or the Hub outside the "
+                                 f"folder; nothing was read. If you trust the source, load it with {OPT_IN}.")

@@ -9,6 +9,7 @@ import timm
 from torch import nn
 
 from convmoe.config import MoEConfig
+from convmoe.trust import register_factory
 
 # Models whose ImageNet weights ship inside a pip package, loaded by convmoe.pretrained (no download).
 PACKAGED_WEIGHTS = {"efficientnet_lite0": "load_efficientnet_lite0"}
@@ -34,6 +35,7 @@ def _packaged_model(model_name: str) -> nn.Module:
     return getattr(pretrained, PACKAGED_WEIGHTS[model_name])()
 
 
+@register_factory  # a model builder a downloaded recipe may name
 def create_classifier(model_name: str, num_classes: int, pretrained: bool = False, in_chans: int = 3,
                       moe_targets: str | list[str] | None = None,
                       moe_config: MoEConfig | dict[str, Any] | str | None = None, **kwargs: Any) -> nn.Module:

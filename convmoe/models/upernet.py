@@ -19,6 +19,7 @@ from convmoe.experts.conv import ConvExperts
 from convmoe.experts.lowrank import LowRankExperts
 from convmoe.presets import upernet_fusion_moe, upernet_fusion_moe_expert_choice
 from convmoe.routers.base import DEFAULT_CAPACITY_FACTOR
+from convmoe.trust import register_factory
 
 ROUTINGS = ("token_choice", "expert_choice")
 
@@ -119,6 +120,7 @@ def _config_instead_of_keywords(moe_config: MoEConfig | dict[str, Any] | str, ke
     return MoEConfig.coerce(moe_config, where="moe_config").replace(**(overrides or {}))
 
 
+@register_factory  # a model builder a downloaded recipe may name
 class UPerNetMoE(smp.UPerNet):
     """smp's UPerNet with MoE blocks in its decoder: the fusion block and/or the FPN conv blocks.
 
@@ -239,6 +241,7 @@ class UPerNetMoE(smp.UPerNet):
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
+@register_factory
 class UPerNetMEDoE(UPerNetMoE):
     """:class:`UPerNetMoE` with MEDoE expert dropout: each training forward pass removes
     ``round(medoe_drop_rate * moe_num_experts)`` random experts from routing (at most
