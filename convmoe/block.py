@@ -198,8 +198,11 @@ class MoEConv2d(nn.Module, ScopedModule):
             for parameter in self.shared_expert.parameters():
                 parameter.zero_()
 
+    def _where(self) -> str:
+        return f" (replacing {self.name!r})" if self.name else ""
+
     def _check_input(self, x: Tensor) -> tuple[int, int]:
-        where = f" (replacing {self.name!r})" if self.name else ""
+        where = self._where()
         if x.dim() != 4:
             raise ValueError(f"MoEConv2d{where} expects a (B, C, H, W) input, got shape {tuple(x.shape)}.")
         if x.shape[1] != self.in_channels:
@@ -237,7 +240,10 @@ class MoEConv2d(nn.Module, ScopedModule):
         if source is None:
             x_pad = geometry.pad(x)
             source = geometry.centre_sample(x_pad, out_size)
-        tokens = self.tokens.split(source)
+        try:
+            tokens = self.tokens.split(source)
+        except ValueError as error:  # a grid larger than the map: name the block that cannot split it
+            raise ValueError(f"MoEConv2d{self._where()}: {error}") from error
 
         # Which experts, with what weight (float32); MEDoE removes experts before the choice.
         expert_mask = None
@@ -299,6 +305,14 @@ class MoEConv2d(nn.Module, ScopedModule):
         self.last_aux = None
         self.last_routing = None
         self._forward_routings = []
+
+    def forward_state(self) -> tuple[AuxOutput | None, Routing | None, list[Routing]]:
+        """``last_aux``, ``last_routing`` and the pass's routings, for :meth:`restore_forward_state`."""
+        return self.last_aux, self.last_routing, list(self._forward_routings)
+
+    def restore_forward_state(self, state: tuple[AuxOutput | None, Routing | None, list[Routing]]) -> None:
+        """Put back what :meth:`forward_state` took (after a probe forward pass)."""
+        self.last_aux, self.last_routing, self._forward_routings = state[0], state[1], list(state[2])
 
     @property
     def forward_routings(self) -> tuple[Routing, ...]:

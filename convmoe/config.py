@@ -70,9 +70,10 @@ class MoEConfig:
         tokens: Routing granularity: "pixel", "grid:GxG", "patch:P" or "image".
         router: "token_choice", "expert_choice" or "positional".
         gate: Gate network: "linear", "conv_gap", "positional"; None uses the router's default.
-        dispatcher: "sparse" (default; "sparse:pixels", "sparse:regions", "sparse:mixed" force a path)
-            or "dense" (the reference).
-        experts: "conv" (the replaced conv's geometry) or "residual".
+        dispatcher: "sparse" (default; "sparse:merged", "sparse:gathered", "sparse:regions",
+            "sparse:deltas" force a path) or "dense" (the reference).
+        experts: "conv" (the replaced conv's geometry), "lowrank" (a shared conv plus a rank-r
+            delta per expert; ``expert_kwargs={"rank": r}``) or "residual".
         noise_std: Std of the Gaussian noise added to router logits in training.
         temperature: Router softmax temperature.
         capacity_factor: Expert capacity multiplier; None is unlimited for token choice and 1.25
@@ -80,7 +81,8 @@ class MoEConfig:
         expert_norm: Per-position norm after each conv expert: None or "layer".
         expert_act: Activation after each conv expert: None, "relu", "silu", "gelu".
         shared_expert: Add a dense expert that every token also passes through.
-        losses: Balancing loss name -> weight ("switch", "importance", "z", "diversity").
+        losses: Balancing loss name -> weight ("switch", "importance", "z", "diversity",
+            "switch_global").
         bias_balancing: Update rate gamma of auxiliary-loss-free balancing (Wang et al., 2024,
             arXiv:2408.15664): token-choice and positional routers select with a per-expert bias
             that each training pass moves by ``gamma * sign(mean_load - load)``; 0.0 (the default)

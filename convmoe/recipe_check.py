@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from convmoe.factory import BaseRecipe
 from convmoe.formatting import listing
 from convmoe.recipe_inference import library_of
+from convmoe.scope import leaving_no_trace
 from convmoe.state_dicts import compare_states
 
 PROBE_MAX_PARAMETERS = 200_000_000
@@ -68,11 +69,12 @@ def choose_recipe(model: nn.Module, candidates: Sequence[BaseRecipe], spec: Mapp
     signature = structure_signature(model)
     for recipe in candidates:
         try:
-            rebuilt = _build_patched(recipe, spec, torch.device("meta"))
-            _compare_tensors(recipe, rebuilt.state_dict(), state)
-            _compare_structure(recipe, structure_signature(rebuilt), signature)
-            if probe:
-                probe_outputs(model, recipe, spec, state)
+            with leaving_no_trace(model):  # the caller's run goes on as if nothing had been built or run
+                rebuilt = _build_patched(recipe, spec, torch.device("meta"))
+                _compare_tensors(recipe, rebuilt.state_dict(), state)
+                _compare_structure(recipe, structure_signature(rebuilt), signature)
+                if probe:
+                    probe_outputs(model, recipe, spec, state)
         except RecipeMismatch as error:
             first_error = first_error or error
             continue

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from convmoe.recording import is_recording
 
 __all__ = ["ForwardScope", "ScopedModule", "add_forward_scope", "ensure_forward_scope", "get_forward_scope",
-           "remove_forward_scope"]
+           "leaving_no_trace", "remove_forward_scope"]
 
 
 class ScopedModule:
@@ -60,6 +63,14 @@ class ScopedModule:
     @property
     def forward_calls(self) -> int:
         """How many times the module ran in the current forward pass."""
+        raise NotImplementedError
+
+    def forward_state(self) -> Any:
+        """The side outputs of the current forward pass, for :meth:`restore_forward_state`."""
+        raise NotImplementedError
+
+    def restore_forward_state(self, state: Any) -> None:
+        """Put back side outputs taken by :meth:`forward_state`."""
         raise NotImplementedError
 
 
@@ -95,6 +106,7 @@ class ForwardScope:
         self.opened: list[nn.Module] = []
         self._scoped: list[ScopedModule] | None = None
         self._version = -1
+        self._handled_at_entry: BaseException | None = None
 
     def scoped_modules(self, module: nn.Module) -> list[ScopedModule]:
         """The scoped modules inside ``module`` (cached until a module anywhere gets a new submodule)."""
@@ -106,6 +118,7 @@ class ForwardScope:
     def enter(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook: reset and open the scoped modules that no outer scope has opened."""
         self.close()  # after an exception under torch.compile the exit hook may not have run
+        self._handled_at_entry = sys.exc_info()[1]  # a caller's except block the pass runs in is no failure
         for inner in self.scoped_modules(module):
             if not inner.forward_scope_open:
                 inner.reset_forward_state()
@@ -113,8 +126,12 @@ class ForwardScope:
                 self.opened.append(inner)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Forward hook (also called when the forward pass raises): close what :meth:`enter` opened."""
-        if self.check_unused and module.training and self.opened:
+        """Forward hook (also called when the forward pass raises): close what :meth:`enter` opened.
+
+        A pass that raised says nothing about unused blocks: the check waits for a pass that finishes.
+        """
+        raised = sys.exc_info()[1] not in (None, getattr(self, "_handled_at_entry", None))
+        if self.check_unused and module.training and self.opened and not raised:
             self.check_unused = False
             unused = [name for name, inner in module.named_modules()
                       if isinstance(inner, ScopedModule) and inner.forward_calls == 0]
@@ -130,7 +147,7 @@ class ForwardScope:
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy (deepcopy, pickle) finds its own modules again.
-        return {**self.__dict__, "_scoped": None, "_version": -1, "opened": []}
+        return {**self.__dict__, "_scoped": None, "_version": -1, "opened": [], "_handled_at_entry": None}
 
 
 def _caller_level() -> int:
@@ -151,6 +168,38 @@ def _unused_message(names: list[str], model: str) -> str:
     return (f"convmoe: {len(names)} MoE block(s) did not run in the first training forward pass of {model}: {shown}; "
             f"they get no routing, aux loss or gradient. {UNUSED_FIX} convmoe.patch(..., example_inputs=x) checks "
             "this when patching; blocks skipped on purpose (layer drop, early exit) can be ignored.")
+
+
+@contextmanager
+def leaving_no_trace(model: nn.Module) -> Iterator[None]:
+    """Look at ``model`` (a probe forward pass, a model built beside it) without a trace on the caller's run.
+
+    Inside: no gradient. On exit, even after an error: every module's training flag, the scoped
+    modules' side outputs of the last forward pass (the aux loss the caller has yet to add) and the
+    random number generators (CPU, and the GPUs ``model`` is on) are as they were.
+
+    Example:
+        >>> from convmoe import MoEConv2d, aux_loss
+        >>> model = nn.Sequential(MoEConv2d(4, 4, 1, num_experts=2))
+        >>> _ = add_forward_scope(model)
+        >>> loss = model(torch.randn(2, 4, 3, 3)).sum()
+        >>> before = aux_loss(model)
+        >>> with leaving_no_trace(model):
+        ...     _ = model.eval()(torch.randn(1, 4, 3, 3))
+        >>> model.training, bool(aux_loss(model) == before)
+        (True, True)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    states = [(module, module.forward_state()) for module in model.modules() if isinstance(module, ScopedModule)]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for module, state in states:
+            module.restore_forward_state(state)
 
 
 def get_forward_scope(model: nn.Module) -> ForwardScope | None:

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from convmoe.diagnostics import moe_blocks
 from convmoe.patch.inventory import model_modules
-from convmoe.patch.targets import TargetSpec, _closest, _flatten, _match, describe_spec, listed_names
+from convmoe.patch.targets import TargetSpec, _flatten, _match, describe_spec, no_match_hint
 
 # The parts of an MoE block that fine-tuning trains; a user block without any of them trains whole.
 _TRAINED_PARTS = ("experts", "shared_expert", "router")
@@ -135,11 +135,8 @@ def _named_modules(model: nn.Module, specs: TargetSpec | None, what: str = "trai
     selected: dict[str, None] = {}
     for spec, matched in matches:
         if not matched:
-            is_regex = isinstance(spec, str) and spec.startswith("re:")
-            query = spec[3:] if is_regex else str(spec)
-            closest = _closest(query, names, is_glob=not is_regex) if isinstance(spec, str) else names[:5]
-            hint = f"; closest names: {listed_names(closest)}" if closest else ""
-            raise ValueError(f"{caller}(): {what} {describe_spec(spec)} matched no module{hint}.")
+            raise ValueError(f"{caller}(): {what} {describe_spec(spec)} matched no module; "
+                             f"{no_match_hint(spec, modules, names, kind='modules')}.")
         selected.update(dict.fromkeys(matched))
     return list(selected)
 

@@ -6,7 +6,6 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from convmoe.block import MoEConv2d, named_blocks
@@ -14,7 +13,7 @@ from convmoe.config import MoEConfig
 from convmoe.patch.converters import dense_template, find_converter, get_converter, refusal_reason
 from convmoe.patch.targets import TargetSpec, describe_spec, listed_names, select_targets
 from convmoe.patch.unpatch import call_with_inputs
-from convmoe.scope import UNUSED_FIX, add_forward_scope
+from convmoe.scope import UNUSED_FIX, add_forward_scope, leaving_no_trace
 
 SPEC_VERSION = 1
 
@@ -81,21 +80,13 @@ def _never_run(model: nn.Module, names: list[str], example_inputs: Any) -> list[
     modules = dict(model.named_modules())
     called: set[str] = set()
     handles = [modules[name].register_forward_hook(lambda *_, name=name: called.add(name)) for name in names]
-    modes = {module: module.training for module in model.modules()}
-    blocks = [module for module in model.modules() if isinstance(module, MoEConv2d)]
-    side_outputs = [(block.last_aux, block.last_routing, block._forward_routings) for block in blocks]
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with leaving_no_trace(model):
             model.eval()
             call_with_inputs(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
-        for block, (aux, routing, routings) in zip(blocks, side_outputs, strict=True):
-            block.last_aux, block.last_routing, block._forward_routings = aux, routing, routings
     return [name for name in names if name not in called]
 
 

@@ -23,12 +23,13 @@ import difflib
 import fnmatch
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from convmoe.formatting import listing
 from convmoe.patch.converters import can_convert
 from convmoe.patch.inventory import conv_names, is_conv_like, model_modules
 from convmoe.patch.placements import PLACEMENTS
@@ -145,6 +146,40 @@ def _no_conv_message(spec: Any, matched: list[str], modules: dict[str, nn.Module
             f"{', '.join(parts)}{more}.")
 
 
+def no_match_hint(spec: Any, modules: Mapping[str, nn.Module], names: list[str], kind: str = "convolutions") -> str:
+    """What a spec that matched nothing could have meant, among ``names`` (the model's ``kind``): close names
+    for a string, their classes for a class; a predicate gets no guess.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 1, 1))
+        >>> no_match_hint(nn.ConvTranspose2d, dict(model.named_modules()), ["0"])
+        "the model's convolutions are Conv2d"
+    """
+    if not names:
+        return f"the model has no {kind}"
+    if isinstance(spec, str):
+        is_regex = spec.startswith("re:")
+        closest = _closest(spec[3:] if is_regex else spec, names, is_glob=not is_regex)
+        return f"closest names: {listed_names(closest)}" if closest else "no name is close"
+    if isinstance(spec, type):
+        return f"the model's {kind} are {listing(sorted({type(modules[n]).__name__ for n in names}), quote=False)}"
+    return "the predicate returned False for every module"
+
+
+def refusal_details(refused: Mapping[str, str], modules: Mapping[str, nn.Module]) -> str:
+    """Refused convs for a message, grouped by class and reason: each reason once, with the names it covers.
+
+    Example:
+        >>> convs = {"a": nn.ConvTranspose2d(1, 1, 2), "b": nn.ConvTranspose2d(1, 1, 2)}
+        >>> refusal_details({"a": "it transposes", "b": "it transposes"}, convs)
+        "'a', 'b' (ConvTranspose2d: it transposes)"
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, reason in refused.items():
+        groups.setdefault((type(modules[name]).__name__, reason), []).append(name)
+    return "; ".join(f"{listed_names(names)} ({kind}: {reason})" for (kind, reason), names in groups.items())
+
+
 def _closest_placement(spec: str) -> str | None:
     """The placement a string that matched no module probably meant ('last-stage' -> 'last_stage')."""
     if spec.startswith("re:") or any(char in spec for char in "*?[."):
@@ -167,11 +202,8 @@ def _match_all(specs: Any, model: nn.Module, modules: dict[str, nn.Module], conv
             raise ValueError(f"patch(): {what} {describe_spec(spec)} matched no module; did you mean the placement "
                              f"{placement!r}? Placements: {', '.join(sorted(PLACEMENTS))}.")
         if not matched:
-            is_regex = isinstance(spec, str) and spec.startswith("re:")
-            query = spec[3:] if is_regex else str(spec)
-            closest = _closest(query, convs, is_glob=not is_regex) if isinstance(spec, str) else convs[:_MAX_LISTED]
-            hint = f"; closest names: {listed_names(closest)}" if closest else "; the model has no convolution"
-            raise ValueError(f"patch(): {what} {describe_spec(spec)} matched no module{hint}.")
+            raise ValueError(f"patch(): {what} {describe_spec(spec)} matched no module; "
+                             f"{no_match_hint(spec, modules, convs)}.")
         results.append((spec, matched))
     return results
 
@@ -269,14 +301,13 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec | 
             refused[name] = reason
     accepted = [name for name in names if name not in refused]
     if not accepted:
-        details = "; ".join(f"{name!r} ({type(modules[name]).__name__}: {reason})" for name, reason in refused.items())
         raise ValueError(f"patch(): targets {describe_spec(targets)} matched only convolutions convmoe cannot "
-                         f"convert: {details}.")
+                         f"convert: {refusal_details(refused, modules)}.")
     # A refused container whose own convs were accepted (timm's MixedConv2d) is covered: no warning.
     noisy = {name: reason for name, reason in refused.items()
              if not any(other.startswith(f"{name}.") for other in accepted)}
     if noisy:
-        details = "; ".join(f"{name!r} ({type(modules[name]).__name__}: {reason})" for name, reason in noisy.items())
-        warnings.warn(f"patch(): skipping {len(noisy)} selected conv(s) that cannot be converted: {details}.",
+        warnings.warn(f"patch(): skipping {len(noisy)} selected conv(s) that cannot be converted: "
+                      f"{refusal_details(noisy, modules)}.",
                       UserWarning, stacklevel=3)
     return Selection(accepted, refused, excluded)
