@@ -105,7 +105,7 @@ COMMANDS: list[Command] = [
     Command("analyze", "routing analysis of a model on a dataset: expert x class heatmaps, routing maps, "
             "specialisation and balance, layer redundancy", analysis_command.add_arguments, analysis_command.run),
     Command("zoo", "model zoo: publish engine runs as Hub folders with model cards, regenerate the table, check, "
-            "push", zoo_command.add_arguments, zoo_command.run),
+            "reproduce the cards' numbers, push", zoo_command.add_arguments, zoo_command.run),
 ]
 
 
@@ -128,6 +128,27 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
     return parser
 
 
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, read by :func:`build_parser`; ``key=value`` / ``+key=value`` / ``~key`` overrides may also
+    follow the options (``convmoe eval best.pt --split test val_dataset.root=...``).
+
+    Example:
+        >>> parse_arguments(["eval", "best.pt", "--split", "test", "val_dataset.root=x"]).overrides
+        ['val_dataset.root=x']
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(_is_override(item) for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(item: str) -> bool:
+    return not item.startswith("-") and ("=" in item or item.startswith("~"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convmoe`` console script; returns the exit status.
 
@@ -139,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Synthetic demo: ...
         0
     """
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return args.run(args)
     except Exception as error:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
 _PREFIXES = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
 
 
@@ -32,3 +36,17 @@ def listing(items: list[str], quote: bool = True, limit: int = 8) -> str:
     shown = [repr(item) if quote else item for item in items[:limit]]
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(shown) + more
+
+
+def did_you_mean(name: Any, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelt ``name`` (difflib's ratio >= ``cutoff``),
+    else ``""``.
+
+    Example:
+        >>> did_you_mean("max_epoch", ["max_epochs", "seed"])
+        " (did you mean 'max_epochs'?)"
+        >>> did_you_mean("zzz", ["max_epochs"])
+        ''
+    """
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from convmoe.formatting import did_you_mean
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -21,8 +23,9 @@ def resolve_file(path_or_hub_id: str | os.PathLike[str], filename: str, revision
     """The local path of ``filename`` in a checkpoint folder or a Hub repo (downloaded to the cache).
 
     An existing folder wins over a Hub id spelled the same; ``"hf-hub:org/name"`` always means the
-    Hub. Something that looks like a path (``/``, ``./``, ``~``, more than one ``/``) and does not exist
-    is reported as a missing folder, never sent to the Hub.
+    Hub. Something that looks like a path (``/``, ``./``, ``~``, more than one ``/``, or ``zoo/x`` where
+    ``zoo`` is a local folder of checkpoints) and does not exist is reported as a missing folder, never sent
+    to the Hub.
 
     Raises:
         FileNotFoundError: No such folder or file; a Hub repo or file that cannot be had.
@@ -51,6 +54,13 @@ def resolve_file(path_or_hub_id: str | os.PathLike[str], filename: str, revision
     if not _HUB_ID.match(hub_id):
         raise FileNotFoundError(f"{text!r} is neither an existing folder nor a Hub repo id ('org/name'); check the "
                                 "path.")
+    owner = Path(hub_id.partition("/")[0])
+    checkpoints = [child for child in owner.iterdir() if (child / CONFIG_NAME).is_file()] if owner.is_dir() else []
+    if not text.startswith("hf-hub:") and checkpoints:  # "zoo/typo": a path into a local folder of checkpoints
+        siblings = sorted(f"{owner.name}/{child.name}" for child in checkpoints)
+        hint = did_you_mean(text, siblings)
+        raise FileNotFoundError(f"no folder {text!r}: {owner.name!r} is a local folder of checkpoints{hint}; write 'hf-hub:{text}' "
+                                "for the Hub repo of that name.")
     try:
         return _hub_file(hub_id, filename, revision, cache_dir)
     except FileNotFoundError as error:

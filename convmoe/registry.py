@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
+
+from convmoe.formatting import did_you_mean
 
 T = TypeVar("T")
 _PLAIN_DATA = (Mapping, list, tuple, set, int, float, complex, bytes)
@@ -57,9 +58,8 @@ class Registry(Generic[T]):
             ValueError: Unknown name; the message lists the choices and the closest match.
         """
         if name not in self._entries:
-            hint = difflib.get_close_matches(name, self._entries, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}{suggestion}")
+            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
+                             f"{did_you_mean(name, self._entries)}")
         return self._entries[name]
 
     def name_of(self, cls: type) -> str | None:

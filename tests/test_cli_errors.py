@@ -348,3 +348,23 @@ def test_trust_remote_code_help(capsys):
         out = " ".join(capsys.readouterr().out.split())
         assert "--trust-remote-code" in out
         assert "outside convmoe's allow-list (timm, smp, torchvision, convmoe.models and registered factories)" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "runs/a/best.pt", "--split", "test", "val_dataset.root=x", "+seed=1", "~scheduler"],
+    ["eval", "runs/a/best.pt", "val_dataset.root=x", "--split", "test", "+seed=1", "~scheduler"],
+    ["eval", "runs/a/best.pt", "val_dataset.root=x", "+seed=1", "--output", "m.json", "~scheduler"],
+])
+def test_overrides_may_follow_options(argv):
+    from convmoe.cli import parse_arguments
+
+    args = parse_arguments(argv)
+    assert args.overrides == ["val_dataset.root=x", "+seed=1", "~scheduler"]
+
+
+def test_an_unknown_option_is_still_an_error(capsys):
+    from convmoe.cli import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments(["eval", "runs/a/best.pt", "--splitt", "test"])
+    assert "unrecognized arguments: --splitt test" in capsys.readouterr().err

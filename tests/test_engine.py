@@ -94,7 +94,8 @@ def test_override_errors_name_the_fix():
     config = {"trainer": {"max_epochs": 1}, "model": {"width": 2}, "items": [1, 2]}
     with pytest.raises(ValueError, match=r"write \+model.depth=1 to add it"):
         apply_override(config, "model.depth=1")
-    with pytest.raises(ValueError, match=r"write \+trainer.sead=1 to add it"):  # not a trainer setting
+    with pytest.raises(ValueError, match=r"no key 'trainer\.sead' in the config \(did you mean 'trainer\.seed'\?\); "
+                                         r"trainer settings: .*seed"):  # not a trainer setting: no '+' to suggest
         apply_override(config, "trainer.sead=1")
     # a trainer setting the recipe leaves at its default is added as is (trainer.resume=auto splits a run)
     apply_override(config, "trainer.resume=auto")
@@ -221,6 +222,7 @@ def test_callbacks_run_in_the_loop_and_the_routing_tracker_is_one_of_them(tmp_pa
     assert row["extra/recorded"] == 1.0
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["recorder"] == ["setup", "batch0", "batch1"]
     # trainer.routing_tracker names the class track_routing adds (the engine does not import analysis)
+    config["trainer"]["default_root_dir"] = str(tmp_path / "other")  # the first run's folder holds a run
     config["trainer"]["routing_tracker"] = "test_engine._Recorder"
     assert [type(c).__name__ for c in Trainer(config).callbacks] == ["_Recorder"]
     config["trainer"]["routing_tracker"] = "torch.nn.ReLU"
@@ -346,3 +348,32 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert written["miou"] == pytest.approx(float(row["val/miou"]), abs=1e-6)
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_scores_at_most_max_batches(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from convmoe.cli import main
+
+    evaluate_module = importlib.import_module("convmoe.engine.evaluate")  # the package exports a function of that name
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(classification_config(tmp_path / "run")))
+    assert main(["train", str(path)]) == 0
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    calls: list[int] = []
+    load_model = evaluate_module.load_model
+
+    def counting(*args, **kwargs):
+        model, config = load_model(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+        return model, config
+
+    monkeypatch.setattr(evaluate_module, "load_model", counting)
+    capsys.readouterr()
+    assert main(["eval", str(best), "--max-batches", "1", "data_loader.batch_size=2"]) == 0
+    assert calls == [2]
+    assert "scored at most 1 batch(es) of the val split (--max-batches): not the split's figure" in capsys.readouterr().err
+    calls.clear()
+    assert main(["eval", str(best), "data_loader.batch_size=2"]) == 0
+    assert calls == [2] * 5  # the whole split: 10 images
+    assert main(["eval", str(best), "--max-batches", "0"]) == 2

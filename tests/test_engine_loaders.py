@@ -3,6 +3,8 @@ the loops read each loader once per pass, progress bar or not."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from iteration_helpers import CountingIterable
@@ -129,3 +131,18 @@ class StreamedSamples(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         return iter([{"image": torch.zeros(3, 8, 8), "target": torch.zeros(self.target_shape, dtype=torch.long)}] * 2)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_gpu_recipe_with_workers_loads_on_a_cpu_without_workers(train: bool) -> None:
+    # The shipped recipes pin memory and keep 8 persistent workers: on a CPU, with num_workers=0 overridden,
+    # torch would warn at every loader and refuse persistent_workers and prefetch_factor.
+    node = {"_target_": "builtins.list", "_args_": [list(range(4))]}
+    settings = {"batch_size": 2, "num_workers": 0, "pin_memory": True, "persistent_workers": True,
+                "prefetch_factor": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = build_dataloader(node, settings, CPU, train=train)
+        batches = list(loader)
+    assert not loader.pin_memory
+    assert sorted(value for batch in batches for value in batch.tolist()) == [0, 1, 2, 3]

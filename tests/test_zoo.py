@@ -423,8 +423,11 @@ def test_zoo_reproduce_runs_the_cards_eval_commands_and_names_a_different_number
 
 def test_zoo_reproduce_of_a_folder_without_a_card_is_named(zoo, capsys):
     assert main(["zoo", "reproduce", "no-such-variant", "--zoo-dir", str(zoo)]) != 0
-    assert capsys.readouterr().err.strip() == (f"convmoe zoo reproduce: error: {zoo / 'no-such-variant' / 'README.md'} "
-                                               "does not exist; pass a variant folder of the zoo (zoo/<model id>).")
+    variants = ", ".join(sorted(p.name for p in zoo.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))))
+    assert capsys.readouterr().err.strip() == (f"convmoe zoo reproduce: error: {zoo} has no variant 'no-such-variant'; "
+                                               f"its variants: {variants}.")
+    assert main(["zoo", "reproduce", "tiny-mo", "--zoo-dir", str(zoo)]) != 0
+    assert "has no variant 'tiny-mo' (did you mean 'tiny-moe'?)" in capsys.readouterr().err
 
 
 # -- push -------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", choices=("val", "test", "train"),
                         help="which <split>_dataset of the config to evaluate (default: val)")
     parser.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--max-batches", type=int, default=None,
+                        help="score only the first N batches, a quick look (default: the whole split; the recipe's "
+                             "trainer.limit_val_batches limits validation in training only)")
     add_trust_remote_code_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, written right after SOURCE")
+                        help="config overrides with dotted keys, after SOURCE, before or after the options")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -155,8 +159,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output and not Path(args.output).parent.is_dir():
         raise FileNotFoundError(f"--output {args.output}: folder {Path(args.output).parent} does not exist; create it "
                                 "or write the metrics elsewhere.")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max-batches {args.max_batches} must be at least 1; leave it out to score the whole split.")
     metrics = evaluate(args.source, config=args.config, overrides=args.overrides, split=args.split,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, max_batches=args.max_batches)
+    if args.max_batches is not None:
+        print(f"convmoe eval: scored at most {args.max_batches} batch(es) of the {args.split} split (--max-batches): "
+              "not the split's figure.", file=sys.stderr)
     text = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
                       indent=2)
     print(text)

@@ -27,6 +27,9 @@ from typing import Any
 
 import yaml
 
+from convmoe.engine.config_names import check_section_names
+from convmoe.formatting import did_you_mean
+
 TARGET_KEY = "_target_"
 RESERVED_KEYS = ("_target_", "_args_", "_partial_", "_recursive_")
 _REFERENCE = re.compile(r"\$\{([^}]+)\}")
@@ -98,11 +101,15 @@ def _get_path(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _is_trainer_setting(parent: str, key: str) -> bool:
-    """Whether ``parent.key`` names a trainer setting (``trainer.resume``), which needs no ``+`` to add."""
+def _trainer_settings() -> set[str]:
     from convmoe.engine.settings import TrainerSettings
 
-    return parent in ("trainer", "pl_trainer") and key in {f.name for f in dataclasses.fields(TrainerSettings)}
+    return {f.name for f in dataclasses.fields(TrainerSettings)}
+
+
+def _is_trainer_setting(parent: str, key: str) -> bool:
+    """Whether ``parent.key`` names a trainer setting (``trainer.resume``), which needs no ``+`` to add."""
+    return parent in ("trainer", "pl_trainer") and key in _trainer_settings()
 
 
 def apply_override(config: dict[str, Any], override: str) -> None:
@@ -150,7 +157,11 @@ def apply_override(config: dict[str, Any], override: str) -> None:
         node[int(key)] = value
         return
     if key not in node and not add and not _is_trainer_setting(parent, key):
-        raise ValueError(f"override {override!r}: no key {dotted!r} in the config; write +{dotted}={text} to add it.")
+        trainer = parent in ("trainer", "pl_trainer")
+        names = set(node) | (_trainer_settings() if trainer else set())
+        hint = did_you_mean(dotted, [f"{parent}.{name}" if parent else name for name in sorted(names)])
+        fix = f"; trainer settings: {', '.join(sorted(names))}" if trainer else f"; write +{dotted}={text} to add it"
+        raise ValueError(f"override {override!r}: no key {dotted!r} in the config{hint}{fix}.")
     node[key] = value
 
 
@@ -231,6 +242,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
                          "write the groups' contents into one file and keep only 'defaults: [_self_]'.")
     for override in overrides:
         apply_override(config, override)
+    check_section_names(config)
     return resolve_references(config)
 
 
@@ -312,6 +324,9 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         return functools.partial(target, *positional, *args, **fields)
     try:
         return target(*positional, *args, **fields)
-    except TypeError as error:
-        raise InstantiationError(f"building {node[TARGET_KEY]}: {error}; fix the keys of that _target_ in the config."
-                                 ) from error
+    except InstantiationError:
+        raise
+    except (TypeError, ValueError) as error:  # keys it does not take, or values it refuses (a negative lr)
+        what = "keys" if isinstance(error, TypeError) else "values"
+        raise InstantiationError(f"building {node[TARGET_KEY]}: {error}; fix the {what} of that _target_ in the "
+                                 "config.") from error

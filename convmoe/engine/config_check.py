@@ -9,7 +9,6 @@ failing deep inside the loop.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import json
 import types
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from convmoe.config import MoEConfig
 from convmoe.engine.config import TARGET_KEY
+from convmoe.formatting import did_you_mean
 
 # Sections built from a ``_target_``, with a target to show in the fix.
 _TARGET_SECTIONS = {"model": "convmoe.models.create_classifier", "loss": "torch.nn.CrossEntropyLoss",
@@ -134,15 +134,10 @@ def _check_data_loader(section: Any, where: str) -> None:
     allowed = sorted(set(inspect.signature(DataLoader).parameters) - set(_ENGINE_LOADER_ARGUMENTS))
     for key in section:
         if key not in allowed:
-            hint = _did_you_mean(key, allowed)
+            hint = did_you_mean(key, allowed)
             reason = "the engine sets it itself" if key in _ENGINE_LOADER_ARGUMENTS else f"DataLoader takes {allowed}"
             raise ValueError(f"{where} has no setting {key!r}{hint}; {reason}. Remove it or fix its name.")
     check_types(section, DATA_LOADER_SETTINGS, where)
-
-
-def _did_you_mean(key: Any, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), allowed, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # The ``freeze_base`` and ``freeze`` sections: the functions' keywords, their types and an example value for the fix.
@@ -230,7 +225,7 @@ def _check_settings_keys(section: Any, where: str, settings: Mapping[str, Any], 
     allowed = sorted(settings)
     for key in section:
         if key not in settings:
-            raise ValueError(f"{where} has no setting {key!r}{_did_you_mean(key, allowed)}; it takes "
+            raise ValueError(f"{where} has no setting {key!r}{did_you_mean(key, allowed)}; it takes "
                              f"{', '.join(allowed)}. Remove it or fix its name.")
 
 

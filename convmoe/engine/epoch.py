@@ -13,6 +13,7 @@ import convmoe
 from convmoe.distributed import global_batch
 from convmoe.engine.evaluate import autocast, batch_to, model_output, split_batch
 from convmoe.engine.logging import TensorBoardLogger
+from convmoe.engine.metrics import check_output_fits_target
 from convmoe.engine.processes import all_reduce_sum
 from convmoe.engine.schedules import step_schedulers
 from convmoe.progress import progress_bar
@@ -45,7 +46,10 @@ def train_epoch(trainer: Trainer, epoch: int, tensorboard: TensorBoardLogger | N
         sync = contextlib.nullcontext() if boundary or not trainer.ctx.distributed else model.no_sync()
         with sync:
             with autocast(device, trainer.precision):
-                task_loss = trainer.loss_fn(model_output(model(inputs)), target)
+                output = model_output(model(inputs))
+                if i == 0:  # the task's shapes; the labels are the loss's business (it knows what it ignores)
+                    check_output_fits_target(output, target, check_labels=False)
+                task_loss = trainer.loss_fn(output, target)
             aux = convmoe.aux_loss(model)  # the MoE blocks' balancing losses, weighted by their configs
             loss = task_loss.float() + aux
             trainer.scaler.scale(loss / accumulate).backward()

@@ -15,7 +15,7 @@ from convmoe.engine.checkpoint import load_checkpoint
 from convmoe.engine.config import instantiate, load_config
 from convmoe.engine.config_check import check_training_config
 from convmoe.engine.loaders import build_dataloader
-from convmoe.engine.metrics import ClassificationMetrics, SegmentationMetrics
+from convmoe.engine.metrics import ClassificationMetrics, SegmentationMetrics, check_output_fits_target
 from convmoe.engine.model_build import build_model
 from convmoe.engine.processes import all_reduce_sum, setup_distributed
 from convmoe.engine.saved_models import checkpoint_weights, is_checkpoint_file, load_saved_model
@@ -193,6 +193,8 @@ def run_evaluation(model: nn.Module, loader: Iterable, device: torch.device, *, 
         inputs, target = batch_to(*split_batch(batch), device, memory_format)
         with autocast(device, precision):
             logits = model_output(model(inputs))
+            if metric is None:
+                check_output_fits_target(logits, target, ignore_index)
             if loss_fn is not None:
                 loss_total += float(loss_fn(logits, target)) * inputs.shape[0]
                 count += inputs.shape[0]
@@ -279,7 +281,8 @@ def _load_checkpoint_weights(model: nn.Module, weights: Mapping[str, Any], path:
 
 
 def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None = None, overrides: Sequence[str] = (),
-             split: str = "val", progress: bool = True, trust_remote_code: bool = False) -> dict[str, float]:
+             split: str = "val", progress: bool = True, trust_remote_code: bool = False,
+             max_batches: int | None = None) -> dict[str, float]:
     """``convmoe eval``: metrics of a trained model on the ``<split>_dataset`` of a config.
 
     Every sample is read once, in order. A split with random transforms (``train``) draws them from
@@ -295,6 +298,8 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
         progress: Show a progress bar.
         trust_remote_code: Build ``_target_`` entries outside :mod:`convmoe.trust`'s allow-list when
             the checkpoint's own config is used. Only for checkpoints you trust.
+        max_batches: Score only the first this many batches (a quick look, not the split's figure); None:
+            the whole split. The recipe's ``trainer.limit_val_batches`` limits validation in training only.
 
     Returns:
         The metrics (``loss`` too when the config has a ``loss``).
@@ -330,4 +335,4 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
     return run_evaluation(model.to(ctx.device), loader, ctx.device, task=given.get("task", "auto"), loss_fn=loss_fn,
                           precision=resolve_precision(settings.precision, ctx.device), ignore_index=ignore_index,
                           class_names=getattr(loader.dataset, "classes", None), progress=progress,
-                          description=f"eval {split}")
+                          description=f"eval {split}", max_batches=max_batches)

@@ -59,6 +59,17 @@ def _hashed_seed(text: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid manual_seed
 
 
+def _drop_settings_that_mean_nothing(settings: dict[str, Any], ctx: DistributedContext) -> None:
+    """A recipe written for a GPU with workers runs as it is on a CPU or with ``num_workers=0``: pinned memory
+    (no accelerator to copy to; torch warns at every loader) and the workers' own settings (torch refuses
+    them without workers) are dropped."""
+    if ctx.device.type != "cuda":
+        settings.pop("pin_memory", None)
+    if not settings.get("num_workers"):
+        for key in ("persistent_workers", "prefetch_factor"):
+            settings.pop(key, None)
+
+
 def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedContext, train: bool,
                      seed: int = 0) -> DataLoader:
     """A DataLoader for a dataset node: a ``_target_`` mapping or a list of them (concatenated).
@@ -83,6 +94,7 @@ def build_dataloader(node: Any, defaults: Mapping[str, Any], ctx: DistributedCon
     settings = dict(defaults)
     for item in nodes:
         settings.update(item.get("data_loader") or {})
+    _drop_settings_that_mean_nothing(settings, ctx)
     dataset = build_dataset(node)
     shuffle = bool(settings.pop("shuffle", train))
     if not train:

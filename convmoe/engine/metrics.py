@@ -15,6 +15,39 @@ from torch import Tensor
 from convmoe.engine.processes import all_reduce_sum
 
 
+def check_output_fits_target(logits: Tensor, target: Tensor, ignore_index: int | None = None,
+                             check_labels: bool = True) -> None:
+    """Raise unless ``logits`` and ``target`` are of one task and (``check_labels``) the labels are among the
+    model's classes, which the metrics would otherwise pass over silently.
+
+    Classification: logits (B, C) and labels (B,); segmentation: logits (B, C, H, W) and labels (B, H, W).
+    Labels must lie in [0, C), except ``ignore_index``.
+
+    Raises:
+        ValueError: The model's output and the data's labels, and the fix.
+
+    Example:
+        >>> check_output_fits_target(torch.zeros(2, 5), torch.tensor([4, 0]))
+        >>> check_output_fits_target(torch.zeros(2, 5), torch.zeros(2, 8, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: the model outputs class logits (2, 5), but the data gives per-pixel labels (2, 8, 8); use data of the model's task (the config of the recipe it was trained with).
+    """
+    kinds = {2: "class logits", 4: "per-pixel logits"}
+    labels = {1: "class labels", 3: "per-pixel labels"}
+    if logits.dim() not in kinds or target.dim() != logits.dim() - 1:
+        raise ValueError(f"the model outputs {kinds.get(logits.dim(), 'a tensor')} {tuple(logits.shape)}, but the data "
+                         f"gives {labels.get(target.dim(), 'targets')} {tuple(target.shape)}; use data of the model's "
+                         "task (the config of the recipe it was trained with).")
+    if target.is_floating_point() or not check_labels:
+        return  # soft targets (mixup, label smoothing by hand): no label to check
+    scored = target if ignore_index is None else target[target != ignore_index]
+    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= logits.shape[1]):
+        wrong = int(scored.max()) if int(scored.max()) >= logits.shape[1] else int(scored.min())
+        raise ValueError(f"the data has label {wrong} but the model outputs {logits.shape[1]} classes; use a model "
+                         "with as many classes as the dataset, or set the loss's ignore_index (or the config's) for that label.")
+
+
 def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int]) -> Tensor:
     """How many samples have their label among the top-k logits, for each k, (len(ks),) int64.
 

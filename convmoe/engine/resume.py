@@ -18,8 +18,17 @@ _FIX = "resume with the config the run was trained with, or start a new run (a n
 
 
 def resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
-    """The checkpoint ``trainer.resume`` names: None, a path, or ``"auto"`` (``last.pt`` if it exists)."""
+    """The checkpoint ``trainer.resume`` names: None, a path, or ``"auto"`` (``last.pt`` if it exists).
+
+    Raises:
+        FileExistsError: ``resume`` is None and ``checkpoint_dir`` already holds a run: a new run would
+            overwrite it.
+    """
     if resume is None:
+        if (checkpoint_dir / "last.pt").is_file():
+            raise FileExistsError(f"{checkpoint_dir.parent} already holds a run (checkpoints/last.pt); continue it with "
+                                  "trainer.resume=auto, or train into another trainer.default_root_dir (or delete the "
+                                  "folder to start again).")
         return None
     if resume == "auto":
         path = checkpoint_dir / "last.pt"

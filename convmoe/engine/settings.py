@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convmoe.engine.config_names import check_trainer_keys
+
 #: The callback ``trainer.track_routing`` adds; a name, since analysis sits above the engine.
 DEFAULT_ROUTING_TRACKER = "convmoe.analysis.RoutingTrackerCallback"
-
-# Lightning Trainer keys that mean nothing here: torchrun decides the processes and nodes.
-_LAUNCHER_KEYS = ("devices", "num_nodes", "strategy")
 
 
 @dataclass
@@ -82,7 +80,10 @@ class TrainerSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainerSettings:
-        """Read ``config["trainer"]`` (or ``config["pl_trainer"]``); unknown keys are named in a warning.
+        """Read ``config["trainer"]`` (or ``config["pl_trainer"]``).
+
+        A key that is no setting is an error naming the closest one; under ``pl_trainer`` (Lightning's
+        section), a key unlike any setting (``callbacks``) is named in a warning and ignored.
 
         Example:
             >>> TrainerSettings.from_config({"pl_trainer": {"max_epochs": 3, "devices": 1}}).max_epochs
@@ -90,12 +91,10 @@ class TrainerSettings:
         """
         if "trainer" in config and "pl_trainer" in config:
             raise ValueError("the config has both 'trainer' and 'pl_trainer'; keep one.")
-        section = dict(config.get("trainer", config.get("pl_trainer")) or {})
+        where = "trainer" if "trainer" in config else "pl_trainer"
+        section = dict(config.get(where) or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known - set(_LAUNCHER_KEYS))
-        if unknown:
-            warnings.warn(f"trainer settings {unknown} are not supported and are ignored; supported: {sorted(known)}.",
-                          UserWarning, stacklevel=2)
+        check_trainer_keys(section, known, where)
         settings = cls(**{k: v for k, v in section.items() if k in known})
         if settings.max_epochs < 1 or settings.accumulate_grad_batches < 1 or settings.check_val_every_n_epoch < 1:
             raise ValueError("max_epochs, accumulate_grad_batches and check_val_every_n_epoch must be >= 1.")

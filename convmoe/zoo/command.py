@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from convmoe.engine.cli import parse_device
+from convmoe.formatting import did_you_mean
 from convmoe.zoo.check import check_zoo
 from convmoe.zoo.publish import publish
 from convmoe.zoo.push import push_variant
@@ -100,6 +101,11 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_reproduce(args: argparse.Namespace) -> int:
     zoo_dir = require_zoo_dir(args.zoo_dir)
+    known = [folder.name for folder in variant_folders(zoo_dir)]
+    for model_id in args.model_ids:
+        if model_id not in known:
+            raise FileNotFoundError(f"{zoo_dir} has no variant {model_id!r}{did_you_mean(model_id, known)}; its "
+                                    f"variants: {', '.join(known)}.")
     folders = [zoo_dir / model_id for model_id in args.model_ids] or variant_folders(zoo_dir)
     results = [result for folder in folders for result in reproduce_variant(folder)]
     print("| variant | metric | card | measured | |\n|---|---|---|---|---|")
