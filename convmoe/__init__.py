@@ -1,6 +1,13 @@
 """convmoe: sparse Mixture-of-Experts for convolutional networks."""
 
-from convmoe import patch  # the package, callable: convmoe.patch(model, targets=...) patches in place
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see: a package that is also callable (convmoe.patch.CallablePackage)
+    from convmoe.patch import CallablePackage
+
+    patch: CallablePackage
+else:
+    from convmoe import patch  # the package, callable: convmoe.patch(model, targets=...) patches in place
 from convmoe.block import MoEConv2d
 from convmoe.config import MoEConfig
 from convmoe.describe import describe

@@ -5,7 +5,7 @@ runs it), so a new subcommand (train, eval, zoo, analyze) is one more entry.
 
     convmoe demo                 patch the ImageNet EfficientNet-Lite0, check predictions, train, stats
     convmoe demo --synthetic     one MoEConv2d on synthetic data (no extra package)
-    convmoe describe PATH|ID     what a saved checkpoint replaced, experts, params, FLOPs
+    convmoe describe PATH|ID     what a saved checkpoint (folder, Hub id, .pt) replaced, experts, params, FLOPs
     convmoe data prepare DATASET SOURCE OUT   a public download (CIFAR-10, CamVid) in the layout the recipes read
     convmoe train CONFIG [k=v]   train from a YAML config (convmoe.engine)
     convmoe eval SOURCE          evaluate a checkpoint, folder or Hub id on a config's dataset
@@ -23,12 +23,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import convmoe
 from convmoe import __version__, demo
 from convmoe.analysis import command as analysis_command
 from convmoe.data import command as data_command
 from convmoe.engine import cli as engine_cli
+from convmoe.engine.evaluate import load_model
+from convmoe.engine.saved_models import CHECKPOINT_SUFFIXES
 from convmoe.errors import report_error
 from convmoe.hub import from_pretrained
 from convmoe.zoo import command as zoo_command
@@ -80,13 +83,19 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _describe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="a folder written by convmoe.save_pretrained, or a Hub repo id 'org/name'")
+    parser.add_argument("path", help="a folder written by convmoe.save_pretrained, a Hub repo id 'org/name', or a "
+                                     "convmoe train checkpoint (.pt)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
     engine_cli.add_trust_remote_code_argument(parser)
 
 
 def _run_describe(args: argparse.Namespace) -> int:
-    model = from_pretrained(args.path, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    if Path(args.path).suffix in CHECKPOINT_SUFFIXES:  # a `convmoe train` checkpoint, built from its own (checked) config
+        if args.revision is not None:
+            raise ValueError(f"--revision applies to Hub repos only; {args.path} is a local checkpoint file.")
+        model, _ = load_model(args.path, trust_remote_code=args.trust_remote_code)
+    else:
+        model = from_pretrained(args.path, revision=args.revision, trust_remote_code=args.trust_remote_code)
     print(convmoe.describe(model))
     return 0
 

@@ -377,3 +377,19 @@ def test_cli_eval_scores_at_most_max_batches(tmp_path, capsys, monkeypatch):
     assert main(["eval", str(best), "data_loader.batch_size=2"]) == 0
     assert calls == [2] * 5  # the whole split: 10 images
     assert main(["eval", str(best), "--max-batches", "0"]) == 2
+
+
+def test_cli_describe_reads_a_training_checkpoint(tmp_path, capsys):
+    from convmoe.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(classification_config(tmp_path / "run", moe_targets="last",
+                                                         moe_config={"num_experts": 4, "top_k": 1})))
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["describe", str(tmp_path / "run" / "checkpoints" / "best.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.0.conv2" in out
+    assert "1 MoE block(s)" in out
+    assert main(["describe", str(tmp_path / "run" / "checkpoints" / "best.pt"), "--revision", "main"]) == 2
+    assert "--revision applies to Hub repos only" in capsys.readouterr().err

@@ -45,8 +45,10 @@ from convmoe.patch.targets import Selection, TargetSpec, select_targets
 from convmoe.patch.unpatch import UnpatchReport, unpatch
 
 
-class _CallablePackage(types.ModuleType):
-    """Makes ``convmoe.patch(...)`` call :func:`patch` while ``convmoe.patch.apply_spec`` stays reachable."""
+class CallablePackage(types.ModuleType):
+    """The class of the ``convmoe.patch`` package: calling it is :func:`patch`, and ``convmoe.patch.apply_spec``
+    stays reachable. ``convmoe`` declares ``patch`` with this type for type checkers (a module is "not callable"
+    to them); the package's other names read as ``Any`` there."""
 
     def __call__(self, model: nn.Module, targets: TargetSpec, config: Any = None, exclude: TargetSpec | None = None,
                  upcycle: bool = True, example_inputs: Any = None) -> nn.Module:
@@ -54,7 +56,7 @@ class _CallablePackage(types.ModuleType):
                      example_inputs=example_inputs)
 
 
-sys.modules[__name__].__class__ = _CallablePackage
+sys.modules[__name__].__class__ = CallablePackage
 
 __all__ = [
     "CONVERTERS",
