@@ -40,6 +40,7 @@ FORMAT_NAME = "convmoe"
 FORMAT_VERSION = 1
 _ALIASES_KEY = "convmoe_aliases"
 _SAVE_ID_KEY = "convmoe_save_id"
+CACHE_REMOVAL = "hf cache rm model/ORG/NAME"  # huggingface_hub's CLI: drops a repo from the Hub cache
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str],
@@ -256,8 +257,8 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         size = path.stat().st_size if path.exists() else 0
         raise ValueError(f"{path} is not a readable safetensors file ({size} bytes; {type(error).__name__}: {error}); "
-                         "it is corrupt or truncated. Save the model again, or for a Hub repo delete the cached "
-                         "file (huggingface-cli delete-cache) and download it again.") from None
+                         "it is corrupt or truncated. Save the model again, or for a Hub repo remove it from the "
+                         f"cache ({CACHE_REMOVAL}) and download it again.") from None
     try:
         aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
     except json.JSONDecodeError:
@@ -361,4 +362,4 @@ def check_weights_hash(weights_path: Path, expected: Any, config_path: Path | st
     if actual != expected:
         raise ValueError(f"{weights_path} has sha256 {actual[:16]}..., but {config_path} pins {expected[:16]}...; the "
                          "weights are corrupt or were modified after saving. Download them again (for a Hub repo, "
-                         "delete the cached file with `hf cache delete`) or save the model again.")
+                         f"remove it from the cache: {CACHE_REMOVAL}) or save the model again.")

@@ -368,3 +368,15 @@ def test_an_unknown_option_is_still_an_error(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(["eval", "runs/a/best.pt", "--splitt", "test"])
     assert "unrecognized arguments: --splitt test" in capsys.readouterr().err
+
+
+def test_eval_of_a_folder_without_a_config_says_how_to_name_the_dataset(tmp_path, capsys):
+    import convmoe
+    from convmoe.cli import main
+
+    folder = convmoe.save_pretrained(convmoe.create_model("timm:test_resnet", num_classes=3), tmp_path / "folder")
+    assert main(["eval", str(folder)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("carries no training config; name the dataset with a recipe: --config RECIPE.yaml "
+                          "(config= in Python). A zoo card's Usage section gives its recipe.")
+    assert "\n" not in error

@@ -194,6 +194,8 @@ def test_camvid_is_checked_and_copied(tmp_path, capsys):
     assert capsys.readouterr().out == f"prepared camvid in {tmp_path / 'cli'}: train 3, val 2, test 2\n"
     assert main(["data", "prepare", "camvid", str(source), str(tmp_path / "cli2")]) == 2
     assert "holds 3 image/label pairs, the SegNet split has 367" in capsys.readouterr().err
+    assert main(["data", "prepare", "camvid", str(source), str(source), "--any-count"]) == 0  # in place: only checked
+    assert capsys.readouterr().out == f"checked camvid in {source}: train 3, val 2, test 2\n"
 
 
 def _drop_label(root: Path) -> None:

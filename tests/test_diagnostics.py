@@ -115,3 +115,10 @@ def test_compute_stats_by_hand() -> None:
     one_hot = torch.nn.functional.one_hot(index[..., 0], 4).float()
     assert compute_stats(Routing.from_top_k(one_hot, one_hot, index, torch.ones(1, 4, 1))).router_entropy == (
         pytest.approx(0.0, abs=1e-6))
+
+
+def test_the_table_of_a_block_called_on_its_own_names_its_row():
+    block = MoEConv2d(4, 4, 3, padding=1, num_experts=4)
+    block(torch.randn(2, 4, 8, 8))
+    table = convmoe.routing_stats(block).table()
+    assert table.splitlines()[2].startswith("(the block itself)")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from convmoe.data.prepare import CAMVID_URL, CIFAR10_URL, prepare_camvid, prepare_cifar10
 
@@ -42,7 +43,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     options = {"expected_counts": None} if args.any_count else {}
     result = _PREPARERS[args.dataset](args.source, args.out, overwrite=args.overwrite, **options)
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
-    print(f"prepared {args.dataset} in {result.root}: {counts}")
+    in_place = Path(args.source).resolve() == Path(args.out).resolve()  # SOURCE is OUT: checked, nothing copied
+    print(f"{'checked' if in_place else 'prepared'} {args.dataset} in {result.root}: {counts}")
     return 0
 
 

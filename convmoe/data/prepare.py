@@ -125,7 +125,8 @@ def _check_image_folder(source: Path, expected: Mapping[str, int] | None) -> dic
         counts[split] = sum(len(list_images(source / split / name)) for name in CIFAR10_CLASSES)
         if expected is not None and counts[split] != expected[split]:
             raise ValueError(f"{source / split} holds {counts[split]} images, CIFAR-10 has {expected[split]}; "
-                             "the copy is incomplete: download it again.")
+                             "the copy is incomplete: download it again (or, for a subset on purpose, pass "
+                             "--any-count; expected_counts=None in Python).")
     return counts
 
 

@@ -317,7 +317,8 @@ def evaluate(source: str | Path, config: Mapping[str, Any] | str | Path | None =
     model, train_config = load_model(source, given, trust_remote_code=trust_remote_code)
     if given is None:
         if not train_config:
-            raise ValueError(f"{source} carries no training config; pass config= (--config) naming the dataset.")
+            raise ValueError(f"{source} carries no training config; name the dataset with a recipe: --config "
+                             "RECIPE.yaml (config= in Python). A zoo card's Usage section gives its recipe.")
         given = load_config(train_config, overrides)
         check_config_targets(given, trust_remote_code, f"the checkpoint {source}")
     check_training_config(given, TrainerSettings)
