@@ -370,12 +370,15 @@ def test_cli_eval_scores_at_most_max_batches(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(evaluate_module, "load_model", counting)
     capsys.readouterr()
-    assert main(["eval", str(best), "--max-batches", "1", "data_loader.batch_size=2"]) == 0
+    assert main(["eval", str(best), "--max-batches", "1", "data_loader.batch_size=2", "--no-progress"]) == 0
     assert calls == [2]
-    assert "scored at most 1 batch(es) of the val split (--max-batches): not the split's figure" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "scored at most 1 batch(es) of the val split (--max-batches): not the split's figure" in err
+    assert "eval val" not in err  # --no-progress: no bar
     calls.clear()
     assert main(["eval", str(best), "data_loader.batch_size=2"]) == 0
     assert calls == [2] * 5  # the whole split: 10 images
+    assert "eval val" in capsys.readouterr().err  # the bar, by default
     assert main(["eval", str(best), "--max-batches", "0"]) == 2
 
 

@@ -143,6 +143,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batches", type=int, default=None,
                         help="score only the first N batches, a quick look (default: the whole split; the recipe's "
                              "trainer.limit_val_batches limits validation in training only)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_trust_remote_code_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, after SOURCE, before or after the options")
@@ -162,7 +163,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_batches is not None and args.max_batches < 1:
         raise ValueError(f"--max-batches {args.max_batches} must be at least 1; leave it out to score the whole split.")
     metrics = evaluate(args.source, config=args.config, overrides=args.overrides, split=args.split,
-                       trust_remote_code=args.trust_remote_code, max_batches=args.max_batches)
+                       trust_remote_code=args.trust_remote_code, max_batches=args.max_batches,
+                       progress=not args.no_progress)
     if args.max_batches is not None:
         print(f"convmoe eval: scored at most {args.max_batches} batch(es) of the {args.split} split (--max-batches): "
               "not the split's figure.", file=sys.stderr)
