@@ -43,13 +43,3 @@ def test_the_ignore_index_is_no_class():
     check_output_fits_target(torch.zeros(2, 3, 4, 4), torch.full((2, 4, 4), 11), ignore_index=11)
     check_output_fits_target(torch.zeros(2, 5), torch.tensor([4, 0]))
 
-
-def test_routing_analysis_of_a_classifier_on_masks_is_named():
-    import convmoe
-    from convmoe.analysis import collect_routing
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    convmoe.patch(model, targets="0", config=convmoe.MoEConfig(num_experts=2))
-    batches = [(torch.randn(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long))]
-    with pytest.raises(ValueError, match=r"outputs class logits \(2, 2\), but the data gives per-pixel labels"):
-        collect_routing(model, batches)
