@@ -90,7 +90,7 @@ def _describe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_describe(args: argparse.Namespace) -> int:
-    if Path(args.path).suffix in CHECKPOINT_SUFFIXES:  # a `convmoe train` checkpoint, built from its own (checked) config
+    if Path(args.path).suffix in CHECKPOINT_SUFFIXES:  # a `convmoe train` checkpoint: its own (checked) config
         if args.revision is not None:
             raise ValueError(f"--revision applies to Hub repos only; {args.path} is a local checkpoint file.")
         model, _ = load_model(args.path, trust_remote_code=args.trust_remote_code)

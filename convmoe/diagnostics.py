@@ -262,7 +262,8 @@ class ModelRoutingStats:
                  f"{'dropped':>7} {'dead':>4}"
         rows = [header, "-" * len(header)]
         for name, s in self.blocks.items():
-            rows.append(f"{name or '(the block itself)':<32} {len(s.active_experts):>3}/{s.num_experts:<3} {s.utilization_entropy:>12.3f} "
+            label = name or "(the block itself)"
+            rows.append(f"{label:<32} {len(s.active_experts):>3}/{s.num_experts:<3} {s.utilization_entropy:>12.3f} "
                         f"{s.router_entropy:>14.3f} {s.imbalance:>9.2f} {s.dropped_rate:>7.1%} {len(s.dead_experts):>4}")
             if s.expert_bias is not None:
                 rows.append(f"{'  expert bias':<32} " + " ".join(f"{b:+.4f}" for b in s.expert_bias))

@@ -59,8 +59,8 @@ def resolve_file(path_or_hub_id: str | os.PathLike[str], filename: str, revision
     if not text.startswith("hf-hub:") and checkpoints:  # "zoo/typo": a path into a local folder of checkpoints
         siblings = sorted(f"{owner.name}/{child.name}" for child in checkpoints)
         hint = did_you_mean(text, siblings)
-        raise FileNotFoundError(f"no folder {text!r}: {owner.name!r} is a local folder of checkpoints{hint}; write 'hf-hub:{text}' "
-                                "for the Hub repo of that name.")
+        raise FileNotFoundError(f"no folder {text!r}: {owner.name!r} is a local folder of checkpoints{hint}; write "
+                                f"'hf-hub:{text}' for the Hub repo of that name.")
     try:
         return _hub_file(hub_id, filename, revision, cache_dir)
     except FileNotFoundError as error:

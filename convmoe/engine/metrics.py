@@ -45,7 +45,8 @@ def check_output_fits_target(logits: Tensor, target: Tensor, ignore_index: int |
     if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= logits.shape[1]):
         wrong = int(scored.max()) if int(scored.max()) >= logits.shape[1] else int(scored.min())
         raise ValueError(f"the data has label {wrong} but the model outputs {logits.shape[1]} classes; use a model "
-                         "with as many classes as the dataset, or set the loss's ignore_index (or the config's) for that label.")
+                         "with as many classes as the dataset, or set the loss's ignore_index (or the config's) "
+                         "for that label.")
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int]) -> Tensor:

@@ -26,9 +26,9 @@ def resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:
     """
     if resume is None:
         if (checkpoint_dir / "last.pt").is_file():
-            raise FileExistsError(f"{checkpoint_dir.parent} already holds a run (checkpoints/last.pt); continue it with "
-                                  "trainer.resume=auto, or train into another trainer.default_root_dir (or delete the "
-                                  "folder to start again).")
+            raise FileExistsError(f"{checkpoint_dir.parent} already holds a run (checkpoints/last.pt); continue it "
+                                  "with trainer.resume=auto, or train into another trainer.default_root_dir (or delete "
+                                  "the folder to start again).")
         return None
     if resume == "auto":
         path = checkpoint_dir / "last.pt"
