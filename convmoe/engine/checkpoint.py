@@ -104,8 +104,8 @@ def _unreadable_message(path: Path, error: Exception) -> str:
     reason = reason.split(". ")[0][:160]
     cause = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
     return (f"{path} cannot be read as a checkpoint ({cause}): it is truncated or corrupt (an interrupted copy, a full "
-            "disk?) or not a torch file; resume from another checkpoint (best.pt), delete it to start "
-            "over, or copy it again.")
+            "disk?) or not a torch file; copy it again, or use another checkpoint of the run (best.pt or "
+            "last.pt; to resume training, delete it to start over).")
 
 
 def capture_rng_state() -> dict[str, Any]:
