@@ -114,7 +114,7 @@ COMMANDS: list[Command] = [
     Command("analyze", "routing analysis of a model on a dataset: expert x class heatmaps, routing maps, "
             "specialisation and balance, layer redundancy", analysis_command.add_arguments, analysis_command.run),
     Command("zoo", "model zoo: publish engine runs as Hub folders with model cards, regenerate the table, check, "
-            "reproduce the cards' numbers, push", zoo_command.add_arguments, zoo_command.run),
+            "reproduce the cards' numbers, push, list", zoo_command.add_arguments, zoo_command.run),
 ]
 
 

@@ -246,6 +246,26 @@ def test_zoo_check_passes_and_the_table_is_up_to_date(zoo, capsys):
     assert "3 variant(s), 0 problem(s)" in capsys.readouterr().out
 
 
+def test_zoo_list_prints_each_variant_with_its_twin_and_costs(zoo, capsys):
+    from convmoe.zoo import list_variants
+
+    assert main(["zoo", "list", "--zoo-dir", str(zoo)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["variant", "kind", "dataset", "metric", "result"]
+    assert [line.split()[0] for line in lines[1:]] == ["tiny-moe", "tiny-moe-fp16", "tiny-upernet"]
+    summaries = {s.model_id: s for s in list_variants(zoo)}
+    meta = front(zoo, "tiny-moe")["convmoe"]
+    monitor = meta["monitor"]
+    assert summaries["tiny-moe"].result == format_metric(monitor, meta["metrics"][monitor], meta["metrics_std"][monitor])
+    twin = meta["dense_twin"]
+    assert summaries["tiny-moe"].twin == format_metric(monitor, twin["metrics"][monitor], twin["metrics_std"][monitor])
+    assert summaries["tiny-moe"].flops_vs_twin == f"{meta['active_flops'] / twin['active_flops']:.2f}x"
+    assert summaries["tiny-upernet"].twin == "none"  # published without a twin
+    tiny = next(line for line in lines if line.startswith("tiny-moe "))
+    assert summaries["tiny-moe"].result in tiny
+    assert main(["zoo", "list", "--zoo-dir", str(zoo / "missing")]) == 2
+
+
 def _edit_prose(folder: Path) -> None:
     card = folder / "README.md"
     card.write_text(card.read_text().replace("| **this variant** |", "| **this variant (best!)** |"))

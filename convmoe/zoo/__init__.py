@@ -6,6 +6,7 @@ runs/<recipe>[_seedN]/      convmoe train output: config, metrics.csv, checkpoin
                             round-trip check (weights.py), FLOPs and latency (cost.py), card (card.py)
 zoo/<model-id>/             config.json, model.safetensors, README.md (front matter + convmoe: metadata)
  ├─ plan.yaml               the release plan: variants, recipes, seeds, size budget (read by plan.py)
+ ├─ list (listing.py)       one summary per variant (convmoe zoo list, list_variants)
  ├─ table (table.py)        zoo/README.md from every card's metadata, and the plan
  ├─ check (check.py)        schema (schema.py), weights and their sha256, from_pretrained, the plan and its
  │                          budget, index and cards up to date
@@ -25,6 +26,7 @@ Example:
 from convmoe.zoo.card import build_front_matter, render_card, split_front_matter
 from convmoe.zoo.check import check_zoo
 from convmoe.zoo.datasets import DATASETS, DatasetInfo, get_dataset_info
+from convmoe.zoo.listing import VariantSummary, list_variants
 from convmoe.zoo.plan import PlannedVariant, ZooPlan, load_plan
 from convmoe.zoo.publish import PublishResult, publish
 from convmoe.zoo.push import push_variant
@@ -39,11 +41,13 @@ __all__ = [
     "PlannedVariant",
     "PublishResult",
     "RunRecord",
+    "VariantSummary",
     "ZooPlan",
     "build_front_matter",
     "check_variant",
     "check_zoo",
     "get_dataset_info",
+    "list_variants",
     "load_plan",
     "publish",
     "push_variant",

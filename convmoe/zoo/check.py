@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from convmoe.zoo.listing import read_metadata
 from convmoe.zoo.plan import ZooPlan, check_plan, load_plan
 from convmoe.zoo.schema import (
     CARD_NAME,
@@ -21,7 +22,7 @@ from convmoe.zoo.schema import (
     require_zoo_dir,
     variant_folders,
 )
-from convmoe.zoo.table import read_metadata, render_index
+from convmoe.zoo.table import render_index
 
 
 def _same_numbers(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -16,6 +16,7 @@ import argparse
 from convmoe.engine.cli import parse_device
 from convmoe.formatting import did_you_mean
 from convmoe.zoo.check import check_zoo
+from convmoe.zoo.listing import format_variants, list_variants
 from convmoe.zoo.publish import publish
 from convmoe.zoo.push import push_variant
 from convmoe.zoo.reproduce import reproduce_variant
@@ -116,6 +117,15 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 1 if different else 0
 
 
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--zoo-dir", default="zoo", help="the zoo folder (default: zoo)")
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    print(format_variants(list_variants(require_zoo_dir(args.zoo_dir))))
+    return 0
+
+
 def _push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_id", help="the variant in --zoo-dir, or its folder")
     parser.add_argument("--repo-id", default=None, help="Hub repo id (must be the card's hub_id, the default)")
@@ -133,6 +143,8 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 _SUBCOMMANDS = {
+    "list": ("list the variants: dataset, headline metric, dense twin, FLOPs and latency against it", _list_arguments,
+             _run_list),
     "publish": ("write zoo/<id>/ (weights, model card) from engine run folders", _publish_arguments, _run_publish),
     "table": ("regenerate zoo/README.md and re-render the cards from their metadata", _table_arguments, _run_table),
     "check": ("check every variant against the zoo schema, the size budget and the index", _check_arguments,
