@@ -4,11 +4,16 @@ closest name, and a bad value of a built target names the section."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 from test_engine import classification_config
 
 from convmoe.engine import Trainer
 from convmoe.engine.config import apply_override, load_config
+from convmoe.engine.config_check import check_training_config
+from convmoe.engine.settings import TrainerSettings
 
 
 def test_a_second_run_into_a_folder_that_holds_one_is_refused(tmp_path):
@@ -72,3 +77,15 @@ def test_a_bad_value_of_a_built_target_names_it(tmp_path):
     with pytest.raises(ValueError, match=r"building torch\.optim\.SGD: Invalid learning rate: -1\.0; fix the values "
                                          r"of that _target_"):
         Trainer(config)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_recipe_passes_the_name_checks_without_a_warning(recipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = load_config(REPO / recipe)
+        check_training_config(config, TrainerSettings, required=("model", "loss", "optimizer", "train_dataset"))
+        TrainerSettings.from_config(config)
