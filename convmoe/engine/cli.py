@@ -125,7 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``convmoe eval SOURCE [key=value ...] [--config CONFIG] [--split val|test|train] [--output FILE]``.
 
-    The overrides follow SOURCE directly (argparse reads positional arguments in one run).
+    Read alone by argparse, the overrides must follow SOURCE directly (positional arguments are read in one
+    run); the ``convmoe`` command line (:func:`convmoe.cli.parse_arguments`) also takes them after the options.
 
     Example:
         >>> parser = argparse.ArgumentParser()

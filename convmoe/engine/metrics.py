@@ -42,8 +42,11 @@ def check_output_fits_target(logits: Tensor, target: Tensor, ignore_index: int |
     if target.is_floating_point() or not check_labels:
         return  # soft targets (mixup, label smoothing by hand): no label to check
     scored = target if ignore_index is None else target[target != ignore_index]
-    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= logits.shape[1]):
-        wrong = int(scored.max()) if int(scored.max()) >= logits.shape[1] else int(scored.min())
+    if not scored.numel():
+        return
+    low, high = int(scored.min()), int(scored.max())
+    if low < 0 or high >= logits.shape[1]:
+        wrong = high if high >= logits.shape[1] else low
         raise ValueError(f"the data has label {wrong} but the model outputs {logits.shape[1]} classes; use a model "
                          "with as many classes as the dataset, or set the loss's ignore_index (or the config's) "
                          "for that label.")

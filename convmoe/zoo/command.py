@@ -102,12 +102,13 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_reproduce(args: argparse.Namespace) -> int:
     zoo_dir = require_zoo_dir(args.zoo_dir)
-    known = [folder.name for folder in variant_folders(zoo_dir)]
+    variants = variant_folders(zoo_dir)
+    known = [folder.name for folder in variants]
     for model_id in args.model_ids:
         if model_id not in known:
             raise FileNotFoundError(f"{zoo_dir} has no variant {model_id!r}{did_you_mean(model_id, known)}; its "
                                     f"variants: {', '.join(known)}.")
-    folders = [zoo_dir / model_id for model_id in args.model_ids] or variant_folders(zoo_dir)
+    folders = [zoo_dir / model_id for model_id in args.model_ids] or variants
     results = [result for folder in folders for result in reproduce_variant(folder)]
     print("| variant | metric | card | measured | |\n|---|---|---|---|---|")
     for r in results:
